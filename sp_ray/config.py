@@ -1,0 +1,284 @@
+"""Typed configuration: dataclass defaults, YAML files that list differences, dotted overrides.
+
+A YAML file may name one or more parents with ``_base_`` (paths relative to the file); parents are
+merged first, the file's own keys win. Every key of every file is checked against the dataclasses
+before merging, so an error names the file and the dotted key. Command-line overrides
+(``model.num_kernels=16``) are parsed as YAML scalars and checked the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-4`` as a float (YAML 1.1 wants ``1.0e-4``)."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.?[0-9_]*|\.[0-9_]+)(?:[eE][-+]?[0-9]+)$"),
+    list("-+0123456789."),
+)
+
+
+def _safe_load(text: Any) -> Any:
+    loader = _YamlLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+@dataclass
+class ModelConfig:
+    name: str = "knet"  # key of sp_ray.models.MODEL_BUILDERS
+    depth: int = 50  # ResNet depth: 18, 34 or 50
+    backbone_weights: str | None = None  # local file (torchvision, MoCo-v2 or DenseCL layout); None = random init
+    frozen_stages: int = 1  # mmdet semantics: -1 none, 0 stem, 1 stem+layer1, ..., 4 the whole ResNet
+    norm_eval: bool = True  # frozen BatchNorm statistics (small per-GPU batches make BN statistics noise)
+    num_classes: int = 0  # 0 = the number of categories of the training annotations
+    num_kernels: int = 100
+    num_stages: int = 3
+    feat_channels: int = 256
+    ffn_channels: int = 2048
+    num_heads: int = 8
+
+
+@dataclass
+class LossConfig:
+    # K-Net's weights (METHODS.md section 5); the matcher costs mirror the loss weights.
+    cls_weight: float = 2.0
+    mask_weight: float = 1.0
+    dice_weight: float = 4.0
+    init_mask_weight: float = 1.0
+    init_dice_weight: float = 4.0
+    cost_class: float = 2.0
+    cost_dice: float = 4.0
+    cost_mask: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    train_annotations: str = ""
+    train_images: str = ""
+    val_annotations: str = ""  # empty: no evaluation during training
+    val_images: str = ""
+    max_size: int = 1333  # long side cap of the keep-ratio resize
+    short_size: int = 800  # short side target of the keep-ratio resize
+    flip_prob: float = 0.5
+    size_divisor: int = 32
+    num_workers: int = 2  # DataLoader worker processes per training process
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 48
+    batch_size: int = 2  # images per training process; the global batch is batch_size x workers
+    lr: float = 1e-4  # for the global batch of the config; see README for the scaling rule
+    weight_decay: float = 0.05
+    backbone_lr_mult: float = 0.25
+    grad_clip: float = 4.0  # max gradient norm; 0 disables clipping
+    lr_schedule: str = "step"  # "step" (decay by lr_gamma at lr_steps epochs) or "cosine"
+    lr_steps: list[int] = field(default_factory=lambda: [36, 44])
+    lr_gamma: float = 0.1
+    warmup_iters: int = 100
+    warmup_ratio: float = 1e-3
+    seed: int = 0
+    use_gpu: bool = False
+    amp: bool = True  # bf16 autocast, on CUDA only
+    log_interval: int = 20  # iterations between log lines
+    checkpoint_interval: int = 1  # epochs between checkpoints
+    eval_interval: int = 0  # epochs between validation runs; 0 = only after the last epoch
+
+
+@dataclass
+class EvalConfig:
+    topk: int = 100  # instances kept per image
+    mask_threshold: float = 0.5
+    score_threshold: float = 0.0
+    batch_size: int = 4
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Build a Config from dataclass defaults, a YAML file (with its ``_base_`` parents) and overrides.
+
+    Args:
+        path: YAML file, or None for the defaults.
+        overrides: ``dotted.key=value`` strings applied last; values are parsed as YAML scalars.
+
+    Returns:
+        The resolved Config.
+
+    Raises:
+        ConfigError: unknown key, wrong type, bad override syntax or a ``_base_`` cycle, naming the
+            file (or the override) and the dotted key.
+    """
+    merged: dict[str, Any] = {}
+    if path is not None:
+        merged = _read_with_bases(Path(path), chain=())
+    for item in overrides:
+        _merge(merged, _parse_override(item))
+    return _build(Config, merged, prefix="")
+
+
+def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:
+    """Return a copy of ``cfg`` with ``dotted.key=value`` overrides applied (checked like a file's keys)."""
+    data = config_to_dict(cfg)
+    for item in overrides:
+        _merge(data, _parse_override(item))
+    return _build(Config, data, prefix="")
+
+
+def _parse_override(item: str) -> dict[str, Any]:
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. model.num_kernels=16")
+    nested: Any = _safe_load(raw) if raw.strip() else ""
+    for part in reversed(key.split(".")):
+        nested = {part: nested}
+    _check_tree(nested, Config, source=f"override {item!r}")
+    return nested
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
+    """Rebuild a Config from ``config_to_dict`` output (e.g. a checkpoint's config.yaml), strictly."""
+    _check_tree(data, Config, source=source)
+    return _build(Config, data, prefix="")
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+def config_hash(cfg: Config) -> str:
+    """A short stable hash of the resolved config (recorded in checkpoints and exported models)."""
+    blob = json.dumps(config_to_dict(cfg), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _read_with_bases(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
+    path = path.resolve()
+    if path in chain:
+        cycle = " -> ".join(str(p) for p in (*chain, path))
+        raise ConfigError(f"{path}: _base_ cycle: {cycle}")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    with open(path) as f:
+        try:
+            data = _safe_load(f) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+    bases = data.pop("_base_", [])
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"{path}: _base_ must be a path or a list of paths")
+    _check_tree(data, Config, source=str(path))
+    merged: dict[str, Any] = {}
+    for base in bases:
+        _merge(merged, _read_with_bases(path.parent / base, chain=(*chain, path)))
+    _merge(merged, data)
+    return merged
+
+
+def _merge(into: dict[str, Any], new: dict[str, Any]) -> None:
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
+
+
+def _check_tree(data: Any, schema: type, *, source: str, prefix: str = "") -> None:
+    """Check keys and value types of a (partial) config tree against a dataclass schema."""
+    if not isinstance(data, dict):
+        where = prefix.rstrip(".") or "the top level"
+        raise ConfigError(f"{source}: {where} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(schema)
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in hints:
+            close = difflib.get_close_matches(str(key), list(hints), n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            raise ConfigError(
+                f"{source}: unknown key '{dotted}'{hint}; valid keys here: {', '.join(sorted(hints))}"
+            )
+        expected = hints[key]
+        if dataclasses.is_dataclass(expected):
+            _check_tree(value, expected, source=source, prefix=f"{dotted}.")
+        elif not _fits(value, expected):
+            raise ConfigError(
+                f"{source}: '{dotted}' must be {_type_name(expected)}, got {value!r} ({type(value).__name__})"
+            )
+
+
+def _fits(value: Any, expected: Any) -> bool:
+    origin = typing.get_origin(expected)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, arg) for arg in typing.get_args(expected))
+    if origin is list:
+        (item,) = typing.get_args(expected)
+        return isinstance(value, list) and all(_fits(v, item) for v in value)
+    if expected is type(None):
+        return value is None
+    if expected is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, expected)
+
+
+def _type_name(expected: Any) -> str:
+    origin = typing.get_origin(expected)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(expected))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(expected)[0])}"
+    return "null" if expected is type(None) else f"a {expected.__name__}"
+
+
+def _build(schema: type, data: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(schema)
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        expected = hints[key]
+        if dataclasses.is_dataclass(expected):
+            kwargs[key] = _build(expected, value, prefix=f"{prefix}{key}.")
+        elif expected is float:
+            kwargs[key] = float(value)
+        elif typing.get_origin(expected) is list and typing.get_args(expected)[0] is float:
+            kwargs[key] = [float(v) for v in value]
+        else:
+            kwargs[key] = value
+    return schema(**kwargs)

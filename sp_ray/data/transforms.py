@@ -1,0 +1,169 @@
+"""Resize / flip transforms on (image, target) pairs, the inference resize rule, and batch collation."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+from sp_ray.types import Target
+
+
+def resize_for_inference(h: int, w: int, *, max_size: int, short_size: int) -> tuple[int, int]:
+    """Output size of the evaluation resize, in plain Python so the ONNX runtime can share it.
+
+    The rule is mmdet's ``Resize(scale=(max_size, short_size), keep_ratio=True)``: the short side
+    becomes ``short_size`` unless the long side would then exceed ``max_size``, in which case the
+    long side becomes ``max_size``. The arithmetic (float products truncated by ``int``) is the one
+    of ``torchvision.transforms.v2.Resize(size=short_size, max_size=max_size)``, so the two agree
+    to the pixel (mmdet rounds where torchvision truncates, so a side can differ from mmdet's by
+    1). When ``max_size <= short_size`` the long-side cap always binds and the rule is
+    ``v2.Resize(size=None, max_size=max_size)``.
+
+    Args:
+        h: input height in pixels.
+        w: input width in pixels.
+        max_size: cap on the long side.
+        short_size: target of the short side.
+
+    Returns:
+        (H, W) of the resized image.
+    """
+    _check_sizes(max_size=max_size, short_size=short_size)
+    if h <= 0 or w <= 0:
+        raise ValueError(f"image size must be positive, got h={h}, w={w}")
+    short, long = (w, h) if w <= h else (h, w)
+    if max_size <= short_size:
+        new_short, new_long = int(max_size * short / long), max_size
+    else:
+        new_short, new_long = short_size, int(short_size * long / short)
+        if new_long > max_size:
+            new_short, new_long = int(max_size * new_short / new_long), max_size
+    if new_short == 0:
+        raise ValueError(
+            f"an image of {h}x{w} (HxW) is too elongated for max_size={max_size}: its short side would be 0"
+        )
+    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+    return new_h, new_w
+
+
+class RefreshSizeAndBoxes:
+    """Last step of `build_transforms`: refreshes ``image_size`` and ``boxes`` from the transformed data.
+
+    ``image_size`` becomes the image's current (H, W). ``boxes`` become the tight extents of the
+    transformed masks again: nearest-neighbour resizing can drop a one-pixel tip of a mask (the
+    end of a disc, a thin spike), and the scaled box then sticks out of the mask by more than a
+    pixel; the dataset defines boxes as mask extents, so they are re-derived rather than scaled.
+    """
+
+    def __call__(self, image: Tensor, target: Target) -> tuple[Tensor, Target]:
+        height, width = int(image.shape[-2]), int(image.shape[-1])
+        masks = target["masks"].as_subclass(Tensor)
+        boxes = tv_tensors.BoundingBoxes(mask_boxes(masks), format="XYXY", canvas_size=(height, width))
+        return image, Target(**{**target, "boxes": boxes, "image_size": (height, width)})
+
+
+def build_transforms(*, train: bool, max_size: int, short_size: int, flip_prob: float = 0.5) -> v2.Compose:
+    """Transforms for `CocoInstanceDataset` items: keep-ratio resize, horizontal flip when training.
+
+    Masks (``tv_tensors.Mask``) are resized with nearest neighbour and stay bool; boxes
+    (``tv_tensors.BoundingBoxes``) go through v2 with the image and are then re-derived from the
+    masks by `RefreshSizeAndBoxes`, so they equal the mask extents exactly.
+
+    Args:
+        train: add a random horizontal flip with probability ``flip_prob``.
+        max_size: cap on the long side (1333 for COCO).
+        short_size: target of the short side (800 for COCO).
+        flip_prob: flip probability, in [0, 1].
+
+    Returns:
+        a callable ``(image, target) -> (image, target)``; the output size is
+        `resize_for_inference` of the input size.
+    """
+    _check_sizes(max_size=max_size, short_size=short_size)
+    if not 0.0 <= flip_prob <= 1.0:
+        raise ValueError(f"flip_prob must be in [0, 1], got {flip_prob}")
+    if max_size <= short_size:
+        resize = v2.Resize(size=None, max_size=max_size, antialias=True)
+    else:
+        resize = v2.Resize(size=short_size, max_size=max_size, antialias=True)
+    steps: list[Any] = [resize]
+    if train and flip_prob > 0:
+        steps.append(v2.RandomHorizontalFlip(p=flip_prob))
+    steps.append(RefreshSizeAndBoxes())
+    return v2.Compose(steps)
+
+
+def collate(batch: list[tuple[Tensor, Target]], *, size_divisor: int = 32) -> tuple[Tensor, list[Target]]:
+    """Pad a list of dataset items to one batch.
+
+    Every image is padded at the bottom/right with 0 to the batch's largest H and W, rounded up
+    to a multiple of ``size_divisor`` (the stride the FPN needs); masks are padded the same way.
+    ``image_size`` keeps the valid (unpadded) region. Use ``functools.partial(collate,
+    size_divisor=32)`` as a DataLoader ``collate_fn``.
+
+    Args:
+        batch: B items ``(image uint8 [3, H_b, W_b], target)`` with target masks bool [K_b, H_b, W_b].
+        size_divisor: padded sizes are multiples of this.
+
+    Returns:
+        images uint8 [B, 3, Hp, Wp] and the B targets with plain tensors (tv_tensor subclasses
+        removed): masks bool [K_b, Hp, Wp], boxes float32 [K_b, 4] XYXY, labels int64 [K_b].
+    """
+    if not batch:
+        raise ValueError("collate got an empty batch")
+    if size_divisor < 1:
+        raise ValueError(f"size_divisor must be >= 1, got {size_divisor}")
+    height = max(int(image.shape[-2]) for image, _ in batch)
+    width = max(int(image.shape[-1]) for image, _ in batch)
+    padded_h = math.ceil(height / size_divisor) * size_divisor
+    padded_w = math.ceil(width / size_divisor) * size_divisor
+    images = []
+    targets: list[Target] = []
+    for image, target in batch:
+        image = image.as_subclass(Tensor)
+        pad = (0, padded_w - image.shape[-1], 0, padded_h - image.shape[-2])
+        images.append(F.pad(image, pad, value=0))
+        masks = target["masks"].as_subclass(Tensor)
+        targets.append(
+            Target(
+                labels=target["labels"].as_subclass(Tensor),
+                masks=F.pad(masks, pad, value=False),
+                boxes=target["boxes"].as_subclass(Tensor),
+                image_id=target["image_id"],
+                orig_size=target["orig_size"],
+                image_size=target["image_size"],
+            )
+        )
+    return torch.stack(images), targets
+
+
+def mask_boxes(masks: Tensor) -> Tensor:
+    """Tight boxes around masks, on pixel boundaries (COCO's convention: x2 = last column + 1).
+
+    Args:
+        masks: bool [K, H, W].
+
+    Returns:
+        float32 [K, 4] XYXY; an empty mask gets (0, 0, 0, 0).
+    """
+    height, width = masks.shape[-2:]
+    rows = masks.any(dim=2).to(torch.uint8)  # (K, H)
+    cols = masks.any(dim=1).to(torch.uint8)  # (K, W)
+    y1 = rows.argmax(dim=1)
+    y2 = height - rows.flip(1).argmax(dim=1)
+    x1 = cols.argmax(dim=1)
+    x2 = width - cols.flip(1).argmax(dim=1)
+    boxes = torch.stack([x1, y1, x2, y2], dim=1).to(torch.float32)
+    nonempty = rows.any(dim=1, keepdim=True)
+    return boxes * nonempty
+
+
+def _check_sizes(*, max_size: int, short_size: int) -> None:
+    if max_size <= 0 or short_size <= 0:
+        raise ValueError(f"max_size and short_size must be positive, got {max_size} and {short_size}")

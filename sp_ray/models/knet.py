@@ -1,0 +1,428 @@
+"""K-Net for instance segmentation (Zhang et al., NeurIPS 2021), in plain PyTorch.
+
+Follows the official det configuration (``configs/det/_base_/models/knet_s3_r50_fpn.py``, METHODS.md
+section 5): ResNet + FPN, a semantic-FPN localisation branch at stride 8, N learned 1x1 kernels whose
+initial masks m^0 pool the features into K^0, then S kernel-update stages (group feature assembling,
+adaptive kernel update, kernel interaction by self-attention, FFN, class and mask heads).
+
+Left out on purpose: the auxiliary semantic-segmentation head of the RPN stage (``conv_seg`` with its
+focal loss). It only adds a training signal to the semantic branch and needs per-class semantic targets.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sp_ray.models.backbone import FPN, build_resnet
+from sp_ray.types import ModelOutputs, StageOutput
+
+IMAGENET_MEAN = (123.675, 116.28, 103.53)
+IMAGENET_STD = (58.395, 57.12, 57.375)
+GN_GROUPS = 32
+# Input sides must be multiples of the coarsest stride (C5).
+SIZE_DIVISOR = 32
+# Stride of the mask logits and of the features the kernels act on.
+MASK_STRIDE = 8
+
+
+def _conv_gn_relu(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2, bias=False),
+        nn.GroupNorm(GN_GROUPS, out_channels),
+        nn.ReLU(inplace=True),
+    )
+
+
+def _upsample2() -> nn.Upsample:
+    return nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)
+
+
+def sine_positional_encoding(height: int, width: int, channels: int, *, like: Tensor) -> Tensor:
+    """Normalised 2-D sine positional encoding (DETR / mmcv ``SinePositionalEncoding``, normalize=True).
+
+    Args:
+        height: h of the feature map.
+        width: w of the feature map.
+        channels: D (even); D/2 channels encode y, D/2 encode x, alternating sin and cos.
+        like: any tensor giving the device and dtype of the result.
+
+    Returns:
+        float [1, D, h, w].
+    """
+    num_feats = channels // 2
+    scale = 2 * math.pi
+    y = torch.arange(1, height + 1, device=like.device, dtype=torch.float32)
+    x = torch.arange(1, width + 1, device=like.device, dtype=torch.float32)
+    y = y / (height + 1e-6) * scale
+    x = x / (width + 1e-6) * scale
+    i = torch.arange(num_feats, device=like.device, dtype=torch.float32)
+    dim_t = 10000.0 ** (2 * torch.div(i, 2, rounding_mode="floor") / num_feats)
+    pos_y = y[:, None] / dim_t  # (h, D/2)
+    pos_x = x[:, None] / dim_t  # (w, D/2)
+    pos_y = torch.stack((pos_y[:, 0::2].sin(), pos_y[:, 1::2].cos()), dim=2).flatten(1)  # (h, D/2)
+    pos_x = torch.stack((pos_x[:, 0::2].sin(), pos_x[:, 1::2].cos()), dim=2).flatten(1)  # (w, D/2)
+    pos = torch.cat(
+        (
+            pos_y[:, None, :].expand(height, width, num_feats),
+            pos_x[None, :, :].expand(height, width, num_feats),
+        ),
+        dim=2,
+    )  # (h, w, D)
+    return pos.permute(2, 0, 1)[None].to(like.dtype)
+
+
+class LocalizationFPN(nn.Module):
+    """Semantic-FPN branch (``SemanticFPNWrapper`` + the ``loc_convs`` / ``seg_convs`` of ``ConvKernelHead``).
+
+    P2 gets one stride-2 conv, P3 one conv, P4 conv-up-conv, P5 (plus a sine positional encoding)
+    conv-up-conv-up-conv; all 3x3 conv + GN(32) + ReLU, all at stride 8, summed. Two 1x1 conv-GN-ReLU
+    heads give the localisation and the semantic features, each followed by one more 1x1 conv-GN-ReLU.
+
+    Args:
+        channels: D, channels of the FPN levels and of the outputs.
+    """
+
+    def __init__(self, *, channels: int) -> None:
+        super().__init__()
+        d = channels
+        self.level_convs = nn.ModuleList(
+            [
+                _conv_gn_relu(d, d, 3, stride=2),
+                _conv_gn_relu(d, d, 3),
+                nn.Sequential(_conv_gn_relu(d, d, 3), _upsample2(), _conv_gn_relu(d, d, 3)),
+                nn.Sequential(
+                    _conv_gn_relu(d, d, 3),
+                    _upsample2(),
+                    _conv_gn_relu(d, d, 3),
+                    _upsample2(),
+                    _conv_gn_relu(d, d, 3),
+                ),
+            ]
+        )
+        self.loc_pred = _conv_gn_relu(d, d, 1)
+        self.sem_pred = _conv_gn_relu(d, d, 1)
+        self.loc_conv = _conv_gn_relu(d, d, 1)
+        self.sem_conv = _conv_gn_relu(d, d, 1)
+        self.channels = d
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, std=0.01)
+
+    def forward(self, feats: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """Fuse P2..P5 at stride 8.
+
+        Args:
+            feats: [P2..P5], float [B, D, H/4 .. H/32, W/4 .. W/32].
+
+        Returns:
+            (loc_feats, sem_feats), each float [B, D, H/8, W/8].
+        """
+        p5 = feats[3]
+        p5 = p5 + sine_positional_encoding(p5.shape[-2], p5.shape[-1], self.channels, like=p5)
+        levels = [feats[0], feats[1], feats[2], p5]
+        fused = self.level_convs[0](levels[0])
+        for conv, level in zip(self.level_convs[1:], levels[1:], strict=True):
+            fused = fused + conv(level)
+        loc = self.loc_conv(self.loc_pred(fused))
+        sem = self.sem_conv(self.sem_pred(fused))
+        return loc, sem
+
+
+class KernelUpdator(nn.Module):
+    """Adaptive feature update of K-Net (``KernelUpdator``): gated fusion of kernels and group features.
+
+    gate = phi_1(F) * psi_1(K); G_F = sigmoid(LN(Linear(gate))); G_K = sigmoid(LN(Linear(gate)));
+    K~ = G_F * LN(phi_2(F)) + G_K * LN(psi_2(K)); out = ReLU(LN(Linear(K~))).
+
+    Args:
+        channels: D.
+    """
+
+    def __init__(self, *, channels: int) -> None:
+        super().__init__()
+        d = channels
+        self.dynamic_layer = nn.Linear(d, 2 * d)
+        self.input_layer = nn.Linear(d, 2 * d)
+        self.input_gate = nn.Linear(d, d)
+        self.update_gate = nn.Linear(d, d)
+        self.norm_in = nn.LayerNorm(d)
+        self.norm_out = nn.LayerNorm(d)
+        self.input_norm_in = nn.LayerNorm(d)
+        self.input_norm_out = nn.LayerNorm(d)
+        self.fc_layer = nn.Linear(d, d)
+        self.fc_norm = nn.LayerNorm(d)
+
+    def forward(self, group_feats: Tensor, kernels: Tensor) -> Tensor:
+        """Update the kernels with their assembled group features.
+
+        Args:
+            group_feats: F, float [B, N, D].
+            kernels: K, float [B, N, D].
+
+        Returns:
+            float [B, N, D], the updated kernels K~.
+        """
+        param_in, param_out = self.dynamic_layer(group_feats).chunk(2, dim=-1)
+        input_in, input_out = self.input_layer(kernels).chunk(2, dim=-1)
+        gate = input_in * param_in
+        kernel_gate = self.input_norm_in(self.input_gate(gate)).sigmoid()
+        feat_gate = self.norm_in(self.update_gate(gate)).sigmoid()
+        updated = feat_gate * self.norm_out(param_out) + kernel_gate * self.input_norm_out(input_out)
+        return F.relu(self.fc_norm(self.fc_layer(updated)))
+
+
+class KernelSelfAttention(nn.Module):
+    """Multi-head self-attention over the N kernels of one image, with a residual (kernel interaction).
+
+    Written out with matmul + softmax rather than ``nn.MultiheadAttention`` so that evaluation never takes
+    the fused fast path: the graph that is trained is the graph that is exported.
+
+    Args:
+        channels: D.
+        num_heads: number of heads; must divide D.
+    """
+
+    def __init__(self, *, channels: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.in_proj = nn.Linear(channels, 3 * channels)
+        self.out_proj = nn.Linear(channels, channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Attend.
+
+        Args:
+            x: float [B, N, D].
+
+        Returns:
+            float [B, N, D], x + attention(x).
+        """
+        q, k, v = self.in_proj(x).chunk(3, dim=-1)
+        q = q.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)  # (B, heads, N, D/heads)
+        k = k.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
+        v = v.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
+        attn = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]), dim=-1)  # (B, heads, N, N)
+        out = (attn @ v).transpose(1, 2).flatten(2)  # (B, N, D)
+        return x + self.out_proj(out)
+
+
+class KernelUpdateStage(nn.Module):
+    """One K-Net iteration (``KernelUpdateHead`` with conv_kernel_size 1).
+
+    Args:
+        num_classes: C.
+        channels: D.
+        ffn_channels: hidden width of the FFN.
+        num_heads: heads of the kernel self-attention.
+    """
+
+    def __init__(self, *, num_classes: int, channels: int, ffn_channels: int, num_heads: int) -> None:
+        super().__init__()
+        d = channels
+        self.feat_transform = nn.Conv2d(d, d, 1)
+        self.kernel_update = KernelUpdator(channels=d)
+        self.attention = KernelSelfAttention(channels=d, num_heads=num_heads)
+        self.attention_norm = nn.LayerNorm(d)
+        self.ffn = nn.Sequential(
+            nn.Linear(d, ffn_channels), nn.ReLU(inplace=True), nn.Linear(ffn_channels, d)
+        )
+        self.ffn_norm = nn.LayerNorm(d)
+        self.cls_fcs = nn.Sequential(nn.Linear(d, d, bias=False), nn.LayerNorm(d), nn.ReLU(inplace=True))
+        self.fc_cls = nn.Linear(d, num_classes)
+        self.mask_fcs = nn.Sequential(nn.Linear(d, d, bias=False), nn.LayerNorm(d), nn.ReLU(inplace=True))
+        self.fc_mask = nn.Linear(d, d)
+        for p in self.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+        nn.init.zeros_(self.attention.in_proj.bias)
+        nn.init.zeros_(self.attention.out_proj.bias)
+        # Focal-loss prior: every class starts at probability 0.01 so background dominates early training.
+        nn.init.constant_(self.fc_cls.bias, -math.log((1 - 0.01) / 0.01))
+
+    def forward(self, x_feats: Tensor, kernels: Tensor, mask_logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Refine the kernels once and predict classes and masks.
+
+        K-Net's kernel update head: X' = feat_transform(X); group feature assembling
+        F = sum_hw 1[sigmoid(M^{i-1}) > 0.5] X'; adaptive feature update; kernel interaction (self-attention
+        + FFN) giving K^i; then M^i = mask_head(K^i) * X', a 1x1 dynamic conv.
+
+        Args:
+            x_feats: X, float [B, D, h, w] stride-8 features.
+            kernels: K^{i-1}, float [B, N, D].
+            mask_logits: M^{i-1}, float [B, N, h, w].
+
+        Returns:
+            (class logits [B, N, C], mask logits M^i [B, N, h, w], kernels K^i [B, N, D]).
+        """
+        x = self.feat_transform(x_feats)
+        # sigmoid(m) > 0.5 <=> m > 0: the binarised masks of the previous stage pick the pixels to group.
+        hard = (mask_logits > 0).to(x.dtype).flatten(2)  # (B, N, h*w)
+        group_feats = hard @ x.flatten(2).transpose(1, 2)  # (B, N, D)
+        kernels = self.kernel_update(group_feats, kernels)
+        kernels = self.attention_norm(self.attention(kernels))
+        kernels = self.ffn_norm(kernels + self.ffn(kernels))
+        logits = self.fc_cls(self.cls_fcs(kernels))
+        mask_kernels = self.fc_mask(self.mask_fcs(kernels))
+        masks = (mask_kernels @ x.flatten(2)).unflatten(-1, x.shape[-2:])  # (B, N, h, w)
+        return logits, masks, kernels
+
+
+class KNet(nn.Module):
+    """K-Net instance segmenter: ``forward(images)`` returns raw per-stage predictions (``ModelOutputs``).
+
+    Same graph in training and evaluation; matching, losses and post-processing live elsewhere.
+
+    Args:
+        backbone: module mapping a normalised image [B, 3, H, W] to [C2..C5]; ``out_channels`` attribute.
+        fpn: module mapping [C2..C5] to [P2..P5] with ``feat_channels`` channels each.
+        num_classes: C (sigmoid classes, no background column).
+        num_kernels: N.
+        num_stages: S kernel-update stages.
+        feat_channels: D.
+        ffn_channels: hidden width of each stage's FFN.
+        num_heads: heads of the kernel self-attention; must divide D.
+    """
+
+    def __init__(
+        self,
+        *,
+        backbone: nn.Module,
+        fpn: nn.Module,
+        num_classes: int,
+        num_kernels: int = 100,
+        num_stages: int = 3,
+        feat_channels: int = 256,
+        ffn_channels: int = 2048,
+        num_heads: int = 8,
+    ) -> None:
+        super().__init__()
+        for name, value in (
+            ("num_classes", num_classes),
+            ("num_kernels", num_kernels),
+            ("num_stages", num_stages),
+        ):
+            if value < 1:
+                raise ValueError(f"KNet: {name} must be >= 1, got {value}")
+        if feat_channels % GN_GROUPS != 0:
+            raise ValueError(
+                f"KNet: feat_channels must be a multiple of {GN_GROUPS} (GroupNorm), got {feat_channels}"
+            )
+        if feat_channels % num_heads != 0:
+            raise ValueError(f"KNet: num_heads ({num_heads}) must divide feat_channels ({feat_channels})")
+        self.backbone = backbone
+        self.fpn = fpn
+        self.localization = LocalizationFPN(channels=feat_channels)
+        self.init_kernels = nn.Conv2d(feat_channels, num_kernels, 1, bias=False)
+        nn.init.normal_(self.init_kernels.weight, std=1.0)
+        self.stages = nn.ModuleList(
+            KernelUpdateStage(
+                num_classes=num_classes,
+                channels=feat_channels,
+                ffn_channels=ffn_channels,
+                num_heads=num_heads,
+            )
+            for _ in range(num_stages)
+        )
+        self.num_classes = num_classes
+        self.num_kernels = num_kernels
+        self.feat_channels = feat_channels
+        self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, images: Tensor, kernel_offsets: Tensor | None = None) -> ModelOutputs:
+        """Predict classes and masks for every kernel at every stage.
+
+        Args:
+            images: float [B, 3, H, W], RGB in 0..255, H and W multiples of 32 (padded).
+            kernel_offsets: optional float [B, N, D] added to K^0 before the stages (saliency prompts,
+                SP prompt injection K_n = K_n^0 + P_{delta(n)}); None in fine-tuning and export.
+
+        Returns:
+            ``ModelOutputs``: top level = stage S (pred_logits [B, N, C], pred_masks [B, N, H/8, W/8]
+            logits, pred_kernels [B, N, D]); aux_outputs = stages 1..S-1; init_masks m^0 [B, N, H/8, W/8];
+            init_kernels K^0 [B, N, D] (before any offset).
+        """
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"KNet expects images [B, 3, H, W], got {tuple(images.shape)}")
+        if images.shape[-2] % SIZE_DIVISOR != 0 or images.shape[-1] % SIZE_DIVISOR != 0:
+            raise ValueError(
+                f"KNet input H and W must be multiples of {SIZE_DIVISOR}, got {tuple(images.shape[-2:])}; "
+                "pad the batch in collate"
+            )
+        x = (images - self.pixel_mean) / self.pixel_std
+        loc, sem = self.localization(self.fpn(self.backbone(x)))
+        x_feats = loc + sem
+        init_masks = self.init_kernels(loc)  # (B, N, h, w)
+        # K^0 = kernel weight + sum of x over the pixels of its binarised initial mask (METHODS 1.2).
+        hard = (init_masks > 0).to(x_feats.dtype).flatten(2)  # (B, N, h*w)
+        init_kernels = self.init_kernels.weight.flatten(1)[None] + hard @ x_feats.flatten(2).transpose(1, 2)
+        kernels = init_kernels
+        if kernel_offsets is not None:
+            if kernel_offsets.shape != init_kernels.shape:
+                raise ValueError(
+                    f"kernel_offsets must have shape [B, N, D] = {tuple(init_kernels.shape)}, "
+                    f"got {tuple(kernel_offsets.shape)}"
+                )
+            kernels = kernels + kernel_offsets
+        masks = init_masks
+        stage_outputs: list[StageOutput] = []
+        for stage in self.stages:
+            logits, masks, kernels = stage(x_feats, kernels, masks)
+            stage_outputs.append(StageOutput(pred_logits=logits, pred_masks=masks, pred_kernels=kernels))
+        last = stage_outputs[-1]
+        return ModelOutputs(
+            pred_logits=last["pred_logits"],
+            pred_masks=last["pred_masks"],
+            pred_kernels=last["pred_kernels"],
+            aux_outputs=stage_outputs[:-1],
+            init_masks=init_masks,
+            init_kernels=init_kernels,
+        )
+
+
+def build_knet(
+    *,
+    num_classes: int,
+    depth: int = 50,
+    backbone_weights: str | None = None,
+    frozen_stages: int = 1,
+    norm_eval: bool = True,
+    num_kernels: int = 100,
+    num_stages: int = 3,
+    feat_channels: int = 256,
+    ffn_channels: int = 2048,
+    num_heads: int = 8,
+) -> KNet:
+    """Build K-Net with a torchvision ResNet backbone and an FPN neck.
+
+    Args:
+        num_classes: C.
+        depth: ResNet depth (18, 34, 50).
+        backbone_weights: local torchvision / MoCo-v2 / DenseCL checkpoint, or None (random init).
+        frozen_stages: mmdet semantics, -1 none .. 4 the whole backbone.
+        norm_eval: freeze BatchNorm (``FrozenBatchNorm2d``).
+        num_kernels: N.
+        num_stages: S.
+        feat_channels: D (multiple of 32).
+        ffn_channels: FFN hidden width.
+        num_heads: attention heads (divides D).
+
+    Returns:
+        The model, randomly initialised apart from the loaded backbone weights.
+    """
+    backbone = build_resnet(depth, weights=backbone_weights, frozen_stages=frozen_stages, norm_eval=norm_eval)
+    fpn = FPN(in_channels=backbone.out_channels, out_channels=feat_channels)
+    return KNet(
+        backbone=backbone,
+        fpn=fpn,
+        num_classes=num_classes,
+        num_kernels=num_kernels,
+        num_stages=num_stages,
+        feat_channels=feat_channels,
+        ffn_channels=ffn_channels,
+        num_heads=num_heads,
+    )

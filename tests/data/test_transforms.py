@@ -1,0 +1,177 @@
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+from sp_ray.data.transforms import build_transforms, collate, mask_boxes, resize_for_inference
+from sp_ray.types import Target
+
+
+def _item(height: int, width: int, seed: int = 0, num_instances: int = 3) -> tuple[tv_tensors.Image, Target]:
+    """An image with ``num_instances`` random rectangles/discs as instances."""
+    generator = torch.Generator().manual_seed(seed)
+    image = torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=generator)
+    ys = torch.arange(height)[:, None]
+    xs = torch.arange(width)[None, :]
+    masks = []
+    for index in range(num_instances):
+        cy = int(torch.randint(2, height - 2, (1,), generator=generator))
+        cx = int(torch.randint(2, width - 2, (1,), generator=generator))
+        radius = int(torch.randint(3, max(4, min(height, width) // 3), (1,), generator=generator))
+        if index % 2:
+            masks.append((ys - cy) ** 2 + (xs - cx) ** 2 <= radius**2)
+        else:
+            masks.append(((ys - cy).abs() <= radius) & ((xs - cx).abs() <= radius // 2))
+    masks_tensor = torch.stack(masks) if masks else torch.zeros((0, height, width), dtype=torch.bool)
+    target = Target(
+        labels=torch.arange(num_instances, dtype=torch.int64),
+        masks=tv_tensors.Mask(masks_tensor),
+        boxes=tv_tensors.BoundingBoxes(mask_boxes(masks_tensor), format="XYXY", canvas_size=(height, width)),
+        image_id=7,
+        orig_size=(height, width),
+        image_size=(height, width),
+    )
+    return tv_tensors.Image(image), target
+
+
+def test_mask_boxes_are_pixel_boundary_extents() -> None:
+    masks = torch.zeros((3, 6, 8), dtype=torch.bool)
+    masks[0, 1:4, 2:7] = True
+    masks[1, 5, 0] = True
+    boxes = mask_boxes(masks)
+    assert boxes.dtype == torch.float32
+    assert boxes.tolist() == [[2, 1, 7, 4], [0, 5, 1, 6], [0, 0, 0, 0]]
+
+
+@pytest.mark.parametrize(("height", "width"), [(60, 90), (91, 47), (64, 64)])
+def test_resize_and_flip_keep_masks_and_boxes_aligned(height: int, width: int) -> None:
+    image, target = _item(height, width)
+    resized_image, resized = build_transforms(train=False, max_size=100, short_size=40)(image, target)
+    image, target = _item(height, width)
+    flip = build_transforms(train=True, max_size=100, short_size=40, flip_prob=1.0)
+    flipped_image, flipped = flip(image, target)
+
+    expected_size = resize_for_inference(height, width, max_size=100, short_size=40)
+    for out_image, out in ((resized_image, resized), (flipped_image, flipped)):
+        assert tuple(out_image.shape[-2:]) == expected_size
+        assert out["image_size"] == expected_size
+        assert out["orig_size"] == (height, width)
+        assert out["masks"].dtype == torch.bool and out["masks"].shape == (3, *expected_size)
+        assert out["masks"].flatten(1).any(dim=1).all()
+        assert isinstance(out["boxes"], tv_tensors.BoundingBoxes)
+        assert tuple(out["boxes"].canvas_size) == expected_size
+        assert torch.equal(out["boxes"], mask_boxes(out["masks"]))
+        assert out["labels"].tolist() == [0, 1, 2]
+    assert torch.equal(flipped_image, resized_image.flip(-1))
+    assert torch.equal(flipped["masks"], resized["masks"].flip(-1))
+    new_width = expected_size[1]
+    mirrored = torch.stack(
+        [
+            new_width - resized["boxes"][:, 2],
+            resized["boxes"][:, 1],
+            new_width - resized["boxes"][:, 0],
+            resized["boxes"][:, 3],
+        ],
+        dim=1,
+    )
+    assert torch.equal(flipped["boxes"], mirrored)
+    # The boxes are the original ones scaled, up to nearest-neighbour sampling of the masks.
+    scale = torch.tensor([expected_size[1] / width, expected_size[0] / height] * 2)
+    assert ((resized["boxes"] - target["boxes"] * scale).abs() <= 2.0).all()
+
+
+def test_eval_transforms_never_flip() -> None:
+    transforms = build_transforms(train=False, max_size=64, short_size=32, flip_prob=1.0)
+    assert not any(isinstance(step, v2.RandomHorizontalFlip) for step in transforms.transforms)
+    image, target = _item(32, 48)
+    out_image, out = transforms(image, target)
+    assert torch.equal(out_image, image) and torch.equal(out["masks"], target["masks"])
+
+
+@pytest.mark.parametrize(("max_size", "short_size"), [(1333, 800), (100, 40), (128, 128), (64, 96)])
+@pytest.mark.parametrize(
+    ("height", "width"), [(480, 640), (640, 480), (333, 1000), (37, 41), (800, 1333), (9, 400), (400, 9)]
+)
+def test_resize_for_inference_agrees_with_v2_resize(
+    height: int, width: int, max_size: int, short_size: int
+) -> None:
+    image = tv_tensors.Image(torch.zeros((3, height, width), dtype=torch.uint8))
+    target = Target(
+        labels=torch.zeros(0, dtype=torch.int64),
+        masks=tv_tensors.Mask(torch.zeros((0, height, width), dtype=torch.bool)),
+        boxes=tv_tensors.BoundingBoxes(torch.zeros((0, 4)), format="XYXY", canvas_size=(height, width)),
+        image_id=0,
+        orig_size=(height, width),
+        image_size=(height, width),
+    )
+    out_image, _ = build_transforms(train=False, max_size=max_size, short_size=short_size)(image, target)
+    expected = resize_for_inference(height, width, max_size=max_size, short_size=short_size)
+    assert tuple(out_image.shape[-2:]) == expected
+    assert all(type(side) is int for side in expected)
+    if max_size > short_size:
+        reference = v2.Resize(size=short_size, max_size=max_size)(image)
+        assert tuple(reference.shape[-2:]) == expected
+    assert max(expected) <= max_size
+    assert min(expected) == short_size or max(expected) == max_size
+
+
+def test_resize_rejects_bad_sizes() -> None:
+    with pytest.raises(ValueError, match="positive"):
+        resize_for_inference(10, 10, max_size=0, short_size=5)
+    with pytest.raises(ValueError, match="image size"):
+        resize_for_inference(0, 10, max_size=20, short_size=5)
+    with pytest.raises(ValueError, match="too elongated"):
+        resize_for_inference(5, 400, max_size=64, short_size=96)
+    with pytest.raises(ValueError, match="flip_prob"):
+        build_transforms(train=True, max_size=20, short_size=10, flip_prob=1.5)
+
+
+def test_collate_pads_to_multiple_and_keeps_contents() -> None:
+    batch = [
+        _item(50, 70, seed=1),
+        _item(64, 33, seed=2, num_instances=0),
+        _item(20, 20, seed=3, num_instances=1),
+    ]
+    images, targets = collate(batch, size_divisor=32)
+    assert images.dtype == torch.uint8 and images.shape == (3, 3, 64, 96)
+    assert type(images) is Tensor
+    for (image, target), padded, out in zip(batch, images, targets, strict=True):
+        h, w = image.shape[-2:]
+        assert torch.equal(padded[:, :h, :w], image.as_subclass(Tensor))
+        assert not padded[:, h:, :].any() and not padded[:, :, w:].any()
+        assert set(out) == {"labels", "masks", "boxes", "image_id", "orig_size", "image_size"}
+        assert all(type(out[key]) is Tensor for key in ("labels", "masks", "boxes"))
+        assert out["masks"].dtype == torch.bool and out["masks"].shape == (len(target["labels"]), 64, 96)
+        assert torch.equal(out["masks"][:, :h, :w], target["masks"].as_subclass(Tensor))
+        assert not out["masks"][:, h:, :].any() and not out["masks"][:, :, w:].any()
+        assert torch.equal(out["boxes"], target["boxes"].as_subclass(Tensor))
+        assert out["image_size"] == (h, w)
+
+
+def test_collate_exact_multiple_is_not_padded_and_single_equals_batched() -> None:
+    item = _item(64, 32, seed=4)
+    images, targets = collate([item], size_divisor=32)
+    assert images.shape == (1, 3, 64, 32)
+    batched_images, batched_targets = collate([item, _item(40, 40, seed=5)], size_divisor=32)
+    assert torch.equal(batched_images[0, :, :64, :32], images[0])
+    assert torch.equal(batched_targets[0]["masks"][:, :64, :32], targets[0]["masks"])
+
+
+def test_collate_works_as_dataloader_collate_fn() -> None:
+    items = [_item(30, 40, seed=i) for i in range(4)]
+    loader = DataLoader(items, batch_size=2, collate_fn=functools.partial(collate, size_divisor=16))
+    shapes = [(images.shape, len(targets)) for images, targets in loader]
+    assert shapes == [((2, 3, 32, 48), 2), ((2, 3, 32, 48), 2)]
+
+
+def test_collate_rejects_empty_batch_and_bad_divisor() -> None:
+    with pytest.raises(ValueError, match="empty batch"):
+        collate([])
+    with pytest.raises(ValueError, match="size_divisor"):
+        collate([_item(8, 8)], size_divisor=0)

@@ -1,0 +1,152 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sp_ray.models.knet import KNet, build_knet, sine_positional_encoding
+from sp_ray.models.losses import KNetCriterion
+from sp_ray.models.matcher import HungarianMatcher
+
+B, H, W = 2, 64, 96
+N, C, D, S = 8, 3, 32, 2
+
+
+def _tiny(**overrides) -> KNet:
+    torch.manual_seed(0)
+    kwargs = dict(
+        num_classes=C, depth=18, num_kernels=N, num_stages=S, feat_channels=D, ffn_channels=64, num_heads=4
+    )
+    kwargs.update(overrides)
+    return build_knet(**kwargs)
+
+
+@pytest.fixture(scope="module")
+def model() -> KNet:
+    return _tiny()
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    torch.manual_seed(1)
+    return torch.rand(B, 3, H, W) * 255
+
+
+def _assert_shapes(out) -> None:
+    h, w = H // 8, W // 8
+    assert set(out) == {
+        "pred_logits",
+        "pred_masks",
+        "pred_kernels",
+        "aux_outputs",
+        "init_masks",
+        "init_kernels",
+    }
+    assert out["pred_logits"].shape == (B, N, C)
+    assert out["pred_masks"].shape == (B, N, h, w)
+    assert out["pred_kernels"].shape == (B, N, D)
+    assert out["init_masks"].shape == (B, N, h, w)
+    assert out["init_kernels"].shape == (B, N, D)
+    assert len(out["aux_outputs"]) == S - 1
+    for stage in out["aux_outputs"]:
+        assert stage["pred_logits"].shape == (B, N, C)
+        assert stage["pred_masks"].shape == (B, N, h, w)
+        assert stage["pred_kernels"].shape == (B, N, D)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_forward_shapes_in_train_and_eval(model, images, train: bool) -> None:
+    model.train(train)
+    with torch.no_grad():
+        out = model(images)
+    _assert_shapes(out)
+    assert all(torch.isfinite(v).all() for v in (out["pred_logits"], out["pred_masks"], out["init_kernels"]))
+
+
+def test_batched_equals_single_image_in_eval(model, images) -> None:
+    model.eval()
+    with torch.no_grad():
+        batched = model(images)
+        singles = [model(images[i : i + 1]) for i in range(B)]
+    for key in ("pred_logits", "pred_masks", "pred_kernels", "init_masks", "init_kernels"):
+        single = torch.cat([s[key] for s in singles])
+        torch.testing.assert_close(batched[key], single, rtol=1e-4, atol=1e-4)
+
+
+def test_initial_kernels_pool_features_inside_binarised_initial_masks(model, images) -> None:
+    """K^0 = kernel weight + sum over pixels with sigmoid(m^0) > 0.5 of x_feats (METHODS 1.2)."""
+    captured = {}
+    handle = model.localization.register_forward_hook(lambda _m, _i, out: captured.update(feats=out))
+    model.eval()
+    with torch.no_grad():
+        out = model(images)
+    handle.remove()
+    loc, sem = captured["feats"]
+    weight = model.init_kernels.weight[:, :, 0, 0]  # (N, D)
+    m0 = torch.einsum("nd,bdhw->bnhw", weight, loc)
+    torch.testing.assert_close(out["init_masks"], m0, rtol=1e-4, atol=1e-4)
+    inside = (m0.sigmoid() > 0.5).float()
+    expected = weight[None] + torch.einsum("bnhw,bdhw->bnd", inside, loc + sem)
+    torch.testing.assert_close(out["init_kernels"], expected, rtol=1e-4, atol=1e-3)
+
+
+def test_kernel_offsets_change_outputs_but_not_init_kernels(model, images) -> None:
+    model.eval()
+    offsets = torch.randn(B, N, D) * 10
+    with torch.no_grad():
+        plain = model(images)
+        zero = model(images, kernel_offsets=torch.zeros(B, N, D))
+        shifted = model(images, kernel_offsets=offsets)
+    torch.testing.assert_close(zero["pred_masks"], plain["pred_masks"])
+    torch.testing.assert_close(shifted["init_kernels"], plain["init_kernels"])
+    assert not torch.allclose(shifted["pred_logits"], plain["pred_logits"], atol=1e-3)
+    assert not torch.allclose(shifted["pred_masks"], plain["pred_masks"], atol=1e-3)
+
+
+def test_bad_inputs_are_rejected(model, images) -> None:
+    with pytest.raises(ValueError, match="multiples of 32"):
+        model(torch.zeros(1, 3, 60, 96))
+    with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
+        model(torch.zeros(3, 64, 96))
+    with pytest.raises(ValueError, match="kernel_offsets"):
+        model(images, kernel_offsets=torch.zeros(B, N + 1, D))
+
+
+def test_bad_hyper_parameters_are_rejected() -> None:
+    with pytest.raises(ValueError, match="multiple of 32"):
+        _tiny(feat_channels=48)
+    with pytest.raises(ValueError, match="num_heads"):
+        _tiny(num_heads=5)
+    with pytest.raises(ValueError, match="num_kernels"):
+        _tiny(num_kernels=0)
+
+
+def test_every_trainable_parameter_gets_a_gradient(images) -> None:
+    model = _tiny(frozen_stages=1).train()
+    criterion = KNetCriterion(num_classes=C, matcher=HungarianMatcher())
+    masks = torch.zeros(2, H, W, dtype=torch.bool)
+    masks[0, 8:40, 8:48] = True
+    masks[1, 30:60, 50:90] = True
+    targets = [
+        {"labels": torch.tensor([0, 2]), "masks": masks, "boxes": torch.zeros(2, 4), "image_id": 0,
+         "orig_size": (H, W), "image_size": (H, W)},
+        {"labels": torch.tensor([1]), "masks": masks[:1], "boxes": torch.zeros(1, 4), "image_id": 1,
+         "orig_size": (H, W), "image_size": (H, W)},
+    ]  # fmt: skip
+    losses = criterion(model(images), targets)
+    sum(losses.values()).backward()
+    no_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert no_grad == []
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert frozen and all(n.startswith(("backbone.conv1", "backbone.bn1", "backbone.layer1")) for n in frozen)
+
+
+def test_sine_positional_encoding_matches_definition() -> None:
+    pos = sine_positional_encoding(4, 6, 8, like=torch.zeros(1))
+    assert pos.shape == (1, 8, 4, 6)
+    scale = 2 * torch.pi
+    y, x = 2, 5
+    y_embed, x_embed = (y + 1) / 4 * scale, (x + 1) / 6 * scale
+    # Channel 0: sin(y_embed / 10000^0); channel 3: cos(y_embed / 10000^(2/4)); channel 4 starts x.
+    assert pos[0, 0, y, x] == pytest.approx(torch.sin(torch.tensor(y_embed)).item(), abs=1e-5)
+    assert pos[0, 3, y, x] == pytest.approx(torch.cos(torch.tensor(y_embed / 100.0)).item(), abs=1e-5)
+    assert pos[0, 4, y, x] == pytest.approx(torch.sin(torch.tensor(x_embed)).item(), abs=1e-5)

@@ -1,0 +1,120 @@
+from pathlib import Path
+
+import pytest
+
+from sp_ray.cli import main
+from sp_ray.config import (
+    Config,
+    ConfigError,
+    apply_overrides,
+    config_from_dict,
+    config_hash,
+    config_to_dict,
+    load_config,
+)
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_defaults_without_a_file():
+    assert load_config(None) == Config()
+
+
+def test_base_inheritance_child_wins_and_parent_values_stay(tmp_path):
+    write(tmp_path / "base.yaml", "model:\n  num_kernels: 50\n  depth: 34\ntrain:\n  lr: 0.001\n")
+    child = write(tmp_path / "child.yaml", "_base_: base.yaml\nmodel:\n  num_kernels: 8\n")
+    cfg = load_config(child)
+    assert cfg.model.num_kernels == 8
+    assert cfg.model.depth == 34
+    assert cfg.train.lr == 0.001
+    assert cfg.model.num_stages == Config().model.num_stages
+
+
+def test_overrides_are_typed_yaml_scalars():
+    cfg = load_config(None, ["model.num_kernels=16", "train.lr=3e-4", "train.lr_steps=[2, 3]",
+                             "model.backbone_weights=null", "train.use_gpu=true", "train.weight_decay=0"])
+    assert cfg.model.num_kernels == 16
+    assert cfg.train.lr == pytest.approx(3e-4)
+    assert cfg.train.lr_steps == [2, 3]
+    assert cfg.model.backbone_weights is None
+    assert cfg.train.use_gpu is True
+    assert isinstance(cfg.train.weight_decay, float)
+
+
+def test_unknown_key_in_file_names_file_and_dotted_key(tmp_path):
+    bad = write(tmp_path / "bad.yaml", "model:\n  num_kernal: 16\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(bad)
+    message = str(err.value)
+    assert "bad.yaml" in message and "model.num_kernal" in message and "model.num_kernels" in message
+
+
+def test_unknown_key_in_a_base_file_names_the_base(tmp_path):
+    write(tmp_path / "base.yaml", "train:\n  epochz: 3\n")
+    child = write(tmp_path / "child.yaml", "_base_: base.yaml\n")
+    with pytest.raises(ConfigError, match=r"base\.yaml.*train\.epochz"):
+        load_config(child)
+
+
+@pytest.mark.parametrize("text, key", [
+    ("model:\n  num_kernels: 1.5\n", "model.num_kernels"),
+    ("model:\n  num_kernels: true\n", "model.num_kernels"),
+    ("train:\n  lr: fast\n", "train.lr"),
+    ("train:\n  lr_steps: 8\n", "train.lr_steps"),
+    ("model: 3\n", "model"),
+])
+def test_wrong_type_is_an_error(tmp_path, text, key):
+    bad = write(tmp_path / "bad.yaml", text)
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(bad)
+
+
+def test_bad_overrides():
+    with pytest.raises(ConfigError, match="model.num_kernal"):
+        load_config(None, ["model.num_kernal=3"])
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        load_config(None, ["model.num_kernels"])
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_config(None, ["model=3"])
+
+
+def test_base_cycle_and_missing_file(tmp_path):
+    write(tmp_path / "a.yaml", "_base_: b.yaml\n")
+    write(tmp_path / "b.yaml", "_base_: a.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(tmp_path / "a.yaml")
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_round_trip_and_hash():
+    cfg = apply_overrides(Config(), ["model.num_kernels=7"])
+    again = config_from_dict(config_to_dict(cfg))
+    assert again == cfg
+    assert config_hash(again) == config_hash(cfg) != config_hash(Config())
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.rglob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    if "cluster" in path.parts:
+        pytest.skip("cluster manifests are not sp-ray configs")
+    load_config(path)
+
+
+def test_print_config(capsys):
+    code = main(["finetune", "--config", str(CONFIGS / "demo" / "knet_tiny_synthetic.yaml"),
+                 "--print-config", "model.num_kernels=5"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "num_kernels: 5" in out and "depth: 18" in out
+
+
+def test_cli_reports_config_errors(capsys):
+    code = main(["finetune", "--config", str(CONFIGS / "demo" / "knet_tiny_synthetic.yaml"), "model.nope=1"])
+    assert code == 2
+    assert "model.nope" in capsys.readouterr().err

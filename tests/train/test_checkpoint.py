@@ -1,0 +1,78 @@
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from sp_ray.config import Config, apply_overrides
+from sp_ray.train.checkpoint import (
+    is_checkpoint,
+    load_checkpoint,
+    load_init_weights,
+    save_checkpoint,
+)
+
+
+def net(out: int = 3) -> nn.Module:
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, out))
+
+
+def test_round_trip(tmp_path):
+    model = net()
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    cfg = apply_overrides(Config(), ["model.num_kernels=7"])
+    path = save_checkpoint(tmp_path / "ck", model=model, config=cfg, meta={"epoch": 3},
+                           training_state={"optimizer": opt.state_dict(), "epoch": 3, "step": 30})
+    assert is_checkpoint(path)
+    ck = load_checkpoint(path, with_training_state=True)
+    assert ck.config == cfg
+    assert ck.meta["epoch"] == 3 and "torch" in ck.meta["versions"] and ck.meta["config_hash"]
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(ck.model_state[name], tensor)
+    fresh = net()
+    opt2 = torch.optim.AdamW(fresh.parameters())
+    opt2.load_state_dict(ck.training_state["optimizer"])
+    assert ck.training_state["step"] == 30
+    assert torch.equal(opt2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+
+
+def test_save_replaces_atomically_and_leaves_no_temporaries(tmp_path):
+    first, second = net(), net()
+    save_checkpoint(tmp_path / "last", model=first, config=Config(), meta={"epoch": 1})
+    save_checkpoint(tmp_path / "last", model=second, config=Config(), meta={"epoch": 2})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]
+    ck = load_checkpoint(tmp_path / "last")
+    assert ck.meta["epoch"] == 2
+    assert torch.equal(ck.model_state["0.weight"], second.state_dict()["0.weight"])
+
+
+def test_failed_save_keeps_the_previous_checkpoint(tmp_path):
+    save_checkpoint(tmp_path / "last", model=net(), config=Config(), meta={"epoch": 1})
+    with pytest.raises(TypeError):
+        save_checkpoint(tmp_path / "last", model=net(), config=Config(), meta={"epoch": object()})
+    assert json.loads((tmp_path / "last" / "meta.json").read_text())["epoch"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]
+
+
+def test_not_a_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not an sp-ray checkpoint"):
+        load_checkpoint(tmp_path)
+    save_checkpoint(tmp_path / "final", model=net(), config=Config(), meta={})
+    with pytest.raises(FileNotFoundError, match="not a resumable run"):
+        load_checkpoint(tmp_path / "final", with_training_state=True)
+
+
+def test_init_weights_report():
+    source = net(out=3).state_dict()
+    source["extra.weight"] = torch.zeros(1)
+    target = net(out=5)
+    before = target.state_dict()["2.weight"].clone()
+    report = load_init_weights(target, source)
+    assert sorted(report.loaded) == ["0.bias", "0.weight"]
+    assert sorted(report.reinitialised) == ["2.bias", "2.weight"]
+    assert report.skipped == ["extra.weight"]
+    assert torch.equal(target.state_dict()["0.weight"], source["0.weight"])
+    assert torch.equal(target.state_dict()["2.weight"], before)
+    assert "re-initialised" in report.summary()
