@@ -105,6 +105,18 @@ class TrainConfig:
     log_interval: int = 20  # iterations between log lines
     checkpoint_interval: int = 1  # epochs between checkpoints
     eval_interval: int = 0  # epochs between validation runs; 0 = only after the last epoch
+    # The global batch is batch_size x num_workers. With base_batch_size > 0, lr is the rate for that
+    # global batch and is scaled linearly to the actual one (Goyal et al.); 0 uses lr as given.
+    base_batch_size: int = 0
+    # Ray Train (every training command runs in TorchTrainer workers).
+    num_workers: int = 1  # training processes (one per GPU with use_gpu)
+    resources_per_worker: dict[str, float] = field(default_factory=dict)  # e.g. {CPU: 8, GPU: 1}
+    placement_strategy: str = "PACK"  # Ray placement of the workers: PACK, SPREAD, STRICT_PACK, STRICT_SPREAD
+    sync_bn: bool = False  # convert BatchNorm to SyncBatchNorm when num_workers > 1 (needs norm_eval false)
+    storage_path: str = ""  # Ray storage for reported checkpoints: local dir, NFS or URI; "" = WORK_DIR/ray
+    checkpoints_to_keep: int = 2  # reported checkpoints kept by Ray (best by val segm AP when evaluated)
+    max_failures: int = 3  # worker failures survived by restarting from the last reported checkpoint
+    inject_failure_at_step: int = -1  # testing only: worker rank 1 (or 0 if alone) raises once at this step
 
 
 @dataclass
@@ -116,12 +128,101 @@ class EvalConfig:
 
 
 @dataclass
+class SSLConfig:
+    """DenseCL self-supervised pre-training (``sp-ray ssl``), Wang et al. CVPR 2021.
+
+    The ResNet comes from ``model.depth`` and ``model.backbone_weights`` (initialisation); device, AMP,
+    seed, logging and checkpoint interval from ``train``; DataLoader workers from ``data.num_workers``.
+    """
+
+    epochs: int = 200  # DenseCL's ImageNet schedule
+    batch_size: int = 32  # images per training process; the official run is 8 GPUs x 32 = 256
+    lr: float = 0.03  # SGD rate for a global batch of base_batch_size (DenseCL / MoCo-v2 use 0.03 at 256)
+    base_batch_size: int = 256  # lr is scaled linearly by (global batch / base_batch_size)
+    sgd_momentum: float = 0.9  # SGD momentum (the key encoder's EMA factor is `momentum`)
+    weight_decay: float = 1e-4  # on every query-encoder parameter, as in the official runs
+    temperature: float = 0.2  # InfoNCE temperature of both losses
+    loss_lambda: float = 0.5  # loss = (1 - lambda) global + lambda dense
+    queue_size: int = 65536  # negatives in each queue (global and dense); a multiple of the global batch
+    momentum: float = 0.999  # EMA factor of the key encoder
+    proj_dim: int = 128  # output width of the global and dense projection heads
+    hidden_dim: int = 2048  # hidden width of both heads
+    image_size: int = 224  # side of the square crops fed to the encoders
+    crop_scale_min: float = 0.2  # RandomResizedCrop keeps 0.2..1 of the image area (MoCo-v2)
+    jitter_prob: float = 0.8  # probability of colour jitter
+    brightness: float = 0.4  # colour jitter strengths (torchvision ColorJitter), MoCo-v2's values
+    contrast: float = 0.4
+    saturation: float = 0.4
+    hue: float = 0.1
+    grayscale_prob: float = 0.2  # probability of a grayscale view (kept 3-channel)
+    blur_prob: float = 0.5  # probability of a Gaussian blur
+    # Blur radius range [min, max] in pixels for 224 px crops; scaled with image_size.
+    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
+    flip_prob: float = 0.5  # probability of a horizontal flip of each view
+
+
+@dataclass
+class ProposeConfig:
+    """Saliency mask proposals (``sp-ray propose``), SP's step (A) = FreeSOLO's Free Mask (METHODS.md 1.1).
+
+    The frozen ResNet is ``model.depth`` with ``model.backbone_weights``. The defaults are the paper's.
+    """
+
+    scales: list[float] = field(default_factory=lambda: [1.0, 0.5, 0.25])  # C5 resizes = the query pyramid
+    mask_threshold: float = 0.5  # on the per-query min-max normalised correlation, at C5 and at image size
+    min_area: int = 2  # C5 cells a mask needs to enter NMS (the reference keeps area > 1)
+    nms_sigma: float = 2.0  # Gaussian Matrix NMS: a mask's score decays by exp(-sigma * IoU^2)
+    top_k: int = 20  # masks kept per image after Matrix NMS, before the filters
+    min_center_y: float = 0.2  # keep a mask only if its centre lies below this fraction of H (not sky)
+    max_box_width: float = 0.95  # keep a mask only if its box is narrower than this share of W (background)
+    min_maskness: float = 0.7  # keep a mask only if its decayed maskness reaches this
+    # SP's reference resizes to exactly 1333x800 (keep_ratio False): every input then has one shape, so
+    # an actor's batch is one backbone forward with no padding, whose border would yield masks of its own.
+    # keep_ratio true is FreeSOLO's short-side 800 / long-side 1333 resize. Either way each side is then
+    # rounded to a multiple of 32, so a C5 cell covers exactly 32x32 input pixels and the masks upsample to
+    # the image without an offset. Masks are written at the original image size in both cases.
+    keep_ratio: bool = False
+    max_size: int = 1333  # input width (keep_ratio false) or long-side cap (keep_ratio true)
+    short_size: int = 800  # input height (keep_ratio false) or short-side target (keep_ratio true)
+    batch_size: int = 8  # images per backbone forward inside an actor
+    shard_size: int = 256  # images per shard: one part file under OUT/shards, the unit a rerun skips
+    num_actors: int = 0  # Ray Data actors; 0 = one per GPU of the cluster, or 1 on a cluster without GPUs
+    cpus_per_actor: float = 1.0  # CPUs reserved per actor (image decoding and, without a GPU, the backbone)
+
+
+@dataclass
+class PretrainConfig:
+    """Saliency-prompt pre-training of K-Net (``sp-ray pretrain``), SP's step (B) (METHODS.md 1.2-1.4).
+
+    The pseudo masks are ``data.train_annotations`` (``annotations.json`` of ``sp-ray propose``, one
+    class) on ``data.train_images``; their saliency queries S_l are ``prompts``.
+    """
+
+    enabled: bool = False  # build the pre-training wrapper (prompts + L_ker); `sp-ray pretrain` sets it
+    prompts: str = ""  # prompts.npy of `sp-ray propose` (row id - 1 = annotation id); "" = next to the json
+    prompt_rule: str = "cosine"  # "cosine": each kernel takes its nearest prompt; "fixed": prompts tiled
+    prompt_source: str = "feature"  # "feature": P5 pooled in the box; "image": box crop through the backbone
+    prompt_drop: float = 0.1  # each kernel's prompt is dropped with this probability (mask_ratio)
+    num_prompts: int = 20  # an image's prompts are tiled to this many before the fixed rule (reference)
+    image_prompt_size: int = 128  # side of the augmented box crops of the image prompt
+    kernel_loss_weight: float = 1.0  # weight of L_ker at every stage
+    # Collapse guard of the L_ker targets Linear(S_l). "fixed": a random orthogonal Linear that is never
+    # trained, so distinct S_l keep distinct targets. "learned": a trainable Linear (the reference's) plus
+    # a term that keeps the pairwise angles of the targets those of the queries, weighted by angle_weight.
+    kernel_projection: str = "fixed"
+    angle_weight: float = 1.0
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    ssl: SSLConfig = field(default_factory=SSLConfig)
+    propose: ProposeConfig = field(default_factory=ProposeConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -250,6 +351,11 @@ def _fits(value: Any, expected: Any) -> bool:
     if origin is list:
         (item,) = typing.get_args(expected)
         return isinstance(value, list) and all(_fits(v, item) for v in value)
+    if origin is dict:
+        key_type, value_type = typing.get_args(expected)
+        return isinstance(value, dict) and all(
+            _fits(k, key_type) and _fits(v, value_type) for k, v in value.items()
+        )
     if expected is type(None):
         return value is None
     if expected is float:
@@ -265,6 +371,9 @@ def _type_name(expected: Any) -> str:
         return " or ".join(_type_name(a) for a in typing.get_args(expected))
     if origin is list:
         return f"a list of {_type_name(typing.get_args(expected)[0])}"
+    if origin is dict:
+        key_type, value_type = typing.get_args(expected)
+        return f"a mapping of {_type_name(key_type)} to {_type_name(value_type)}"
     return "null" if expected is type(None) else f"a {expected.__name__}"
 
 
@@ -279,6 +388,8 @@ def _build(schema: type, data: dict[str, Any], prefix: str) -> Any:
             kwargs[key] = float(value)
         elif typing.get_origin(expected) is list and typing.get_args(expected)[0] is float:
             kwargs[key] = [float(v) for v in value]
+        elif typing.get_origin(expected) is dict and typing.get_args(expected)[1] is float:
+            kwargs[key] = {k: float(v) for k, v in value.items()}
         else:
             kwargs[key] = value
     return schema(**kwargs)

@@ -5,7 +5,7 @@ Shape letters: B batch, N kernels, K targets, C classes, D channels, H/W spatial
 
 from __future__ import annotations
 
-from typing import TypedDict
+from typing import NotRequired, TypedDict
 
 from torch import Tensor
 
@@ -19,6 +19,8 @@ class Target(TypedDict):
     image_id: the COCO image id.
     orig_size: (H0, W0) of the image as displayed (after EXIF orientation), as in the json.
     image_size: (H, W) after resizing, before padding (the valid region of the input).
+    queries: optional float32 [K, C], one vector per instance riding along with it (SP pre-training:
+        the saliency query S_l that produced pseudo mask l); absent in supervised data.
     """
 
     labels: Tensor
@@ -27,6 +29,7 @@ class Target(TypedDict):
     image_id: int
     orig_size: tuple[int, int]
     image_size: tuple[int, int]
+    queries: NotRequired[Tensor]
 
 
 class StageOutput(TypedDict):

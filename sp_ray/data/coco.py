@@ -130,6 +130,10 @@ class CocoInstanceDataset(Dataset):
       degenerate (no polygon with >= 3 points, area 0) or malformed, or whose json bbox has a
       non-positive width/height or lies outside the image.
 
+    With ``extra_per_annotation`` (SP pre-training: ``prompts.npy`` of ``sp-ray propose``), row
+    ``id - 1`` belongs to annotation ``id`` and rides along with its instance as ``target["queries"]``,
+    dropped with it when the instance is skipped or vanishes in the transforms.
+
     An image that passes the header check but fails to decode in ``__getitem__`` raises an
     error naming the file.
 
@@ -149,6 +153,7 @@ class CocoInstanceDataset(Dataset):
         images: str | Path,
         *,
         transforms: Callable[[tv_tensors.Image, Target], tuple[tv_tensors.Image, Target]] | None = None,
+        extra_per_annotation: np.ndarray | None = None,
     ) -> None:
         self.annotations_path = Path(annotations)
         self.image_dir = Path(images)
@@ -199,6 +204,9 @@ class CocoInstanceDataset(Dataset):
                 else:
                     skip(annotation_skips, reason, f"annotation id {ann['id']}")
 
+        self.extra_per_annotation = extra_per_annotation
+        if extra_per_annotation is not None:
+            self._check_extra(extra_per_annotation)
         self.skipped.update(image_skips)
         self.skipped.update(annotation_skips)
         if self.skipped:
@@ -225,8 +233,9 @@ class CocoInstanceDataset(Dataset):
             image: ``tv_tensors.Image`` uint8 [3, H, W] (after ``transforms``).
             target: labels int64 [K], masks ``tv_tensors.Mask`` bool [K, H, W], boxes
             ``tv_tensors.BoundingBoxes`` float32 [K, 4] XYXY from the mask extents, image_id,
-            orig_size (H0, W0) as in the json, image_size (H, W) after ``transforms``.
-            Instances whose mask the transforms emptied are dropped.
+            orig_size (H0, W0) as in the json, image_size (H, W) after ``transforms``; with
+            ``extra_per_annotation`` also queries float32 [K, C]. Instances whose mask the
+            transforms emptied are dropped.
         """
         image_id = self.image_ids[index]
         info = self.coco.imgs[image_id]
@@ -261,6 +270,9 @@ class CocoInstanceDataset(Dataset):
             orig_size=(height, width),
             image_size=(height, width),
         )
+        if self.extra_per_annotation is not None:
+            rows = [ann["id"] - 1 for ann in anns]
+            target["queries"] = torch.from_numpy(np.asarray(self.extra_per_annotation[rows], dtype=np.float32))
         if self.transforms is not None:
             image, target = self.transforms(image, target)
         if tuple(target["image_size"]) != tuple(image.shape[-2:]):
@@ -274,7 +286,24 @@ class CocoInstanceDataset(Dataset):
             target["labels"] = target["labels"][nonempty]
             target["masks"] = tv_tensors.wrap(target["masks"][nonempty], like=target["masks"])
             target["boxes"] = tv_tensors.wrap(target["boxes"][nonempty], like=target["boxes"])
+            if "queries" in target:
+                target["queries"] = target["queries"][nonempty]
         return image, target
+
+    def _check_extra(self, extra: np.ndarray) -> None:
+        if extra.ndim != 2:
+            raise ValueError(
+                f"extra_per_annotation must be a 2-D array [n, C] (row id - 1 per annotation), "
+                f"got shape {extra.shape}"
+            )
+        for image_id in self.image_ids:
+            for ann in self._instances[image_id]:
+                if not 1 <= ann["id"] <= extra.shape[0]:
+                    raise ValueError(
+                        f"{self.annotations_path}: annotation id {ann['id']} has no row in the per-annotation "
+                        f"array of {extra.shape[0]} rows (row id - 1); pass the prompts.npy written together "
+                        "with this json by 'sp-ray propose'"
+                    )
 
     def _image_problem(self, image: dict[str, Any]) -> str | None:
         try:

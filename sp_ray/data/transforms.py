@@ -113,7 +113,8 @@ def collate(batch: list[tuple[Tensor, Target]], *, size_divisor: int = 32) -> tu
 
     Returns:
         images uint8 [B, 3, Hp, Wp] and the B targets with plain tensors (tv_tensor subclasses
-        removed): masks bool [K_b, Hp, Wp], boxes float32 [K_b, 4] XYXY, labels int64 [K_b].
+        removed): masks bool [K_b, Hp, Wp], boxes float32 [K_b, 4] XYXY, labels int64 [K_b], and
+        queries [K_b, C] when the items have them.
     """
     if not batch:
         raise ValueError("collate got an empty batch")
@@ -130,16 +131,17 @@ def collate(batch: list[tuple[Tensor, Target]], *, size_divisor: int = 32) -> tu
         pad = (0, padded_w - image.shape[-1], 0, padded_h - image.shape[-2])
         images.append(F.pad(image, pad, value=0))
         masks = target["masks"].as_subclass(Tensor)
-        targets.append(
-            Target(
-                labels=target["labels"].as_subclass(Tensor),
-                masks=F.pad(masks, pad, value=False),
-                boxes=target["boxes"].as_subclass(Tensor),
-                image_id=target["image_id"],
-                orig_size=target["orig_size"],
-                image_size=target["image_size"],
-            )
+        padded = Target(
+            labels=target["labels"].as_subclass(Tensor),
+            masks=F.pad(masks, pad, value=False),
+            boxes=target["boxes"].as_subclass(Tensor),
+            image_id=target["image_id"],
+            orig_size=target["orig_size"],
+            image_size=target["image_size"],
         )
+        if "queries" in target:
+            padded["queries"] = target["queries"]
+        targets.append(padded)
     return torch.stack(images), targets
 
 

@@ -19,8 +19,7 @@ from torch.utils.data import DataLoader
 from sp_ray.config import Config, apply_overrides
 from sp_ray.data.coco import CocoInstanceDataset
 from sp_ray.data.transforms import build_transforms, collate
-from sp_ray.models import build_model
-from sp_ray.models.postprocess import postprocess
+from sp_ray.models import POSTPROCESSORS, build_model
 from sp_ray.train.checkpoint import load_checkpoint
 from sp_ray.train.device import select_device
 
@@ -78,7 +77,7 @@ def predict_coco(
     results: list[dict[str, Any]] = []
     for images, targets in loader:
         outputs = model(images.to(device).float())
-        instances = postprocess(
+        instances = POSTPROCESSORS[cfg.model.name](
             outputs,
             image_sizes=[t["image_size"] for t in targets],
             orig_sizes=[t["orig_size"] for t in targets],
@@ -175,3 +174,48 @@ def evaluate_checkpoint(
     model.load_state_dict(ckpt.model_state)
     model.to(device)
     return evaluate_model(model, cfg, annotations=annotations, images=images, device=device)
+
+
+def evaluate_onnx(
+    onnx_path: str,
+    *,
+    annotations: str,
+    images: str,
+    providers: Sequence[str] | None = None,
+    threads: int | None = None,
+) -> tuple[dict[str, dict[str, float]], list[dict[str, Any]]]:
+    """COCO AP of an exported model through the onnxruntime runtime (``export.runtime.Segmenter``).
+
+    Images are decoded as for training (``load_image_rgb``, EXIF orientation applied) and given to the
+    runtime at their original size; resizing, padding, thresholds and category ids come from the
+    model's metadata, so this measures exactly what a deployment computes.
+
+    Args:
+        onnx_path: the .onnx file written by ``sp-ray export``.
+        annotations: COCO json whose categories include the model's category ids.
+        images: image folder.
+        providers: onnxruntime execution providers (None: CUDA when present, else CPU).
+        threads: CPU intra-op threads (None: onnxruntime's default).
+
+    Returns:
+        ``(metrics, coco_results)`` as ``evaluate_checkpoint``.
+    """
+    from export.runtime import Segmenter
+    from sp_ray.data.images import load_image_rgb
+
+    segmenter = Segmenter(onnx_path, providers=providers, threads=threads)
+    dataset = CocoInstanceDataset(annotations, images)
+    unknown = sorted(set(segmenter.info.cat_ids) - set(dataset.cat_ids))
+    if unknown:
+        raise ValueError(f"{onnx_path} predicts category ids {unknown} that {annotations} does not define; "
+                         "evaluate on annotations with the categories the model was trained on")
+    batch = segmenter.info.batch_size or 1
+    results: list[dict[str, Any]] = []
+    for start in range(0, len(dataset.image_ids), batch):
+        ids = dataset.image_ids[start : start + batch]
+        pixels = [load_image_rgb(dataset.image_dir / dataset.coco.imgs[i]["file_name"]) for i in ids]
+        for image_id, found in zip(ids, segmenter.predict_batch(pixels), strict=True):
+            results.extend(instances_to_coco(
+                image_id, found.scores, found.labels, found.masks, found.boxes, segmenter.info.cat_ids,
+            ))
+    return coco_metrics(dataset.coco, results, image_ids=dataset.image_ids), results

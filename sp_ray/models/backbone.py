@@ -7,6 +7,7 @@ every supported file layout onto.
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass, field
 
 import torch
@@ -150,10 +151,17 @@ def load_backbone_weights(resnet: nn.Module, path: str) -> LoadReport:
         A ``LoadReport`` with the detected layout, the number of tensors loaded and the skipped keys.
 
     Raises:
-        ValueError: no known layout, or ResNet tensors missing, mis-shaped or unrecognised; the message
-            names the file and lists the first keys of each kind with their count.
+        ValueError: not a torch file, no known layout, or ResNet tensors missing, mis-shaped or
+            unrecognised; the message names the file and lists the first keys of each kind with their count.
     """
-    raw = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, EOFError, KeyError, RuntimeError) as err:
+        # Text, an image, an LFS pointer or a truncated download surface as any of these four.
+        raise ValueError(
+            f"{path} is not a PyTorch weights file (torch.load, weights_only, failed with "
+            f"{type(err).__name__}); pass a local file written by torch.save holding a ResNet state dict"
+        ) from err
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a dict of tensors, got {type(raw).__name__}")
     wrapped = isinstance(raw.get("state_dict"), dict)

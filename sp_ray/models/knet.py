@@ -12,6 +12,7 @@ focal loss). It only adds a training signal to the semantic branch and needs per
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -271,6 +272,21 @@ class KernelUpdateStage(nn.Module):
         return logits, masks, kernels
 
 
+class KNetFeatures(NamedTuple):
+    """What K-Net computes before its kernel-update stages (``KNet.forward_features``).
+
+    fpn: [P2..P5], float [B, D, H/4 .. H/32, W/4 .. W/32] (P5 is the source of SP's feature prompts).
+    x_feats: X = loc + sem, float [B, D, H/8, W/8], the features the kernels act on.
+    init_masks: m^0, float [B, N, H/8, W/8] mask logits of the initial kernels.
+    init_kernels: K^0, float [B, N, D] (learned weight + mask-pooled features).
+    """
+
+    fpn: list[Tensor]
+    x_feats: Tensor
+    init_masks: Tensor
+    init_kernels: Tensor
+
+
 class KNet(nn.Module):
     """K-Net instance segmenter: ``forward(images)`` returns raw per-stage predictions (``ModelOutputs``).
 
@@ -346,6 +362,20 @@ class KNet(nn.Module):
             logits, pred_kernels [B, N, D]); aux_outputs = stages 1..S-1; init_masks m^0 [B, N, H/8, W/8];
             init_kernels K^0 [B, N, D] (before any offset).
         """
+        return self.forward_from_features(self.forward_features(images), kernel_offsets)
+
+    def forward_features(self, images: Tensor) -> KNetFeatures:
+        """Backbone, FPN, localisation branch and the initial kernels: everything before the stages.
+
+        Split from ``forward`` so that SP pre-training can build its prompts from P5 and K^0 and then
+        run the same stages (``forward_from_features``) without a second backbone pass.
+
+        Args:
+            images: float [B, 3, H, W], RGB in 0..255, H and W multiples of 32 (padded).
+
+        Returns:
+            ``KNetFeatures`` (P2..P5, X, m^0, K^0).
+        """
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"KNet expects images [B, 3, H, W], got {tuple(images.shape)}")
         if images.shape[-2] % SIZE_DIVISOR != 0 or images.shape[-1] % SIZE_DIVISOR != 0:
@@ -354,12 +384,28 @@ class KNet(nn.Module):
                 "pad the batch in collate"
             )
         x = (images - self.pixel_mean) / self.pixel_std
-        loc, sem = self.localization(self.fpn(self.backbone(x)))
+        fpn = self.fpn(self.backbone(x))
+        loc, sem = self.localization(fpn)
         x_feats = loc + sem
         init_masks = self.init_kernels(loc)  # (B, N, h, w)
         # K^0 = kernel weight + sum of x over the pixels of its binarised initial mask (METHODS 1.2).
         hard = (init_masks > 0).to(x_feats.dtype).flatten(2)  # (B, N, h*w)
         init_kernels = self.init_kernels.weight.flatten(1)[None] + hard @ x_feats.flatten(2).transpose(1, 2)
+        return KNetFeatures(fpn=list(fpn), x_feats=x_feats, init_masks=init_masks, init_kernels=init_kernels)
+
+    def forward_from_features(
+        self, features: KNetFeatures, kernel_offsets: Tensor | None = None
+    ) -> ModelOutputs:
+        """Run the S kernel-update stages from ``forward_features``' output.
+
+        Args:
+            features: ``KNetFeatures`` of a batch.
+            kernel_offsets: optional float [B, N, D] added to K^0 (see ``forward``).
+
+        Returns:
+            ``ModelOutputs``, as ``forward``.
+        """
+        init_kernels = features.init_kernels
         kernels = init_kernels
         if kernel_offsets is not None:
             if kernel_offsets.shape != init_kernels.shape:
@@ -368,10 +414,10 @@ class KNet(nn.Module):
                     f"got {tuple(kernel_offsets.shape)}"
                 )
             kernels = kernels + kernel_offsets
-        masks = init_masks
+        masks = features.init_masks
         stage_outputs: list[StageOutput] = []
         for stage in self.stages:
-            logits, masks, kernels = stage(x_feats, kernels, masks)
+            logits, masks, kernels = stage(features.x_feats, kernels, masks)
             stage_outputs.append(StageOutput(pred_logits=logits, pred_masks=masks, pred_kernels=kernels))
         last = stage_outputs[-1]
         return ModelOutputs(
@@ -379,7 +425,7 @@ class KNet(nn.Module):
             pred_masks=last["pred_masks"],
             pred_kernels=last["pred_kernels"],
             aux_outputs=stage_outputs[:-1],
-            init_masks=init_masks,
+            init_masks=features.init_masks,
             init_kernels=init_kernels,
         )
 

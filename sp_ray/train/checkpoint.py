@@ -27,6 +27,9 @@ MODEL_FILE = "model.pt"
 OPTIMIZER_FILE = "optimizer.pt"
 CONFIG_FILE = "config.yaml"
 META_FILE = "meta.json"
+# A pre-training wrapper (``sp_ray.pretrain.sp_model``) holds the detector under this attribute, so its
+# checkpoint has the detector's keys with this prefix next to pre-training-only modules.
+WRAPPED_MODEL_PREFIX = "model."
 
 
 @dataclass
@@ -142,9 +145,14 @@ def load_init_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> InitR
     """Copy every tensor of ``state`` whose name and shape match into ``model``; report the rest.
 
     Used by ``finetune --init``: backbone, neck, kernel heads and initial kernels load, while a
-    class head made for a different number of categories keeps its fresh initialisation.
+    class head made for a different number of categories keeps its fresh initialisation. A
+    pre-training checkpoint (keys under ``WRAPPED_MODEL_PREFIX``) gives its detector's tensors; its
+    pre-training-only tensors (the saliency projection, the image-prompt Linear) are reported skipped.
     """
     own = model.state_dict()
+    wrapped = any(name.startswith(WRAPPED_MODEL_PREFIX) for name in state)
+    if wrapped and not any(name.startswith(WRAPPED_MODEL_PREFIX) for name in own):
+        state = {name.removeprefix(WRAPPED_MODEL_PREFIX): tensor for name, tensor in state.items()}
     report = InitReport()
     to_load = {}
     for name, tensor in state.items():

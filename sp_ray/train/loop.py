@@ -16,16 +16,19 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from sp_ray.config import Config
 from sp_ray.data.coco import CocoInstanceDataset
 from sp_ray.data.transforms import build_transforms, collate
 from sp_ray.evaluation.coco_eval import evaluate_model, format_metrics
 from sp_ray.models import build_model
+from sp_ray.models.maskrcnn import ModelLosses
+from sp_ray.pretrain.sp_model import load_saliency_queries
 from sp_ray.train.checkpoint import load_checkpoint, load_init_weights, save_checkpoint
 from sp_ray.train.device import select_device
 from sp_ray.train.optim import build_optimizer, build_scheduler
+from sp_ray.train.session import LocalSession
 from sp_ray.types import Target
 
 log = logging.getLogger("sp_ray")
@@ -82,7 +85,8 @@ def train_step(
     model.train()
     use_amp = amp and images.device.type == "cuda"
     with torch.autocast(device_type=images.device.type, dtype=torch.bfloat16, enabled=use_amp):
-        outputs = model(images.float())
+        # Detectors that compute their own losses (torchvision Mask R-CNN) take the targets in forward.
+        outputs = model(images.float(), targets) if isinstance(criterion, ModelLosses) else model(images.float())
     losses = criterion(_to_float32(outputs), targets)
     total = sum(losses.values())
     values = {name: value.detach().item() for name, value in losses.items()}
@@ -157,15 +161,19 @@ def resolve_num_classes(cfg: Config, dataset: CocoInstanceDataset) -> Config:
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=found))
 
 
-def build_train_loader(cfg: Config, dataset: CocoInstanceDataset) -> DataLoader:
+def build_train_loader(cfg: Config, dataset: CocoInstanceDataset, *, rank: int = 0, world_size: int = 1) -> DataLoader:
+    """Shuffled batches of ``train.batch_size``; with several processes each gets its own shard."""
+    sampler = None
+    if world_size > 1:
+        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.train.seed)
     return DataLoader(
         dataset,
         batch_size=cfg.train.batch_size,
-        shuffle=True,
+        shuffle=sampler is None,
+        sampler=sampler,
         num_workers=cfg.data.num_workers,
-        persistent_workers=False,
         collate_fn=_Collate(cfg.data.size_divisor),
-        drop_last=len(dataset) > cfg.train.batch_size,
+        drop_last=len(dataset) > cfg.train.batch_size * world_size,
     )
 
 
@@ -179,24 +187,41 @@ class _Collate:
         return collate(batch, size_divisor=self.size_divisor)
 
 
+def scaled_lr(cfg: Config, world_size: int) -> Config:
+    """Apply the linear scaling rule: ``lr x global batch / base_batch_size`` (no change when 0)."""
+    if cfg.train.base_batch_size <= 0:
+        return cfg
+    global_batch = cfg.train.batch_size * world_size
+    lr = cfg.train.lr * global_batch / cfg.train.base_batch_size
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=lr))
+
+
 def fit(
     cfg: Config,
     work_dir: str | Path,
     *,
     init: str | Path | None = None,
     resume: str | Path | None = None,
+    session: LocalSession | None = None,
 ) -> Path:
     """Train ``cfg`` on ``data.train_*``; checkpoints to ``work_dir/last``, the final model to ``work_dir/final``.
+
+    Every process of a distributed run calls this with its own ``session``; rank 0 alone writes
+    files, evaluates and hands checkpoints to the session.
 
     Args:
         cfg: the resolved config (``model.num_classes`` 0 is filled in from the data).
         work_dir: output directory; ``metrics.jsonl`` gets one line per epoch.
         init: a checkpoint directory whose matching tensors initialise the model (``finetune --init``).
         resume: a checkpoint directory with training state to continue from (same run, same config).
+            A checkpoint restored by the session (after a worker failure) takes precedence.
+        session: rank, world size and reporting; ``LocalSession()`` by default.
 
     Returns:
         The final checkpoint directory.
     """
+    session = session or LocalSession()
+    rank, world_size = session.rank, session.world_size
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     device = select_device(cfg.train.use_gpu)
@@ -205,56 +230,82 @@ def fit(
         transforms=build_transforms(
             train=True, max_size=cfg.data.max_size, short_size=cfg.data.short_size, flip_prob=cfg.data.flip_prob,
         ),
+        # Pre-training: each pseudo mask carries its saliency query (target "queries") for L_ker.
+        extra_per_annotation=load_saliency_queries(cfg) if cfg.pretrain.enabled else None,
     )
-    cfg = resolve_num_classes(cfg, train_set)
+    cfg = scaled_lr(resolve_num_classes(cfg, train_set), world_size)
     seed_everything(cfg.train.seed)
     model, criterion = build_model(cfg)
     if init is not None:
         report = load_init_weights(model, load_checkpoint(init).model_state)
-        log.info("init from %s: %s", init, report.summary())
+        if rank == 0:
+            log.info("init from %s: %s", init, report.summary())
+    if world_size > 1 and cfg.train.sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)
     criterion.to(device)
-    loader = build_train_loader(cfg, train_set)
+    loader = build_train_loader(cfg, train_set, rank=rank, world_size=world_size)
     optimizer = build_optimizer(model, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train, iters_per_epoch=len(loader))
     start_epoch, step = 0, 0
-    if resume is not None:
-        ckpt = load_checkpoint(resume, with_training_state=True)
-        model.load_state_dict(ckpt.model_state)
-        optimizer.load_state_dict(ckpt.training_state["optimizer"])
-        scheduler.load_state_dict(ckpt.training_state["scheduler"])
-        start_epoch, step = ckpt.training_state["epoch"], ckpt.training_state["step"]
-        log.info("resumed from %s at epoch %d, step %d", resume, start_epoch, step)
+    with session.restored_checkpoint() as restored:
+        source = restored or resume
+        if source is not None:
+            ckpt = load_checkpoint(source, with_training_state=True)
+            model.load_state_dict(ckpt.model_state)
+            optimizer.load_state_dict(ckpt.training_state["optimizer"])
+            scheduler.load_state_dict(ckpt.training_state["scheduler"])
+            start_epoch, step = ckpt.training_state["epoch"], ckpt.training_state["step"]
+            if rank == 0:
+                log.info("resumed from %s at epoch %d, step %d", source, start_epoch, step)
+    plain_model = model
+    model = session.wrap_model(model)
 
     meta_base = {"class_names": train_set.class_names, "cat_ids": train_set.cat_ids}
     metrics: dict[str, Any] = {}
     for epoch in range(start_epoch, cfg.train.epochs):
-        # Seeding per epoch makes data order and augmentation a function of (seed, epoch), so a
-        # resumed run sees exactly the batches the uninterrupted run would have seen.
-        seed_everything(cfg.train.seed * 1000 + epoch)
+        # Seeding per epoch (and rank) makes data order and augmentation a function of (seed, epoch,
+        # rank), so a resumed run sees exactly the batches the uninterrupted run would have seen.
+        seed_everything(cfg.train.seed * 1000 + epoch + 7919 * rank)
+        if isinstance(loader.sampler, DistributedSampler):
+            loader.sampler.set_epoch(epoch)
         stats = train_one_epoch(
             model, criterion, loader, optimizer, scheduler, device=device, epoch=epoch, cfg=cfg,
+            on_step=lambda it, first=step: session.on_step(first + it + 1),
         )
         step += len(loader)
-        metrics = {"epoch": epoch + 1, "step": step, **stats.losses,
-                   "images_per_second": stats.images_per_second, "lr": optimizer.param_groups[0]["lr"]}
+        names = sorted(stats.losses)
+        totals = session.all_reduce_sum([stats.images, *(stats.losses[n] for n in names)])
+        seconds = max(session.all_reduce_sum([stats.seconds])[0] / world_size, 1e-9)
+        mean_losses = {n: v / world_size for n, v in zip(names, totals[1:], strict=True)}
+        metrics = {"epoch": epoch + 1, "step": step, **mean_losses,
+                   "images_per_second": totals[0] / seconds, "lr": optimizer.param_groups[0]["lr"],
+                   "images": int(totals[0]), "time": time.time()}
         last = epoch + 1 == cfg.train.epochs
-        if cfg.data.val_annotations and (
-            last or (cfg.train.eval_interval and (epoch + 1) % cfg.train.eval_interval == 0)
-        ):
-            ap, _ = evaluate_model(
-                model, cfg, annotations=cfg.data.val_annotations, images=cfg.data.val_images, device=device,
-            )
-            metrics.update({f"{t}_{k}": v for t, values in ap.items() for k, v in values.items()})
-            log.info("epoch %d validation\n%s", epoch + 1, format_metrics(ap))
-        log.info("epoch %d/%d done: loss %.4f, %.1f img/s", epoch + 1, cfg.train.epochs,
-                 stats.losses.get("loss", float("nan")), stats.images_per_second)
-        with open(work_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        if last or (cfg.train.checkpoint_interval and (epoch + 1) % cfg.train.checkpoint_interval == 0):
-            save_checkpoint(
-                work_dir / "last", model=model, config=cfg, meta={**meta_base, **metrics},
-                training_state={"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                "epoch": epoch + 1, "step": step},
-            )
-    return save_checkpoint(work_dir / "final", model=model, config=cfg, meta={**meta_base, **metrics})
+        checkpoint = None
+        if rank == 0:
+            if cfg.data.val_annotations and (
+                last or (cfg.train.eval_interval and (epoch + 1) % cfg.train.eval_interval == 0)
+            ):
+                ap, _ = evaluate_model(
+                    plain_model, cfg, annotations=cfg.data.val_annotations, images=cfg.data.val_images,
+                    device=device,
+                )
+                metrics.update({f"{t}_{k}": v for t, values in ap.items() for k, v in values.items()})
+                log.info("epoch %d validation\n%s", epoch + 1, format_metrics(ap))
+            log.info("epoch %d/%d done: loss %.4f, %.1f img/s", epoch + 1, cfg.train.epochs,
+                     metrics.get("loss", float("nan")), metrics["images_per_second"])
+            with open(work_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            if last or (cfg.train.checkpoint_interval and (epoch + 1) % cfg.train.checkpoint_interval == 0):
+                checkpoint = save_checkpoint(
+                    work_dir / "last", model=plain_model, config=cfg, meta={**meta_base, **metrics},
+                    training_state={"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                    "epoch": epoch + 1, "step": step},
+                )
+        session.report(metrics, checkpoint)
+    session.finish(plain_model)
+    final = work_dir / "final"
+    if rank == 0:
+        save_checkpoint(final, model=plain_model, config=cfg, meta={**meta_base, **metrics})
+    return final

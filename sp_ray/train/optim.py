@@ -9,10 +9,13 @@ import torch
 from torch import nn
 
 from sp_ray.config import TrainConfig
+from sp_ray.train.checkpoint import WRAPPED_MODEL_PREFIX
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW over the trainable parameters; parameters under ``backbone.`` get ``lr * backbone_lr_mult``.
+
+    A pre-training wrapper's detector (under ``WRAPPED_MODEL_PREFIX``) is grouped the same way.
 
     The two groups follow mmdet's ``paramwise_cfg=dict(custom_keys={'backbone': dict(lr_mult=...)})``.
     """
@@ -20,7 +23,8 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     backbone, rest = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
-            (backbone if name.startswith("backbone.") else rest).append(param)
+            in_backbone = name.removeprefix(WRAPPED_MODEL_PREFIX).startswith("backbone.")
+            (backbone if in_backbone else rest).append(param)
     groups = [{"params": rest, "lr": cfg.lr}]
     if backbone:
         groups.append({"params": backbone, "lr": cfg.lr * cfg.backbone_lr_mult})

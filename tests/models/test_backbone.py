@@ -177,3 +177,24 @@ def test_fpn_outputs_pyramid_with_d_channels() -> None:
     feats_changed = [f.clone() for f in feats]
     feats_changed[3] += 1.0
     assert not torch.allclose(fpn(feats_changed)[0], outs[0])
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"hello world\n", b"version https://git-lfs.github.com/spec/v1\nsize 123\n", b"", bytes(range(256))],
+    ids=["text", "lfs-pointer", "empty", "binary"],
+)
+def test_load_backbone_weights_rejects_non_torch_file(tmp_path, content: bytes) -> None:
+    path = tmp_path / "notes.pth"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=r"notes\.pth is not a PyTorch weights file"):
+        load_backbone_weights(ResNetBackbone(depth=18, frozen_stages=-1, norm_eval=True), str(path))
+
+
+def test_load_backbone_weights_rejects_truncated_torch_file(source_state, tmp_path) -> None:
+    whole = tmp_path / "whole.pth"
+    torch.save(source_state, whole)
+    path = tmp_path / "cut.pth"
+    path.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    with pytest.raises(ValueError, match=r"cut\.pth is not a PyTorch weights file"):
+        load_backbone_weights(ResNetBackbone(depth=18, frozen_stages=-1, norm_eval=True), str(path))

@@ -1,0 +1,109 @@
+"""What an exported model says about itself: the ONNX ``metadata_props`` the runtime reads (plain Python).
+
+Every field is stored under its own key as JSON text, so other tools (Netron, ``onnx.load``) show it
+readably. The exporter writes a ``ModelInfo``; the runtime reads it back and refuses a model that
+lacks a field, naming the missing keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+
+FORMAT_VERSION = 1
+
+# The two graph layouts the runtime decodes.
+KNET_FORMAT = "topk_mask_logits"  # scores [B, k], labels [B, k], mask_logits [B, k, H/s, W/s]
+ROI_FORMAT = "roi_mask_probs"  # boxes [M, 4], scores [M], labels [M], mask_probs [M, 28, 28], batch_index [M]
+
+INPUT_NAME = "images"
+OUTPUT_NAMES = {
+    KNET_FORMAT: ("scores", "labels", "mask_logits"),
+    ROI_FORMAT: ("boxes", "scores", "labels", "mask_probs", "batch_index"),
+}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Facts the runtime needs besides the graph.
+
+    Attributes:
+        family: ``model.name`` of the checkpoint ("knet", "maskrcnn").
+        output_format: ``KNET_FORMAT`` or ``ROI_FORMAT``.
+        class_names: category names by contiguous label.
+        cat_ids: COCO category id of each contiguous label.
+        max_size: long-side cap of the training resize (``data.max_size``).
+        short_size: short-side target of the training resize (``data.short_size``).
+        size_divisor: padded input sides are multiples of this.
+        input_size: fixed (H, W) of the graph input, or None for any size (multiples of size_divisor).
+        batch_size: fixed batch of the graph input, or None for any batch.
+        mask_stride: stride of K-Net's mask logits (unused by ``ROI_FORMAT``).
+        topk: detections per image in the graph.
+        score_threshold: default score threshold of the runtime (detections with score > it are kept).
+        mask_threshold: mask pixels are those with probability > it.
+        mean: per-channel mean (RGB, 0..255) subtracted inside the graph; recorded, not applied again.
+        std: per-channel std (RGB, 0..255) divided inside the graph; recorded, not applied again.
+        precision: "fp32", "fp16" or "int8" (weights; inputs and outputs keep their types).
+        config_hash: ``sp_ray.config.config_hash`` of the checkpoint's config.
+        source: free text, e.g. the checkpoint path and versions.
+    """
+
+    family: str
+    output_format: str
+    class_names: list[str]
+    cat_ids: list[int]
+    max_size: int
+    short_size: int
+    size_divisor: int
+    input_size: tuple[int, int] | None
+    batch_size: int | None
+    mask_stride: int
+    topk: int
+    score_threshold: float
+    mask_threshold: float
+    mean: list[float]
+    std: list[float]
+    precision: str
+    config_hash: str
+    source: str = ""
+
+    def to_props(self) -> dict[str, str]:
+        """The ``metadata_props`` entries: one key per field, JSON values, plus ``sp_ray_format``."""
+        props = {f.name: json.dumps(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        props["sp_ray_format"] = json.dumps(FORMAT_VERSION)
+        return props
+
+    @classmethod
+    def from_props(cls, props: dict[str, str], *, where: str = "model") -> ModelInfo:
+        """Rebuild from ``metadata_props`` (``InferenceSession.get_modelmeta().custom_metadata_map``).
+
+        Raises:
+            ValueError: a field is missing or not JSON, or the format is unknown; the message names them.
+        """
+        if "sp_ray_format" not in props:
+            raise ValueError(
+                f"{where} has no sp-ray metadata (keys present: {sorted(props)}); "
+                "export it with 'sp-ray export --checkpoint DIR --out model.onnx'"
+            )
+        if json.loads(props["sp_ray_format"]) != FORMAT_VERSION:
+            raise ValueError(f"{where}: sp-ray metadata format {props['sp_ray_format']}, this runtime reads "
+                             f"{FORMAT_VERSION}; re-export the model with this version")
+        names = [f.name for f in dataclasses.fields(cls)]
+        missing = [n for n in names if n not in props and n != "source"]
+        if missing:
+            raise ValueError(f"{where}: metadata lacks {missing}; re-export the model")
+        values = {}
+        for name in names:
+            if name not in props:
+                continue
+            try:
+                values[name] = json.loads(props[name])
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{where}: metadata field {name!r} is not JSON: {props[name]!r}") from err
+        if values["input_size"] is not None:
+            values["input_size"] = tuple(values["input_size"])
+        if values["output_format"] not in OUTPUT_NAMES:
+            raise ValueError(f"{where}: unknown output_format {values['output_format']!r}; "
+                             f"this runtime decodes {sorted(OUTPUT_NAMES)}")
+        return cls(**values)

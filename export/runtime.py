@@ -1,0 +1,358 @@
+"""Run an exported sp-ray model with onnxruntime: numpy image in, instances out (numpy + onnxruntime only).
+
+    from export.runtime import Segmenter
+    segmenter = Segmenter("model.onnx")            # CUDA / TensorRT when present, else CPU
+    found = segmenter.predict(image)               # image: uint8 [H, W, 3] RGB, any size
+    found.boxes, found.scores, found.category_ids, found.masks
+
+Pre-processing is training's evaluation transform (keep-ratio antialiased resize, zero padding to a
+multiple of 32 at the bottom/right); post-processing is PyTorch's (crop the valid region, resample to
+the original size, threshold; boxes from masks for K-Net, pasted RoI masks for Mask R-CNN).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import math
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnxruntime as ort
+
+from export.geometry import fit_within, padded_size, resize_for_inference
+from export.metadata import INPUT_NAME, KNET_FORMAT, OUTPUT_NAMES, ModelInfo
+from export.resample import masks_to_boxes, paste_masks, resize_image, resize_mask_logits
+from export.rle import encode_rle
+
+log = logging.getLogger("export.runtime")
+
+# Preferred execution providers, best first; CPU is always last.
+PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+# The libraries the GPU providers load: the CUDA driver, and TensorRT's runtime.
+_CUDA_DRIVER = "nvcuda.dll" if sys.platform == "win32" else "libcuda.so.1"
+_TENSORRT = "nvinfer_10.dll" if sys.platform == "win32" else "libnvinfer.so.10"
+# torchvision pastes Mask R-CNN masks into boxes enlarged by one mask cell on each side.
+ROI_PASTE_PADDING = 1
+# Fixed graph input sizes for which the shrink-to-fit warning was given (once per size and process).
+_FIT_WARNED: set[tuple[int, int]] = set()
+
+
+@dataclass
+class Instances:
+    """The instances found in one image, in original image pixels, by descending score.
+
+    Attributes:
+        boxes: float32 [K, 4] xyxy (x2 / y2 exclusive for K-Net, whose boxes are the mask extents).
+        scores: float32 [K].
+        labels: int64 [K], contiguous class indices (``Segmenter.class_names``).
+        category_ids: int64 [K], COCO category ids.
+        masks: bool [K, H0, W0], or None when RLE output was requested.
+        rles: COCO compressed RLEs ({"size": [H0, W0], "counts": str}) when requested, else None.
+    """
+
+    boxes: np.ndarray
+    scores: np.ndarray
+    labels: np.ndarray
+    category_ids: np.ndarray
+    masks: np.ndarray | None
+    rles: list[dict[str, object]] | None = None
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+
+def check_image(image: object, *, where: str = "image") -> np.ndarray:
+    """Validate one input image.
+
+    Raises:
+        ValueError: not a numpy uint8 array [H, W, 3] with H, W > 0; the message says what was expected
+            and how to convert common mistakes (grayscale, RGBA, CHW, float images).
+    """
+    if not isinstance(image, np.ndarray):
+        raise ValueError(f"{where}: expected a numpy uint8 array [H, W, 3] (RGB), got {type(image).__name__}")
+    if image.ndim != 3:
+        hint = " (grayscale? convert with np.repeat(image[..., None], 3, axis=2))" if image.ndim == 2 else ""
+        raise ValueError(f"{where}: expected shape [H, W, 3], got {image.shape} (rank {image.ndim}){hint}")
+    if image.shape[2] != 3:
+        hint = ""
+        if image.shape[2] == 4:
+            hint = " (RGBA? drop alpha with image[..., :3])"
+        elif image.shape[0] == 3:
+            hint = " (channels first? use image.transpose(1, 2, 0))"
+        raise ValueError(f"{where}: expected 3 channels (RGB) in the last axis, got {image.shape}{hint}")
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise ValueError(f"{where}: empty image of shape {image.shape}; expected H, W > 0")
+    if image.dtype != np.uint8:
+        raise ValueError(
+            f"{where}: expected dtype uint8 (0..255), got {image.dtype}; for a float image in 0..1 use "
+            "(image * 255).round().clip(0, 255).astype(np.uint8)"
+        )
+    return image
+
+
+def _cuda_devices() -> int:
+    """Number of CUDA devices the driver reports (0 without a driver or a GPU), via the driver API."""
+    try:
+        driver = ctypes.CDLL(_CUDA_DRIVER)
+    except OSError:
+        return 0
+    count = ctypes.c_int(0)
+    if driver.cuInit(0) != 0 or driver.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return 0
+    return count.value
+
+
+def _loadable(library: str) -> bool:
+    try:
+        ctypes.CDLL(library)
+    except OSError:
+        return False
+    return True
+
+
+def default_providers() -> list[str]:
+    """TensorRT and CUDA when onnxruntime offers them and this machine can run them, then CPU.
+
+    ``onnxruntime-gpu`` lists its GPU providers even on machines without a GPU; asking for them there
+    makes every session print load errors before falling back. So CUDA is only proposed when the driver
+    reports a device, TensorRT only when, in addition, its runtime library loads.
+    """
+    available = ort.get_available_providers()
+    gpu = _cuda_devices() > 0
+    usable = {
+        "TensorrtExecutionProvider": gpu and _loadable(_TENSORRT),
+        "CUDAExecutionProvider": gpu,
+        "CPUExecutionProvider": True,
+    }
+    return [p for p in PREFERRED_PROVIDERS if p in available and usable[p]]
+
+
+def _logit(p: float) -> float:
+    """The logit threshold equivalent to sigmoid(x) > p."""
+    if p <= 0:
+        return -math.inf
+    if p >= 1:
+        return math.inf
+    return math.log(p / (1 - p))
+
+
+class Segmenter:
+    """An exported sp-ray instance segmenter in an onnxruntime session.
+
+    Args:
+        path: the ``.onnx`` file written by ``sp-ray export``.
+        providers: execution providers in order of preference; None picks TensorRT and CUDA when the
+            installed onnxruntime offers them and a GPU is present (``default_providers``), then CPU.
+            The providers the session really uses are in ``self.providers`` and are logged
+            (onnxruntime falls back to CPU when CUDA libraries are missing).
+        threads: intra-op threads of the CPU provider; None lets onnxruntime decide (one per core).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: unknown provider names, or a model without sp-ray metadata.
+    """
+
+    def __init__(self, path: str | os.PathLike, providers: Sequence[str] | None = None,
+                 threads: int | None = None) -> None:
+        self.path = os.fspath(path)
+        if not os.path.isfile(self.path):
+            raise FileNotFoundError(f"ONNX model {self.path} does not exist; export one with 'sp-ray export'")
+        available = ort.get_available_providers()
+        if providers is None:
+            providers = default_providers()
+        else:
+            unknown = [p for p in providers if p not in available]
+            if unknown:
+                raise ValueError(f"execution providers {unknown} are not available in this onnxruntime "
+                                 f"({ort.__version__}); available: {available}")
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads is not None:
+            if threads < 1:
+                raise ValueError(f"threads must be >= 1 or None, got {threads}")
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(self.path, sess_options=options, providers=list(providers))
+        self.providers: list[str] = self.session.get_providers()
+        requested = list(providers)[0] if providers else "CPUExecutionProvider"
+        if requested not in self.providers:
+            log.warning("onnxruntime could not start %s (missing libraries?); running on %s",
+                        requested, self.providers)
+        log.info("onnxruntime %s: %s runs on %s", ort.__version__, os.path.basename(self.path),
+                 self.providers[0])
+        self.info = ModelInfo.from_props(self.session.get_modelmeta().custom_metadata_map, where=self.path)
+        self._output_names = list(OUTPUT_NAMES[self.info.output_format])
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.info.class_names)
+
+    def __repr__(self) -> str:
+        size = "x".join(map(str, self.info.input_size)) if self.info.input_size else "any"
+        return (f"Segmenter({self.path!r}, family={self.info.family}, precision={self.info.precision}, "
+                f"input={size}, batch={self.info.batch_size or 'any'}, provider={self.providers[0]})")
+
+    def predict(
+        self, image: np.ndarray, *, score_threshold: float | None = None, rle: bool = False
+    ) -> Instances:
+        """Segment one image.
+
+        Args:
+            image: uint8 [H, W, 3] RGB, any size.
+            score_threshold: keep instances with score > this (default: the model's ``score_threshold``).
+            rle: return COCO RLEs in ``rles`` instead of dense ``masks``.
+
+        Returns:
+            ``Instances`` at the image's size.
+        """
+        return self.predict_batch([image], score_threshold=score_threshold, rle=rle)[0]
+
+    def predict_batch(
+        self,
+        images: Sequence[np.ndarray],
+        *,
+        score_threshold: float | None = None,
+        rle: bool = False,
+        batch_size: int | None = None,
+    ) -> list[Instances]:
+        """Segment several images, run in batches padded to a common size as training's collate does.
+
+        Args:
+            images: uint8 [H_i, W_i, 3] RGB arrays.
+            score_threshold: as in ``predict``.
+            rle: as in ``predict``.
+            batch_size: images per graph run for a dynamic-batch model (default: all at once); a
+                fixed-batch model runs its own batch size, the last batch filled with blank images.
+
+        Returns:
+            One ``Instances`` per image, in order.
+        """
+        checked = [check_image(image, where=f"image {i}") for i, image in enumerate(images)]
+        threshold = self.info.score_threshold if score_threshold is None else score_threshold
+        step = self.info.batch_size or batch_size or max(1, len(checked))
+        results: list[Instances] = []
+        for start in range(0, len(checked), step):
+            chunk = checked[start : start + step]
+            batch, sizes = self.prepare_batch(chunk)
+            outputs = self.run(batch)
+            for b, image in enumerate(chunk):
+                results.append(self.decode(outputs, b, image_size=sizes[b], orig_size=image.shape[:2],
+                                           score_threshold=threshold, rle=rle))
+        return results
+
+    def prepare_batch(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, list[tuple[int, int]]]:
+        """``prepare_batch`` with this model's metadata."""
+        return prepare_batch(images, self.info)
+
+    def run(self, batch: np.ndarray) -> list[np.ndarray]:
+        """Run the graph on a prepared uint8 [B, 3, H, W] batch; returns the raw outputs in format order."""
+        return self.session.run(self._output_names, {INPUT_NAME: batch})
+
+    def decode(
+        self,
+        outputs: list[np.ndarray],
+        index: int,
+        *,
+        image_size: tuple[int, int],
+        orig_size: tuple[int, int],
+        score_threshold: float,
+        rle: bool = False,
+    ) -> Instances:
+        """``decode_outputs`` with this model's metadata."""
+        return decode_outputs(outputs, index, self.info, image_size=image_size, orig_size=orig_size,
+                              score_threshold=score_threshold, rle=rle)
+
+
+def input_size_for(height: int, width: int, info: ModelInfo) -> tuple[int, int]:
+    """(H, W) an image is resized to: the training rule, shrunk to fit a fixed-size graph's input."""
+    size = resize_for_inference(height, width, max_size=info.max_size, short_size=info.short_size)
+    if info.input_size is not None:
+        fitted = fit_within(*size, max_h=info.input_size[0], max_w=info.input_size[1])
+        if fitted != size and info.input_size not in _FIT_WARNED:
+            _FIT_WARNED.add(info.input_size)
+            log.warning("the training resize of a %dx%d image is %s, larger than the fixed graph input %s: "
+                        "shrunk to %s (export with --dynamic-size to keep the training resize)",
+                        height, width, size, info.input_size, fitted)
+        size = fitted
+    return size
+
+
+def prepare_batch(images: Sequence[np.ndarray], info: ModelInfo) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """Resize and pad images into a graph input, as training's evaluation transform and collate do.
+
+    Args:
+        images: checked uint8 [H_i, W_i, 3] arrays (at most the fixed batch size, if the graph has one).
+        info: the model's metadata.
+
+    Returns:
+        (uint8 [B, 3, Hp, Wp] batch zero-padded at the bottom/right, the valid (H, W) of each image).
+        A fixed-batch graph gets blank images appended up to its batch size.
+    """
+    if info.batch_size is not None and len(images) > info.batch_size:
+        raise ValueError(f"{len(images)} images for a graph with a fixed batch of {info.batch_size}")
+    sizes = [input_size_for(image.shape[0], image.shape[1], info) for image in images]
+    if info.input_size is not None:
+        height, width = info.input_size
+    else:
+        height, width = padded_size(sizes, size_divisor=info.size_divisor)
+    batch = np.zeros((max(len(images), info.batch_size or 0), 3, height, width), np.uint8)
+    for b, (image, (h, w)) in enumerate(zip(images, sizes, strict=True)):
+        batch[b, :, :h, :w] = resize_image(image, (h, w)).transpose(2, 0, 1)
+    return batch, sizes
+
+
+def decode_outputs(
+    outputs: Sequence[np.ndarray],
+    index: int,
+    info: ModelInfo,
+    *,
+    image_size: tuple[int, int],
+    orig_size: tuple[int, int],
+    score_threshold: float,
+    rle: bool = False,
+) -> Instances:
+    """Instances of image ``index`` of a batch from the raw graph outputs.
+
+    Args:
+        outputs: graph outputs in the order of ``OUTPUT_NAMES[info.output_format]``.
+        index: position of the image in the batch.
+        info: the model's metadata.
+        image_size: (H, W) valid region of the image in the input.
+        orig_size: (H0, W0) of the original image.
+        score_threshold: keep instances with score > this.
+        rle: COCO RLEs instead of dense masks.
+
+    Returns:
+        ``Instances`` in original pixels.
+    """
+    decode = _decode_topk if info.output_format == KNET_FORMAT else _decode_roi
+    scores, labels, masks, boxes = decode(outputs, index, info, image_size, orig_size, score_threshold)
+    cat_ids = np.asarray(info.cat_ids, np.int64)[labels]
+    rles = [encode_rle(mask) for mask in masks] if rle else None
+    return Instances(boxes=boxes, scores=scores, labels=labels, category_ids=cat_ids,
+                     masks=None if rle else masks, rles=rles)
+
+
+def _decode_topk(outputs, index, info, image_size, orig_size, score_threshold):
+    scores, labels, mask_logits = (o[index] for o in outputs)
+    keep = scores > score_threshold
+    logits = resize_mask_logits(mask_logits[keep], image_size=image_size, orig_size=orig_size,
+                                mask_stride=info.mask_stride)
+    masks = logits > _logit(info.mask_threshold)
+    return scores[keep].astype(np.float32), labels[keep].astype(np.int64), masks, masks_to_boxes(masks)
+
+
+def _decode_roi(outputs, index, info, image_size, orig_size, score_threshold):
+    boxes, scores, labels, mask_probs, batch_index = outputs
+    keep = np.flatnonzero((batch_index == index) & (scores > score_threshold))[: info.topk]
+    valid_h, valid_w = image_size
+    out_h, out_w = orig_size
+    limits = np.array([valid_w, valid_h, valid_w, valid_h], np.float32)
+    ratios = np.array([out_w / valid_w, out_h / valid_h, out_w / valid_w, out_h / valid_h], np.float32)
+    scaled = np.minimum(np.maximum(boxes[keep].astype(np.float32), 0), limits) * ratios
+    probs = paste_masks(mask_probs[keep], scaled, out_size=orig_size, padding=ROI_PASTE_PADDING)
+    return scores[keep].astype(np.float32), labels[keep].astype(np.int64), probs > info.mask_threshold, scaled

@@ -1,0 +1,216 @@
+"""Saliency mask proposals from frozen C5 features: SP's masks proposal, i.e. FreeSOLO's Free Mask.
+
+Every position of the C5 map, at several pyramid scales, is a 1x1 query kernel S_ij; its correlation
+with the features, Y_ij = Conv(S_ij, X) in the SP paper (Li et al., CVPR 2023), taken as cosine
+similarity and min-max normalised per query, is a soft mask. FreeSOLO (Wang et al., CVPR 2022, "Free
+Mask") ranks these masks by maskness, suppresses duplicates with Matrix NMS (SOLOv2, Wang et al.,
+NeurIPS 2020) and filters them. METHODS.md 1.1 lists the steps this module numbers below.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# Soft masks upsampled to the image at once are capped at this many floats (256 MiB), so that a
+# 20-mask batch of a multi-megapixel photo does not allocate gigabytes.
+_UPSAMPLE_BUDGET = 1 << 26
+
+
+@dataclass
+class Proposals:
+    """The saliency proposals of one image, best first.
+
+    Attributes:
+        masks: bool [L, H, W] at image size.
+        scores: float [L], the maskness after Matrix NMS decay.
+        boxes: float [L, 4], xyxy in image pixels, from the mask's x/y projections (step 10).
+        queries: float [L, C], the L2-normalised query vectors S_l that produced the masks.
+    """
+
+    masks: Tensor
+    scores: Tensor
+    boxes: Tensor
+    queries: Tensor
+
+
+def matrix_nms(masks: Tensor, scores: Tensor, *, sigma: float = 2.0) -> Tensor:
+    """Gaussian Matrix NMS of SOLOv2 with a single label (METHODS.md 1.1 step 8).
+
+    With IoU_ij the IoU of masks i < j (i ranked higher) and comp_i = max_k IoU_ki the overlap of
+    mask i with anything above it, mask j's score is multiplied by
+    decay_j = min_i exp(-sigma * IoU_ij^2) / exp(-sigma * comp_i^2): it decays by its overlap with
+    higher-ranked masks, less so where those masks were themselves suppressed.
+
+    Args:
+        masks: bool [M, h, w] (any trailing shape), ranked best first.
+        scores: float [M], sorted in descending order.
+        sigma: Gaussian decay strength.
+
+    Returns:
+        float [M], the decayed scores in the input order (not re-sorted).
+
+    Raises:
+        ValueError: masks and scores disagree in length, or scores are not sorted descending.
+    """
+    if masks.shape[0] != scores.shape[0]:
+        raise ValueError(f"matrix_nms: {masks.shape[0]} masks but {scores.shape[0]} scores")
+    if scores.numel() > 1 and not bool((scores[:-1] >= scores[1:]).all()):
+        raise ValueError("matrix_nms: scores must be sorted in descending order (masks ranked best first)")
+    if scores.numel() == 0:
+        return scores.clone()
+    flat = masks.flatten(1).float()  # (M, h*w)
+    inter = flat @ flat.T  # (M, M)
+    area = flat.sum(1)
+    union = area[:, None] + area[None, :] - inter
+    iou = (inter / union.clamp_min(1.0)).triu(1)  # iou[i, j] for i ranked above j
+    compensation = iou.amax(0)  # (M,) overlap of each mask with the masks ranked above it
+    decay = torch.exp(-sigma * (iou.square() - compensation[:, None].square())).amin(0)
+    return scores * decay
+
+
+def pyramid_queries(c5: Tensor, scales: Sequence[float]) -> Tensor:
+    """The query vectors S: the C5 features resized by each scale, flattened (step 3).
+
+    Args:
+        c5: float [C, h, w].
+        scales: resize factors, each > 0; a side is floor(side * scale), at least 1.
+
+    Returns:
+        float [N_q, C] with N_q = sum over scales of the resized h * w, scales in the given order.
+    """
+    channels, h, w = c5.shape
+    levels = []
+    for scale in scales:
+        if scale <= 0:
+            raise ValueError(f"pyramid scales must be > 0, got {list(scales)}")
+        size = (max(1, int(h * scale)), max(1, int(w * scale)))
+        level = c5 if size == (h, w) else F.interpolate(c5[None], size=size, mode="bilinear")[0]
+        levels.append(level.reshape(channels, -1).T)  # (h_s * w_s, C)
+    return torch.cat(levels)
+
+
+def mask_boxes_from_projections(masks: Tensor) -> Tensor:
+    """Boxes from the x and y projections of masks, as FreeSOLO's Free Mask draws them (step 10).
+
+    On each axis the extent is the number of rows (columns) the mask touches and the centre is the
+    centre of mass of that projection, pixel k spanning [k, k + 1); the box is centre +- extent / 2.
+    For a mask whose projections have no gaps this is its tight box.
+
+    Args:
+        masks: bool [L, H, W].
+
+    Returns:
+        float [L, 4] xyxy in pixels; an empty mask gives a zero-size box at 0.
+    """
+    boxes = []
+    for dim in (1, 2):  # dim 1 collapses rows -> x projection; dim 2 collapses columns -> y projection
+        projection = masks.any(dim=dim).float()  # (L, W) or (L, H)
+        coords = torch.arange(projection.shape[1], device=masks.device, dtype=torch.float32) + 0.5
+        extent = projection.sum(1)
+        centre = (projection * coords).sum(1) / extent.clamp_min(1.0)
+        boxes.append((centre - extent / 2, centre + extent / 2))
+    (x0, x1), (y0, y1) = boxes
+    return torch.stack([x0, y0, x1, y1], dim=1)
+
+
+def saliency_proposals(
+    c5: Tensor,
+    image_size: tuple[int, int],
+    *,
+    scales: Sequence[float] = (1.0, 0.5, 0.25),
+    mask_threshold: float = 0.5,
+    min_area: int = 2,
+    sigma: float = 2.0,
+    top_k: int = 20,
+    min_center_y: float = 0.2,
+    max_box_width: float = 0.95,
+    min_maskness: float = 0.7,
+) -> Proposals:
+    """Free-Mask saliency proposals of one image from its C5 features (METHODS.md 1.1 steps 3-11).
+
+    Each pyramid query S_ij gives the soft mask Y_ij = Conv(S_ij, X) (SP paper), here the cosine
+    similarity of the L2-normalised query with every L2-normalised C5 feature, min-max normalised
+    per query (FreeSOLO's Free Mask). Masks are Y >= mask_threshold with at least min_area C5 cells;
+    maskness is the mean of Y inside the mask; Matrix NMS decays it; the top_k survivors are
+    upsampled to the image as soft maps and only then binarised (the SP release binarises at C5
+    size, a bug not copied); finally a mask is kept if its box centre lies below min_center_y * H,
+    its box is narrower than max_box_width * W and its decayed maskness is >= min_maskness.
+
+    Args:
+        c5: float [C, h, w], the frozen backbone's C5 features of the image; the C5 grid must cover
+            the image exactly (input sides a multiple of the stride, no padding).
+        image_size: (H, W) of the output masks, normally the original image size.
+        scales: resize factors of the query pyramid.
+        mask_threshold: binarisation threshold of the normalised correlation, at C5 and image size.
+        min_area: minimum mask area in C5 cells before NMS.
+        sigma: Gaussian Matrix NMS strength.
+        top_k: masks kept after NMS, before the filters.
+        min_center_y: minimum box centre y as a fraction of H (strictly greater).
+        max_box_width: maximum box width as a fraction of W (strictly smaller).
+        min_maskness: minimum decayed maskness.
+
+    Returns:
+        ``Proposals`` with L <= top_k masks, ranked by decayed maskness; tensors on c5's device.
+
+    Raises:
+        ValueError: c5 is not [C, h, w], holds non-finite values, or image_size is not positive.
+    """
+    if c5.dim() != 3:
+        raise ValueError(f"c5 must be [C, h, w] features of one image, got shape {tuple(c5.shape)}")
+    height, width = (int(side) for side in image_size)
+    if height <= 0 or width <= 0:
+        raise ValueError(f"image_size must be positive (H, W), got {image_size}")
+    if not bool(torch.isfinite(c5).all()):
+        raise ValueError("c5 features hold NaN or inf; check the backbone weights and the input image")
+    c5 = c5.float()
+    channels, h, w = c5.shape
+
+    # Steps 3-5: cosine correlation of every query with every key, min-max normalised per query.
+    queries = F.normalize(pyramid_queries(c5, scales), dim=1)  # (N_q, C)
+    keys = F.normalize(c5.reshape(channels, h * w), dim=0)  # (C, h*w)
+    soft = queries @ keys  # (N_q, h*w)
+    low = soft.amin(1, keepdim=True)
+    soft = (soft - low) / (soft.amax(1, keepdim=True) - low).clamp_min(1e-12)
+
+    # Steps 6-7: binarise, drop tiny masks, rank by maskness.
+    binary = soft >= mask_threshold
+    area = binary.sum(1)
+    keep = area >= min_area
+    soft, binary, area, queries = soft[keep], binary[keep], area[keep], queries[keep]
+    maskness = (soft * binary).sum(1) / area.clamp_min(1)
+    order = maskness.argsort(descending=True, stable=True)
+    soft, binary, maskness, queries = soft[order], binary[order], maskness[order], queries[order]
+
+    # Step 8: Matrix NMS on maskness, re-rank, keep the top k.
+    decayed = matrix_nms(binary, maskness, sigma=sigma)
+    order = decayed.argsort(descending=True, stable=True)[:top_k]
+    soft, scores, queries = soft[order].reshape(-1, h, w), decayed[order], queries[order]
+
+    # Step 9: upsample the soft maps to the image, then binarise.
+    masks = _upsample_binarise(soft, (height, width), mask_threshold)
+
+    # Steps 10-11: boxes from projections and the filters.
+    boxes = mask_boxes_from_projections(masks)
+    centre_y = (boxes[:, 1] + boxes[:, 3]) / 2
+    box_width = boxes[:, 2] - boxes[:, 0]
+    keep = (
+        masks.flatten(1).any(1)
+        & (centre_y > min_center_y * height)
+        & (box_width < max_box_width * width)
+        & (scores >= min_maskness)
+    )
+    return Proposals(masks=masks[keep], scores=scores[keep], boxes=boxes[keep], queries=queries[keep])
+
+
+def _upsample_binarise(soft: Tensor, size: tuple[int, int], threshold: float) -> Tensor:
+    masks = torch.zeros((soft.shape[0], *size), dtype=torch.bool, device=soft.device)
+    chunk = max(1, _UPSAMPLE_BUDGET // (size[0] * size[1]))
+    for start in range(0, soft.shape[0], chunk):
+        upsampled = F.interpolate(soft[None, start : start + chunk], size=size, mode="bilinear")[0]
+        masks[start : start + chunk] = upsampled >= threshold
+    return masks

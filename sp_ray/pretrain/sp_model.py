@@ -1,0 +1,250 @@
+"""The SP pre-training model: K-Net plus what exists only in pre-training (prompts, the L_ker projection).
+
+``SaliencyPromptPretrainer.forward(images, targets)`` runs K-Net once: its features give the prompts
+(P5 pooled in each pseudo mask's box, or the image prompt), the prompts are matched to K^0 and added to
+it, the same K-Net stages run on the prompted kernels, and the criterion's Hungarian matches of every
+stage pair the kernels with the saliency queries for L_ker. It returns the loss dict, so the ordinary
+training step runs it with ``ModelLosses`` as its criterion (``model(images, targets)``).
+
+The K-Net sits under ``WRAPPED_MODEL_PREFIX`` (attribute ``model``), so a pre-training checkpoint holds
+the plain K-Net keys with that prefix: ``finetune --init`` strips it, and the pre-training-only tensors
+(``projection.*``, ``prompt_encoder.*``) are reported as skipped. Nothing of the prompts is in the
+fine-tuned or exported model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from sp_ray.config import Config, ConfigError, PretrainConfig
+from sp_ray.models.knet import SIZE_DIVISOR, KNet
+from sp_ray.models.losses import KNetCriterion
+from sp_ray.models.maskrcnn import ModelLosses
+from sp_ray.pretrain.kernel_loss import SaliencyProjection, angle_preservation_loss, kernel_supervision_loss
+from sp_ray.pretrain.prompts import (
+    PROMPT_RULES,
+    ImagePromptEncoder,
+    feature_prompts,
+    match_prompts_to_kernels,
+)
+from sp_ray.types import Target
+
+PROMPT_SOURCES = ("feature", "image")
+KERNEL_PROJECTIONS = ("fixed", "learned")
+
+
+class SaliencyPromptPretrainer(nn.Module):
+    """K-Net trained on pseudo masks with saliency prompts and kernel supervision (SP, METHODS.md 1.2-1.4).
+
+    Args:
+        model: the K-Net (class-agnostic: one class, "object").
+        criterion: its set criterion (Hungarian matching, focal objectness, mask BCE, dice).
+        projection: Linear(S_l) of L_ker, from the query width C to the kernel width D.
+        prompt_encoder: the image-prompt encoder, or None for feature prompts (P5 pooled in the box).
+        prompt_rule: "cosine" or "fixed" (``match_prompts_to_kernels``).
+        prompt_drop: probability that a kernel gets no prompt.
+        num_prompts: tiling length of the fixed rule and cap on prompts per image.
+        kernel_loss_weight: weight of every stage's L_ker.
+        angle_weight: weight of ``angle_preservation_loss`` (used with a learned projection only).
+    """
+
+    def __init__(
+        self,
+        *,
+        model: KNet,
+        criterion: KNetCriterion,
+        projection: SaliencyProjection,
+        prompt_encoder: ImagePromptEncoder | None = None,
+        prompt_rule: str = "cosine",
+        prompt_drop: float = 0.1,
+        num_prompts: int = 20,
+        kernel_loss_weight: float = 1.0,
+        angle_weight: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if prompt_rule not in PROMPT_RULES:
+            raise ValueError(f"prompt_rule must be one of {PROMPT_RULES}, got {prompt_rule!r}")
+        if projection.weight.shape[0] != model.feat_channels:
+            raise ValueError(
+                f"the L_ker projection maps to {projection.weight.shape[0]} channels but the kernels have "
+                f"{model.feat_channels}"
+            )
+        # The attribute name is the checkpoint prefix ``WRAPPED_MODEL_PREFIX`` that ``--init`` strips.
+        self.model = model
+        self.criterion = criterion
+        self.projection = projection
+        self.prompt_encoder = prompt_encoder
+        self.prompt_rule = prompt_rule
+        self.prompt_drop = prompt_drop
+        self.num_prompts = num_prompts
+        self.kernel_loss_weight = kernel_loss_weight
+        self.angle_weight = angle_weight
+
+    def prompts(self, images: Tensor, p5: Tensor, boxes: list[Tensor]) -> list[Tensor]:
+        """The prompts P_l of every image: B tensors float [L_b, D] for the targets' boxes."""
+        if self.prompt_encoder is None:
+            return feature_prompts(p5, boxes, stride=SIZE_DIVISOR)
+        return self.prompt_encoder(images, boxes, self._c5)
+
+    def _c5(self, crops: Tensor) -> Tensor:
+        return self.model.backbone((crops - self.model.pixel_mean) / self.model.pixel_std)[-1]
+
+    def forward(self, images: Tensor, targets: list[Target]) -> dict[str, Tensor]:
+        """Prompted K-Net forward and every pre-training loss.
+
+        Args:
+            images: float [B, 3, H, W], RGB 0..255, padded to multiples of 32.
+            targets: B ``Target`` dicts of pseudo masks (labels all 0) with ``queries`` float [K_b, C],
+                the saliency query S_l of each pseudo mask.
+
+        Returns:
+            The criterion's losses (``loss_mask_s0``, ``loss_dice_s0``, ``loss_cls_s{i}``, ``loss_mask_s{i}``,
+            ``loss_dice_s{i}``) plus ``loss_ker_s{i}`` for i = 1..S and, with a learned projection,
+            ``loss_ker_angle``; float32 scalars, weighted.
+        """
+        missing = [b for b, t in enumerate(targets) if "queries" not in t]
+        if missing:
+            raise ValueError(
+                f"pre-training targets of images {missing} have no 'queries' (the saliency query of each "
+                "pseudo mask); build the dataset with extra_per_annotation = the prompts.npy of "
+                "'sp-ray propose'"
+            )
+        features = self.model.forward_features(images)
+        prompts = self.prompts(images, features.fpn[-1], [t["boxes"] for t in targets])
+        offsets = match_prompts_to_kernels(
+            features.init_kernels,
+            prompts,
+            rule=self.prompt_rule,
+            drop_prob=self.prompt_drop,
+            num_prompts=self.num_prompts,
+        )
+        outputs = self.model.forward_from_features(features, offsets)
+        # Losses in float32 outside autocast: bf16 sums over many pixels would blur them.
+        with torch.autocast(device_type=images.device.type, enabled=False):
+            outputs = _float32(outputs)
+            losses, matches = self.criterion(outputs, targets, return_matches=True)
+            stage_kernels = [stage["pred_kernels"] for stage in outputs["aux_outputs"]] + [
+                outputs["pred_kernels"]
+            ]
+            queries = [t["queries"].to(images.device) for t in targets]
+            losses.update(
+                kernel_supervision_loss(
+                    stage_kernels, queries, matches[1:], self.projection, weight=self.kernel_loss_weight
+                )
+            )
+            if self.projection.learned and self.angle_weight > 0:
+                all_queries = torch.cat(queries)
+                losses["loss_ker_angle"] = self.angle_weight * angle_preservation_loss(
+                    all_queries, self.projection(all_queries)
+                )
+        return losses
+
+
+def _float32(tree: Any) -> Any:
+    if isinstance(tree, Tensor):
+        return tree.float()
+    if isinstance(tree, dict):
+        return {k: _float32(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_float32(v) for v in tree]
+    return tree
+
+
+def check_pretrain_config(cfg: Config) -> None:
+    """Raise ``ConfigError`` naming the key when the pre-training settings cannot work."""
+    p: PretrainConfig = cfg.pretrain
+    choices = (
+        ("prompt_rule", PROMPT_RULES),
+        ("prompt_source", PROMPT_SOURCES),
+        ("kernel_projection", KERNEL_PROJECTIONS),
+    )
+    for key, allowed in choices:
+        if getattr(p, key) not in allowed:
+            raise ConfigError(f"pretrain.{key} must be one of {allowed}, got {getattr(p, key)!r}")
+    if not 0.0 <= p.prompt_drop < 1.0:
+        raise ConfigError(f"pretrain.prompt_drop must be in [0, 1), got {p.prompt_drop}")
+    if p.num_prompts < 1:
+        raise ConfigError(f"pretrain.num_prompts must be >= 1, got {p.num_prompts}")
+    if p.image_prompt_size < SIZE_DIVISOR:
+        raise ConfigError(f"pretrain.image_prompt_size must be >= {SIZE_DIVISOR}, got {p.image_prompt_size}")
+    if cfg.data.val_annotations:
+        raise ConfigError(
+            "data.val_annotations must be empty in pre-training: pseudo masks have no validation set; "
+            "evaluate the fine-tuned model instead"
+        )
+
+
+def prompts_path(cfg: Config) -> Path:
+    """``pretrain.prompts``, or ``prompts.npy`` next to ``data.train_annotations`` (propose's layout)."""
+    if cfg.pretrain.prompts:
+        return Path(cfg.pretrain.prompts)
+    return Path(cfg.data.train_annotations).with_name("prompts.npy")
+
+
+def load_saliency_queries(cfg: Config) -> np.ndarray:
+    """The saliency queries of the pseudo masks, memory-mapped (COCO-scale files do not fit in memory).
+
+    Returns:
+        float32 [n, C]; row id - 1 is the query S of annotation ``id`` of ``data.train_annotations``.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: it is not a 2-D float32 array.
+    """
+    path = prompts_path(cfg)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"saliency queries {path} do not exist: set pretrain.prompts to the prompts.npy that "
+            "'sp-ray propose' wrote next to its annotations.json"
+        )
+    queries = np.load(path, mmap_mode="r")
+    if queries.ndim != 2 or queries.dtype != np.float32:
+        raise ValueError(f"{path} must hold a float32 [n, C] array, got {queries.dtype} {queries.shape}")
+    return queries
+
+
+def build_sp_pretrainer(cfg: Config, model: nn.Module, criterion: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """Wrap a built K-Net and its criterion for SP pre-training; the pair goes to the ordinary training step.
+
+    Args:
+        cfg: resolved config with the ``pretrain`` section; ``pretrain.prompts`` (or its default) must exist,
+            its width is the query width C of the L_ker projection.
+        model: the K-Net of ``cfg.model``.
+        criterion: its ``KNetCriterion``.
+
+    Returns:
+        (``SaliencyPromptPretrainer``, ``ModelLosses()``).
+    """
+    check_pretrain_config(cfg)
+    if not isinstance(model, KNet) or not isinstance(criterion, KNetCriterion):
+        raise ConfigError(f"SP pre-training supports model.name 'knet', got {cfg.model.name!r}")
+    p = cfg.pretrain
+    query_channels = int(load_saliency_queries(cfg).shape[1])
+    encoder = None
+    if p.prompt_source == "image":
+        encoder = ImagePromptEncoder(
+            in_channels=model.backbone.out_channels[-1],
+            out_channels=model.feat_channels,
+            crop_size=p.image_prompt_size,
+        )
+    pretrainer = SaliencyPromptPretrainer(
+        model=model,
+        criterion=criterion,
+        projection=SaliencyProjection(
+            in_channels=query_channels,
+            out_channels=model.feat_channels,
+            learned=p.kernel_projection == "learned",
+        ),
+        prompt_encoder=encoder,
+        prompt_rule=p.prompt_rule,
+        prompt_drop=p.prompt_drop,
+        num_prompts=p.num_prompts,
+        kernel_loss_weight=p.kernel_loss_weight,
+        angle_weight=p.angle_weight,
+    )
+    return pretrainer, ModelLosses()

@@ -1,0 +1,263 @@
+"""DenseCL pre-training loop: plain PyTorch, one process or one worker of a torch.distributed group.
+
+``train_densecl`` reads ``torch.distributed`` when someone has initialised it (a Ray Train worker,
+torchrun): the data are sharded, the model is wrapped in DDP, keys are gathered into the queues
+and rank 0 alone writes files. Without it, it is an ordinary single-process loop.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+
+from sp_ray.config import Config, SSLConfig
+from sp_ray.pretrain.densecl import DenseCL, export_backbone_weights
+from sp_ray.pretrain.ssl_data import UnlabeledImageFolder, build_two_view_transform
+from sp_ray.train.checkpoint import load_checkpoint, save_checkpoint
+from sp_ray.train.device import select_device
+from sp_ray.train.loop import seed_everything
+
+log = logging.getLogger("sp_ray")
+
+BACKBONE_FILE = "backbone.pth"
+
+
+def build_densecl(cfg: Config) -> DenseCL:
+    """The DenseCL model of ``cfg``: ResNet from ``model.depth`` / ``backbone_weights``, heads: ``ssl``."""
+    s = cfg.ssl
+    return DenseCL(
+        depth=cfg.model.depth, init_weights=cfg.model.backbone_weights, hidden_dim=s.hidden_dim,
+        proj_dim=s.proj_dim, queue_size=s.queue_size, momentum=s.momentum, temperature=s.temperature,
+        loss_lambda=s.loss_lambda,
+    )
+
+
+def check_batch_fits_queue(cfg: SSLConfig, world_size: int) -> None:
+    """Raise a ValueError unless ``queue_size`` is a multiple of the global batch (batch_size x workers)."""
+    global_batch = cfg.batch_size * world_size
+    if cfg.batch_size < 1 or cfg.queue_size % global_batch != 0:
+        raise ValueError(
+            f"ssl.queue_size ({cfg.queue_size}) must be a multiple of the global batch "
+            f"ssl.batch_size x workers = {cfg.batch_size} x {world_size} = {global_batch}; "
+            "change ssl.queue_size, ssl.batch_size or the number of workers"
+        )
+
+
+def build_ssl_loader(cfg: Config, images: str | Path, *, rank: int = 0, world_size: int = 1) -> DataLoader:
+    """Batches of view pairs, uint8 [B, 2, 3, S, S], from the images under ``images``.
+
+    Every worker gets its own shard and exactly ``ssl.batch_size`` images per batch (the last partial
+    batch is dropped), as the key gathering needs equal batches.
+    """
+    dataset = UnlabeledImageFolder(images, transform=build_two_view_transform(cfg.ssl))
+    global_batch = cfg.ssl.batch_size * world_size
+    if len(dataset) < global_batch:
+        raise ValueError(
+            f"{images} holds {len(dataset)} images, fewer than one global batch "
+            f"(ssl.batch_size x workers = {global_batch}); lower ssl.batch_size or add images"
+        )
+    sampler = None
+    if world_size > 1:
+        sampler = DistributedSampler(
+            dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.train.seed, drop_last=True
+        )
+    return DataLoader(
+        dataset, batch_size=cfg.ssl.batch_size, shuffle=sampler is None, sampler=sampler,
+        num_workers=cfg.data.num_workers, drop_last=True, pin_memory=cfg.train.use_gpu,
+    )
+
+
+def scaled_ssl_lr(cfg: SSLConfig, world_size: int) -> float:
+    """Linear scaling rule: ``ssl.lr x global batch / ssl.base_batch_size``."""
+    if cfg.base_batch_size < 1:
+        raise ValueError(f"ssl.base_batch_size must be positive, got {cfg.base_batch_size}")
+    return cfg.lr * cfg.batch_size * world_size / cfg.base_batch_size
+
+
+def build_ssl_optimizer(model: nn.Module, cfg: SSLConfig, *, lr: float) -> torch.optim.SGD:
+    """SGD with momentum and weight decay over the query encoder (the key encoder has no gradient)."""
+    model = model.module if hasattr(model, "module") else model
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.SGD(params, lr=lr, momentum=cfg.sgd_momentum, weight_decay=cfg.weight_decay)
+
+
+def build_ssl_scheduler(
+    optimizer: torch.optim.Optimizer, *, total_iters: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-iteration cosine decay from the base rate to 0 at ``total_iters`` (no warmup, like DenseCL)."""
+    total = max(1, total_iters)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda it: 0.5 * (1.0 + math.cos(math.pi * min(it, total) / total))
+    )
+
+
+def ssl_train_step(
+    model: nn.Module,
+    views: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    *,
+    amp: bool = False,
+) -> dict[str, float]:
+    """One DenseCL step: both losses, their sum, backward, SGD step, schedule step.
+
+    Args:
+        model: a ``DenseCL`` or a DDP wrapper of one.
+        views: uint8 [B, 2, 3, S, S] on the model's device (query view, key view).
+        amp: bf16 autocast for the encoders (CUDA only; losses are computed in float32).
+
+    Returns:
+        The float value of ``loss_global``, ``loss_dense`` and their sum ``loss``.
+
+    Raises:
+        FloatingPointError: the loss is not finite (the step is not applied).
+    """
+    model.train()
+    use_amp = amp and views.device.type == "cuda"
+    with torch.autocast(device_type=views.device.type, dtype=torch.bfloat16, enabled=use_amp):
+        losses = model(views[:, 0], views[:, 1])
+    total = losses["loss_global"] + losses["loss_dense"]
+    values = {name: value.detach().item() for name, value in losses.items()}
+    values["loss"] = total.detach().item()
+    if not math.isfinite(values["loss"]):
+        raise FloatingPointError(f"DenseCL loss is not finite: {values}; lower ssl.lr or check the images")
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    optimizer.step()
+    scheduler.step()
+    return values
+
+
+def _distributed() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _write_backbone(model: nn.Module, path: Path) -> None:
+    # Written beside its destination and renamed, like checkpoints: never a half-written file.
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        torch.save(export_backbone_weights(model), tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def train_densecl(
+    cfg: Config, images: str | Path, work_dir: str | Path, *, resume: str | Path | None = None
+) -> Path:
+    """DenseCL pre-training on the images under ``images``.
+
+    Writes ``work_dir/last`` every ``train.checkpoint_interval`` epochs (model with queues and key
+    encoder, optimizer, scheduler, epoch, step), ``work_dir/metrics.jsonl`` (one line per epoch) and
+    at the end ``work_dir/final`` (a checkpoint) with ``final/backbone.pth``: the query ResNet in
+    torchvision layout, for ``model.backbone_weights`` of ``propose`` / ``pretrain`` / ``finetune``.
+    Logs loss, learning rate and images/s (all workers) per epoch.
+
+    Args:
+        cfg: resolved config (sections ``model``, ``ssl``, ``train``, ``data.num_workers``).
+        images: folder of unlabeled images (searched recursively).
+        work_dir: output directory.
+        resume: a checkpoint directory (``work_dir/last``) to continue from, queues included.
+
+    Returns:
+        The final checkpoint directory ``work_dir/final``.
+    """
+    work_dir = Path(work_dir)
+    rank, world_size = _distributed()
+    check_batch_fits_queue(cfg.ssl, world_size)
+    if rank == 0:
+        work_dir.mkdir(parents=True, exist_ok=True)
+    device = select_device(cfg.train.use_gpu)
+    seed_everything(cfg.train.seed)
+    model = build_densecl(cfg).to(device)
+    loader = build_ssl_loader(cfg, images, rank=rank, world_size=world_size)
+    lr = scaled_ssl_lr(cfg.ssl, world_size)
+    optimizer = build_ssl_optimizer(model, cfg.ssl, lr=lr)
+    scheduler = build_ssl_scheduler(optimizer, total_iters=cfg.ssl.epochs * len(loader))
+    start_epoch, step = 0, 0
+    if resume is not None:
+        ckpt = load_checkpoint(resume, with_training_state=True)
+        try:
+            model.load_state_dict(ckpt.model_state)
+        except RuntimeError as err:
+            raise ValueError(
+                f"{resume} does not fit this DenseCL model (model.depth, ssl.queue_size, ssl.proj_dim and "
+                f"ssl.hidden_dim must match the run that wrote it): {err}"
+            ) from err
+        optimizer.load_state_dict(ckpt.training_state["optimizer"])
+        scheduler.load_state_dict(ckpt.training_state["scheduler"])
+        start_epoch, step = ckpt.training_state["epoch"], ckpt.training_state["step"]
+        log.info("resumed from %s at epoch %d, step %d", resume, start_epoch, step)
+    train_model: nn.Module = model
+    if world_size > 1:
+        # Buffers are synced once at construction, not at every forward: the queues receive the same
+        # gathered keys on every worker, and broadcasting them would move 2 x queue_size x proj_dim
+        # floats per step. BatchNorm statistics stay per worker, as in the official DenseCL runs.
+        train_model = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False
+        )
+    log.info("DenseCL: %d images, %d workers x %d images per batch, %d iterations per epoch, lr %.4g",
+             len(loader.dataset), world_size, cfg.ssl.batch_size, len(loader), lr)
+
+    metrics: dict[str, Any] = {}
+    for epoch in range(start_epoch, cfg.ssl.epochs):
+        # Augmentations are a function of (seed, epoch, rank), so a resumed run repeats the views
+        # the uninterrupted one would have drawn, and workers do not share crops.
+        seed_everything((cfg.train.seed * 1000 + epoch) * 1000 + rank)
+        if isinstance(loader.sampler, DistributedSampler):
+            loader.sampler.set_epoch(epoch)
+        sums = {"loss": 0.0, "loss_global": 0.0, "loss_dense": 0.0}
+        start = time.perf_counter()
+        for it, views in enumerate(loader):
+            values = ssl_train_step(
+                train_model, views.to(device, non_blocking=True), optimizer, scheduler, amp=cfg.train.amp
+            )
+            for name in sums:
+                sums[name] += values[name]
+            step += 1
+            if rank == 0 and cfg.train.log_interval and (it + 1) % cfg.train.log_interval == 0:
+                log.info("ssl epoch %d/%d iter %d/%d loss %.4f (global %.4f, dense %.4f) lr %.3e",
+                         epoch + 1, cfg.ssl.epochs, it + 1, len(loader), values["loss"],
+                         values["loss_global"], values["loss_dense"], optimizer.param_groups[0]["lr"])
+        seconds = time.perf_counter() - start
+        images_seen = len(loader) * cfg.ssl.batch_size * world_size
+        metrics = {"epoch": epoch + 1, "step": step, **{k: v / max(1, len(loader)) for k, v in sums.items()},
+                   "images_per_second": images_seen / max(seconds, 1e-9),
+                   "lr": optimizer.param_groups[0]["lr"]}
+        if rank != 0:
+            continue
+        log.info("ssl epoch %d/%d done: loss %.4f (global %.4f, dense %.4f), %.1f images/s",
+                 epoch + 1, cfg.ssl.epochs, metrics["loss"], metrics["loss_global"], metrics["loss_dense"],
+                 metrics["images_per_second"])
+        with open(work_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        last = epoch + 1 == cfg.ssl.epochs
+        if last or (cfg.train.checkpoint_interval and (epoch + 1) % cfg.train.checkpoint_interval == 0):
+            save_checkpoint(
+                work_dir / "last", model=model, config=cfg, meta={"kind": "densecl", **metrics},
+                training_state={"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                "epoch": epoch + 1, "step": step},
+            )
+
+    final = work_dir / "final"
+    if rank == 0:
+        save_checkpoint(final, model=model, config=cfg, meta={"kind": "densecl", **metrics})
+        _write_backbone(model, final / BACKBONE_FILE)
+        log.info("DenseCL backbone written to %s (use it as model.backbone_weights)", final / BACKBONE_FILE)
+    if world_size > 1:
+        dist.barrier()
+    return final

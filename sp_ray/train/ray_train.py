@@ -1,0 +1,199 @@
+"""Ray Train wiring: the epoch loop of ``sp_ray.train.loop.fit`` inside ``TorchTrainer`` workers.
+
+The driver (``run_training``) connects to a Ray cluster (``RAY_ADDRESS``, as set by ``ray job
+submit``) or starts a local one, checks that the resources asked for exist, and builds the trainer.
+Each worker runs ``fit`` with a ``RaySession``: DDP through Ray's ``prepare_model``, metrics and
+rank-0 checkpoints through ``ray.train.report``, and the last reported checkpoint restored after a
+worker failure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+from torch import nn
+
+from sp_ray.config import Config, config_from_dict, config_to_dict
+from sp_ray.train.loop import fit
+from sp_ray.train.session import all_reduce_sum
+
+log = logging.getLogger("sp_ray")
+
+FAILURE_MARKER = ".injected_failure_done"
+
+
+class InjectedFailure(RuntimeError):
+    """Raised once by ``train.inject_failure_at_step`` to test recovery from a worker failure."""
+
+
+class RaySession:
+    """A Ray Train worker's view of the run (see ``sp_ray.train.session.LocalSession``)."""
+
+    def __init__(self, cfg: Config, work_dir: Path) -> None:
+        context = ray.train.get_context()
+        self.rank = context.get_world_rank()
+        self.world_size = context.get_world_size()
+        self.cfg = cfg
+        self.work_dir = work_dir
+        self.device = torch.device("cuda", torch.cuda.current_device()) if cfg.train.use_gpu else torch.device("cpu")
+
+    def wrap_model(self, model: nn.Module) -> nn.Module:
+        return ray.train.torch.prepare_model(model, move_to_device=False)
+
+    def all_reduce_sum(self, values: list[float]) -> list[float]:
+        return all_reduce_sum(values, self.device)
+
+    def report(self, metrics: dict[str, Any], checkpoint: Path | None) -> None:
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint)) if checkpoint else None,
+            checkpoint_dir_name=f"checkpoint_epoch={metrics['epoch']:04d}" if checkpoint else None,
+        )
+
+    @contextlib.contextmanager
+    def restored_checkpoint(self) -> Iterator[Path | None]:
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            yield None
+            return
+        with checkpoint.as_directory() as directory:
+            yield Path(directory)
+
+    def on_step(self, step: int) -> None:
+        target = self.cfg.train.inject_failure_at_step
+        failing_rank = min(1, self.world_size - 1)
+        marker = self.work_dir / FAILURE_MARKER
+        if step == target and self.rank == failing_rank and not marker.exists():
+            marker.touch()
+            raise InjectedFailure(f"train.inject_failure_at_step: rank {self.rank} fails at step {step}")
+
+    def finish(self, model: nn.Module) -> None:
+        """Record node id and a parameter checksum per rank (``WORK_DIR/workers/rank<r>.json``)."""
+        checksum = float(sum(p.detach().double().sum() for p in model.parameters()))
+        record = {"rank": self.rank, "node_id": ray.get_runtime_context().get_node_id(),
+                  "hostname": os.uname().nodename, "param_checksum": checksum}
+        folder = self.work_dir / "workers"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"rank{self.rank}.json").write_text(json.dumps(record))
+
+
+def _setup_worker(loop_config: dict[str, Any]) -> tuple[Config, Path]:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+    torch.set_num_threads(max(1, int(cpus)))
+    return config_from_dict(loop_config["config"], source="train_loop_config"), Path(loop_config["work_dir"])
+
+
+def _finetune_worker(loop_config: dict[str, Any]) -> None:
+    cfg, work_dir = _setup_worker(loop_config)
+    fit(cfg, work_dir, init=loop_config["init"], resume=loop_config["resume"], session=RaySession(cfg, work_dir))
+
+
+def _ssl_worker(loop_config: dict[str, Any]) -> None:
+    from sp_ray.pretrain.ssl_train import train_densecl
+
+    cfg, work_dir = _setup_worker(loop_config)
+    train_densecl(cfg, loop_config["images"], work_dir, resume=loop_config["resume"])
+
+
+# What a worker runs, by command; every entry is a plain training function run with a session.
+WORKERS = {"finetune": _finetune_worker, "ssl": _ssl_worker}
+
+
+def init_ray() -> None:
+    """Connect to the cluster named by ``RAY_ADDRESS`` (``ray job submit`` sets it) or start a local Ray."""
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    ray.init(address=address or None, log_to_driver=True)
+    log.info("Ray %s: %s", "cluster" if address else "local", ray.cluster_resources())
+
+
+def check_resources(cfg: Config) -> dict[str, float]:
+    """The per-worker resources, checked against the cluster so that an impossible request fails, not hangs."""
+    resources = dict(cfg.train.resources_per_worker)
+    if cfg.train.use_gpu:
+        resources.setdefault("GPU", 1.0)
+    resources.setdefault("CPU", 1.0)
+    available = ray.cluster_resources()
+    for name, amount in resources.items():
+        needed = amount * cfg.train.num_workers
+        if available.get(name, 0.0) < needed:
+            raise ValueError(
+                f"{cfg.train.num_workers} workers x {name}={amount:g} need {needed:g} {name}, but the Ray cluster "
+                f"has {available.get(name, 0.0):g}; lower train.num_workers / train.resources_per_worker"
+                + (" or drop --gpu" if name == "GPU" else "")
+            )
+    return resources
+
+
+def run_training(
+    cfg: Config,
+    work_dir: str | Path,
+    *,
+    init: str | Path | None = None,
+    resume: str | Path | None = None,
+    run_name: str | None = None,
+    task: str = "finetune",
+    images: str | Path | None = None,
+) -> Path:
+    """Run a training task (``WORKERS``) in ``train.num_workers`` Ray Train workers; returns ``work_dir/final``.
+
+    Args:
+        cfg: resolved config; ``train.num_workers``, ``train.use_gpu``, ``train.resources_per_worker``,
+            ``train.storage_path``, ``train.checkpoints_to_keep`` and ``train.max_failures`` shape the run.
+        work_dir: output directory, on storage every node can reach when the cluster has several nodes.
+        init: checkpoint directory to initialise from (``finetune --init``).
+        resume: checkpoint directory to continue from (``--resume``).
+        run_name: the Ray run name (default: the work dir's name and a timestamp).
+        task: "finetune" (``fit``, also used by pre-training) or "ssl" (DenseCL on ``images``).
+        images: the unlabeled image folder of the "ssl" task.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    work_dir = Path(work_dir).resolve()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    init_ray()
+    resources = check_resources(cfg)
+    scored = bool(cfg.data.val_annotations) and cfg.train.eval_interval == cfg.train.checkpoint_interval
+    storage = cfg.train.storage_path or str(work_dir / "ray")
+    trainer = TorchTrainer(
+        WORKERS[task],
+        train_loop_config={
+            "config": config_to_dict(cfg), "work_dir": str(work_dir),
+            "init": str(Path(init).resolve()) if init else None,
+            "resume": str(Path(resume).resolve()) if resume else None,
+            "images": str(Path(images).resolve()) if images else None,
+        },
+        torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu, resources_per_worker=resources,
+            placement_strategy=cfg.train.placement_strategy,
+        ),
+        run_config=RunConfig(
+            name=run_name or f"{work_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+            storage_path=storage,
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=cfg.train.checkpoints_to_keep,
+                checkpoint_score_attribute="segm_AP" if scored else None,
+                checkpoint_score_order="max",
+            ),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+        ),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise RuntimeError(f"training failed: {result.error}") from result.error
+    return work_dir / "final"

@@ -1,0 +1,178 @@
+"""The onnxruntime runtime: no torch, input checks, training's pre-processing, PyTorch's post-processing."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper
+
+from export.metadata import ModelInfo
+from export.rle import decode_rle
+from export.runtime import Segmenter
+from sp_ray.data.coco import CocoInstanceDataset
+from sp_ray.data.images import load_image_rgb
+from sp_ray.data.transforms import build_transforms, collate
+from sp_ray.models import build_model
+from sp_ray.models.postprocess import postprocess
+from sp_ray.train.checkpoint import load_checkpoint
+
+from .conftest import IMAGE_SIZE, REPO
+
+
+@pytest.fixture(scope="module")
+def segmenter(knet_export) -> Segmenter:
+    return Segmenter(knet_export.path, providers=["CPUExecutionProvider"], threads=1)
+
+
+def test_importing_the_runtime_loads_neither_torch_nor_ray() -> None:
+    code = (
+        "import sys, json; import export.runtime, export.parity; "
+        "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules} & "
+        "{'torch', 'torchvision', 'ray', 'sp_ray', 'scipy', 'pycocotools'})))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert json.loads(done.stdout) == []
+
+
+@pytest.mark.parametrize(
+    "image,match",
+    [
+        (np.zeros((20, 30, 3), np.float32), "uint8"),
+        (np.zeros((20, 30), np.uint8), r"grayscale\? convert"),
+        (np.zeros((20, 30, 4), np.uint8), "RGBA"),
+        (np.zeros((3, 20, 30), np.uint8), "channels first"),
+        (np.zeros((0, 30, 3), np.uint8), "empty image"),
+        (np.zeros((2, 20, 30, 3), np.uint8), "rank 4"),
+        ([[0, 1], [2, 3]], "numpy uint8 array"),
+    ],
+)
+def test_bad_images_raise_value_errors_saying_what_was_expected(segmenter, image, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        segmenter.predict(image)
+
+
+def test_logs_the_execution_provider_and_rejects_unknown_ones(knet_export, caplog) -> None:
+    with caplog.at_level(logging.INFO, logger="export.runtime"):
+        seg = Segmenter(knet_export.path, providers=["CPUExecutionProvider"])
+    assert seg.providers == ["CPUExecutionProvider"]
+    assert "runs on CPUExecutionProvider" in caplog.text
+    with pytest.raises(ValueError, match="not available"):
+        Segmenter(knet_export.path, providers=["NoSuchExecutionProvider"])
+    with pytest.raises(FileNotFoundError):
+        Segmenter(knet_export.path.with_name("missing.onnx"))
+
+
+def test_a_model_without_sp_ray_metadata_is_refused(tmp_path) -> None:
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["images"], ["scores"])], "plain",
+        [helper.make_tensor_value_info("images", TensorProto.UINT8, [1])],
+        [helper.make_tensor_value_info("scores", TensorProto.UINT8, [1])],
+    )  # fmt: skip
+    path = tmp_path / "plain.onnx"
+    onnx.save(helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    with pytest.raises(ValueError, match="no sp-ray metadata"):
+        Segmenter(path)
+
+
+def test_metadata_round_trips_and_names_missing_fields(segmenter) -> None:
+    info = segmenter.info
+    assert ModelInfo.from_props(info.to_props()) == info
+    assert info.family == "knet" and info.input_size is None and info.batch_size is None
+    assert info.max_size == IMAGE_SIZE and info.class_names == ["disk", "square", "triangle", "ring"]
+    props = info.to_props()
+    del props["cat_ids"]
+    with pytest.raises(ValueError, match="cat_ids"):
+        ModelInfo.from_props(props)
+
+
+@pytest.mark.parametrize("shape", [(61, 47), (64, 64), (30, 100), (129, 77)])
+def test_round_trip_on_odd_sizes(segmenter, shape) -> None:
+    rng = np.random.default_rng(sum(shape))
+    image = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+    found = segmenter.predict(image)
+    k = len(found)
+    assert 1 <= k <= segmenter.info.topk and np.all(found.scores > 0)  # default score threshold: 0
+    assert found.masks.shape == (k, *shape) and found.masks.dtype == bool
+    assert found.boxes.shape == (k, 4) and found.boxes.dtype == np.float32
+    assert np.all(found.boxes[:, 2] <= shape[1]) and np.all(found.boxes[:, 3] <= shape[0])
+    assert np.all(np.diff(found.scores) <= 0)
+    assert set(found.category_ids.tolist()) <= set(segmenter.info.cat_ids)
+    np.testing.assert_array_equal(found.category_ids, np.asarray(segmenter.info.cat_ids)[found.labels])
+
+
+def test_grayscale_converted_by_the_caller_equals_the_same_rgb_image(segmenter) -> None:
+    gray = (np.arange(50 * 70).reshape(50, 70) % 251).astype(np.uint8)
+    rgb = np.repeat(gray[..., None], 3, axis=2)
+    a, b = segmenter.predict(rgb), segmenter.predict(np.stack([gray] * 3, axis=-1))
+    np.testing.assert_array_equal(a.scores, b.scores)
+    np.testing.assert_array_equal(a.masks, b.masks)
+
+
+def test_batch_equals_single_images_of_the_same_size_and_thresholds_apply(segmenter, synthetic) -> None:
+    files = sorted(synthetic["images"].iterdir())[:3]
+    images = [load_image_rgb(f) for f in files]
+    batched = segmenter.predict_batch(images)
+    for image, found in zip(images, batched, strict=True):
+        single = segmenter.predict(image)
+        np.testing.assert_allclose(found.scores, single.scores, atol=1e-5)
+        assert (found.masks != single.masks).mean() < 1e-3
+    threshold = float(np.median(batched[0].scores))
+    kept = segmenter.predict(images[0], score_threshold=threshold)
+    assert len(kept) > 0 and np.all(kept.scores > threshold)
+
+
+def test_rle_output_decodes_to_the_masks(segmenter, synthetic) -> None:
+    image = load_image_rgb(sorted(synthetic["images"].iterdir())[0])
+    dense = segmenter.predict(image)
+    coded = segmenter.predict(image, rle=True)
+    assert coded.masks is None and len(coded.rles) == len(dense)
+    for rle, mask in zip(coded.rles, dense.masks, strict=True):
+        assert rle["size"] == list(image.shape[:2]) and isinstance(rle["counts"], str)
+        np.testing.assert_array_equal(decode_rle(rle), mask)
+
+
+def test_runtime_instances_equal_the_pytorch_evaluation_path(segmenter, trained_knet, synthetic) -> None:
+    """numpy resize + pad + decode == torchvision transform + collate + sp_ray postprocess."""
+    ckpt = load_checkpoint(trained_knet)
+    model, _ = build_model(ckpt.config)
+    model.load_state_dict(ckpt.model_state)
+    model.eval()
+    transforms = build_transforms(train=False, max_size=IMAGE_SIZE, short_size=IMAGE_SIZE)
+    dataset = CocoInstanceDataset(synthetic["val"], synthetic["images"], transforms=transforms)
+    for index in range(len(dataset)):
+        images, targets = collate([dataset[index]])
+        with torch.no_grad():
+            (expected,) = postprocess(model(images.float()), image_sizes=[targets[0]["image_size"]],
+                                      orig_sizes=[targets[0]["orig_size"]], k=segmenter.info.topk)
+        info = dataset.coco.imgs[dataset.image_ids[index]]
+        found = segmenter.predict(load_image_rgb(synthetic["images"] / info["file_name"]))
+        np.testing.assert_allclose(found.scores, expected["scores"].numpy(), atol=1e-4)
+        np.testing.assert_array_equal(found.labels, expected["labels"].numpy())
+        assert (found.masks != expected["masks"].numpy()).mean() < 1e-3
+
+
+def test_gpu_providers_are_only_proposed_when_a_gpu_is_usable(monkeypatch) -> None:
+    import onnxruntime as ort
+
+    from export import runtime
+
+    offered = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(ort, "get_available_providers", lambda: offered)
+    monkeypatch.setattr(runtime, "_cuda_devices", lambda: 0)
+    assert runtime.default_providers() == ["CPUExecutionProvider"]
+    monkeypatch.setattr(runtime, "_cuda_devices", lambda: 1)
+    monkeypatch.setattr(runtime, "_loadable", lambda library: False)
+    assert runtime.default_providers() == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(runtime, "_loadable", lambda library: True)
+    assert runtime.default_providers()[0] == "TensorrtExecutionProvider"
+
+
+def test_repr_names_the_provider(segmenter) -> None:
+    assert "provider=CPUExecutionProvider" in repr(segmenter) and "family=knet" in repr(segmenter)

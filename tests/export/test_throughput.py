@@ -1,0 +1,51 @@
+"""benchmarks/throughput.py at toy scale: every configuration is measured and reported."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+from .conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def throughput():
+    spec = importlib.util.spec_from_file_location("throughput", REPO / "benchmarks" / "throughput.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_toy_benchmark_writes_table_json_and_chart(throughput, tmp_path, capsys) -> None:
+    out = tmp_path / "bench"
+    argv = ["--depth", "18", "--size", "64", "--batches", "2", "--iterations", "2", "--warmup", "1",
+            "--num-classes", "3", "--topk", "10", "--proposals", "20", "--threads", "1", "--device", "cpu",
+            "--in-process", "--out", str(out)]
+    assert throughput.main(argv) == 0
+    report = json.loads(out.with_suffix(".json").read_text())
+    rows = report["results"]
+    assert {(r["family"], r["runtime"], r["batch"]) for r in rows} == {
+        (family, runtime, 2) for family in ("knet", "maskrcnn") for runtime in throughput.RUNTIMES
+    }
+    for row in rows:
+        assert row["images_per_second"] > 0 and 0 < row["latency_p50_ms"] <= row["latency_p95_ms"]
+        assert row["peak_rss_mb"] > 50
+        if row["runtime"] != "torch":
+            assert row["providers"][0] == "CPUExecutionProvider"
+    assert len(report["speedups"]) == 3 and report["environment"]["device"] == "cpu"
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = out.with_suffix(".md").read_text()
+    assert "| K-Net R18 | onnxruntime | 2 |" in table and "| Mask R-CNN R18 | torch | 2 |" in table
+    assert table in capsys.readouterr().out
+
+
+def test_requesting_cuda_without_a_gpu_is_refused(throughput, capsys) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(SystemExit):
+        throughput.main(["--device", "cuda"])
+    assert "no CUDA device" in capsys.readouterr().err

@@ -1,0 +1,155 @@
+"""Ray Train runs of the tiny config: DDP on a local Ray, two nodes, a worker failure, `ray job submit`."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import ray
+
+from sp_ray.config import dump_config, load_config
+from sp_ray.data.synthetic import write_synthetic_dataset
+from sp_ray.train.checkpoint import load_checkpoint
+from sp_ray.train.ray_train import run_training
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+DEMO_CONFIG = ROOT / "configs" / "demo" / "knet_tiny_synthetic.yaml"
+TINY = ["data.max_size=64", "data.short_size=64", "model.num_kernels=8", "model.feat_channels=32",
+        "model.ffn_channels=64", "model.num_heads=2", "model.num_stages=1", "train.batch_size=2",
+        "train.warmup_iters=2"]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    return write_synthetic_dataset(tmp_path_factory.mktemp("synthetic"), num_images=10, image_size=64, seed=5)
+
+
+def tiny_config(data, *extra):
+    return load_config(DEMO_CONFIG, [f"data.train_annotations={data['train']}",
+                                     f"data.train_images={data['images']}", *TINY, *extra])
+
+
+def worker_records(work_dir: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((work_dir / "workers").glob("rank*.json"))]
+
+
+@pytest.fixture
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def test_two_workers_train_in_step(local_ray, tiny_data, tmp_path):
+    cfg = tiny_config(tiny_data, "train.epochs=2", "train.num_workers=2")
+    final = run_training(cfg, tmp_path)
+    records = worker_records(tmp_path)
+    assert [r["rank"] for r in records] == [0, 1]
+    # DDP keeps the replicas identical: both ranks end with the same parameters.
+    assert records[0]["param_checksum"] == pytest.approx(records[1]["param_checksum"], rel=1e-6)
+    assert load_checkpoint(final).meta["epoch"] == 2
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in lines] == [1, 2]
+    # 8 train images, 2 per worker per step, 2 workers: 2 steps per epoch.
+    assert lines[-1]["step"] == 4
+
+
+def test_worker_failure_resumes_from_last_checkpoint(local_ray, tiny_data, tmp_path):
+    cfg = tiny_config(tiny_data, "train.epochs=3", "train.num_workers=2", "train.inject_failure_at_step=5",
+                      "train.max_failures=1")
+    final = run_training(cfg, tmp_path)
+    assert (tmp_path / ".injected_failure_done").exists()
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    # Epochs 1 and 2 were checkpointed before the failure at step 5 (in epoch 3); the restarted
+    # workers continue from epoch 2's checkpoint, so the log reads 1, 2, 3 with no epoch lost or repeated.
+    assert [m["epoch"] for m in lines] == [1, 2, 3]
+    assert [m["step"] for m in lines] == [2, 4, 6]
+    assert load_checkpoint(final).meta["step"] == 6
+
+
+def test_gpu_request_without_gpus_is_an_error(local_ray, tiny_data, tmp_path):
+    with pytest.raises(ValueError, match="GPU"):
+        run_training(tiny_config(tiny_data, "train.use_gpu=true", "train.epochs=1"), tmp_path)
+
+
+def test_resume_path_that_is_not_a_checkpoint(tiny_data, tmp_path, capsys):
+    from sp_ray.cli import main
+
+    code = main(["finetune", "--config", str(DEMO_CONFIG), "--work-dir", str(tmp_path), "--resume", str(tmp_path),
+                 f"data.train_annotations={tiny_data['train']}", f"data.train_images={tiny_data['images']}"])
+    assert code == 2
+    assert "not a checkpoint directory" in capsys.readouterr().err
+
+
+def test_two_nodes_on_one_machine(tiny_data, tmp_path):
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    cluster.add_node(num_cpus=1)
+    try:
+        ray.init(address=cluster.address)
+        cfg = tiny_config(tiny_data, "train.epochs=1", "train.num_workers=2", "train.placement_strategy=SPREAD")
+        run_training(cfg, tmp_path)
+        records = worker_records(tmp_path)
+        assert len({r["node_id"] for r in records}) == 2
+        assert records[0]["param_checksum"] == pytest.approx(records[1]["param_checksum"], rel=1e-6)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ray_job_submit_against_a_head_on_loopback(tiny_data, tmp_path):
+    bin_dir = Path(sys.executable).parent
+    ray_cli = str(bin_dir / "ray")
+    port, dashboard = free_port(), free_port()
+    # Ray enables token authentication by default; name the mode so that the head and the job client agree.
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_AUTH_MODE": "token"}
+    subprocess.run([ray_cli, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+                    f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1", "--num-cpus=2",
+                    "--disable-usage-stats"], check=True, env=env, capture_output=True, timeout=120)
+    try:
+        job_dir = tmp_path / "job"
+        job_dir.mkdir()
+        (job_dir / "tiny.yaml").write_text(dump_config(tiny_config(tiny_data)))
+        overrides = ["train.epochs=1"]
+        work_dir = tmp_path / "work"
+        done = subprocess.run(
+            [ray_cli, "job", "submit", f"--address=http://127.0.0.1:{dashboard}", "--working-dir", str(job_dir),
+             "--", str(bin_dir / "sp-ray"), "finetune", "--config", "tiny.yaml", "--work-dir", str(work_dir),
+             *overrides],
+            env=env, capture_output=True, text=True, timeout=300,
+        )
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        assert "succeeded" in done.stdout
+        assert load_checkpoint(work_dir / "final").meta["epoch"] == 1
+    finally:
+        subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def test_ssl_runs_in_two_ray_workers(local_ray, tiny_data, tmp_path):
+    import torch
+
+    from sp_ray.models.backbone import build_resnet, load_backbone_weights
+
+    cfg = load_config(ROOT / "configs" / "demo" / "densecl_tiny.yaml",
+                      ["ssl.epochs=1", "ssl.batch_size=2", "ssl.base_batch_size=2", "ssl.queue_size=16",
+                       "ssl.hidden_dim=32", "train.num_workers=2"])
+    final = run_training(cfg, tmp_path, task="ssl", images=tiny_data["images"])
+    state = load_checkpoint(final).model_state
+    # 10 images, 2 per worker per step, 2 workers: 2 steps, each enqueueing the 4 keys gathered from both.
+    assert int(state["queue_ptr"]) == 8
+    assert int(state["dense_queue_ptr"]) == 8
+    resnet = build_resnet(18, weights=None, frozen_stages=-1, norm_eval=False)
+    report = load_backbone_weights(resnet, str(final / "backbone.pth"))
+    assert report.loaded and torch.isfinite(next(resnet.parameters())).all()
