@@ -5,7 +5,8 @@ not depend on them, with one exception handled below), and the same measurement:
 
 - "model": the exported graph's computation, uint8 batch [B, 3, S, S] in, fixed-size detections
   out (K-Net: backbone, heads and top-k; Mask R-CNN: backbone, RPN, box head, NMS, mask head),
-  in PyTorch eager (the export adapter, ``torch.inference_mode``) and in onnxruntime.
+  in PyTorch eager (the export adapter, ``torch.inference_mode``) and in onnxruntime (K-Net: one
+  dynamic-batch graph; Mask R-CNN: one fixed-batch graph per batch size, as its exporter requires).
 - "end-to-end" (onnxruntime only): ``Segmenter.predict_batch`` on S x S uint8 images, i.e. what a
   deployment pays: resize/pad, the graph, and decoding to boolean masks at the image size.
 
@@ -176,13 +177,13 @@ def measure(job: dict) -> dict:
 
 
 def export_models(args: argparse.Namespace, folder: Path) -> dict[tuple[str, int], str]:
-    """One fixed-size ONNX model per family and batch (K-Net: one dynamic-batch model for all batches)."""
+    """Fixed-size ONNX models: K-Net one with a dynamic batch, Mask R-CNN one per batch size."""
     paths: dict[tuple[str, int], str] = {}
     size = args.size
     for family in args.families:
         job = _job(args, family, "onnxruntime", 0)
         model = build_random_model(job)
-        for batch in ([None] if FAMILIES[family].dynamic_batch else args.batches):
+        for batch in [None] if FAMILIES[family].dynamic_batch else args.batches:
             info = model_info(bench_config(job), class_names=[f"class{i}" for i in range(args.num_classes)],
                               cat_ids=list(range(1, args.num_classes + 1)), input_size=(size, size),
                               batch_size=batch)
@@ -332,8 +333,9 @@ def main(argv: list[str] | None = None) -> int:
     env = environment(args)
     table = markdown_table(results)
     notes = speedups(results)
+    threads = f"{args.threads} thread(s)" if args.threads else "default threads"
     title = (f"ResNet-{args.depth}, {args.size}x{args.size}, {args.device} "
-             f"({env['cpu'] if args.device == 'cpu' else env.get('gpu')})")
+             f"({env['cpu'] if args.device == 'cpu' else env.get('gpu')}, {threads})")
     out.with_suffix(".json").write_text(json.dumps(
         {"command": command, "environment": env, "results": results, "speedups": notes}, indent=2))
     text = f"{title}\n\n{table}\n\n" + "\n".join(f"- {line}" for line in notes) + f"\n\n`{command}`\n"

@@ -1,9 +1,8 @@
 """Size arithmetic of the inference resize and of padding, in plain Python (no numpy, no torch).
 
-The runtime must resize exactly as training's evaluation transform does. The rule lives in
-``sp_ray.data.transforms.resize_for_inference``; this module repeats its arithmetic so the runtime
-needs nothing from ``sp_ray`` (which imports torch). ``tests/export/test_geometry.py`` checks the
-two agree on every size in a wide grid, so a change on one side without the other fails the tests.
+The runtime must resize exactly as training's evaluation transform does, so the rule lives here,
+free of torch, and ``sp_ray.data.transforms`` re-exports it. ``tests/export/test_geometry.py``
+checks it against ``torchvision.transforms.v2.Resize`` on a wide grid of sizes.
 """
 
 from __future__ import annotations

@@ -462,7 +462,8 @@ def check_parity(
     segmenter = Segmenter(path, providers=["CPUExecutionProvider"], threads=threads)
     reference = torch_instances(model, segmenter.info, images, device=torch.device("cpu"))
     candidate = segmenter.predict_batch(list(images), score_threshold=0.0)
-    return compare_instances(reference, candidate, precision=segmenter.info.precision)
+    return compare_instances(reference, candidate, precision=segmenter.info.precision,
+                             nms=segmenter.info.output_format == ROI_FORMAT)
 
 
 class ParityError(ValueError):
@@ -502,6 +503,9 @@ def export_checkpoint(
             ``<stem>.parity-failed.onnx`` for inspection.
     """
     ckpt = load_checkpoint(checkpoint)
+    if ckpt.config.pretrain.enabled:
+        raise ValueError(f"{checkpoint} is a saliency-prompt pre-training checkpoint; fine-tune it "
+                         "('sp-ray finetune --init') and export the fine-tuned checkpoint")
     # The checkpoint holds every weight; the backbone file named in the config may not exist here.
     cfg = ckpt.config
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, backbone_weights=None))

@@ -166,19 +166,30 @@ def cmd_propose(args: argparse.Namespace) -> None:
     print(json.dumps(summary, indent=2))
 
 
-def cmd_finetune(args: argparse.Namespace) -> None:
-    cfg = load_config(args.config, [*args.overrides, *_ray_overrides(args)])
+def _run_training_command(args: argparse.Namespace, *, pretrain: bool) -> None:
+    """finetune and pretrain: the same `fit` loop in Ray workers; pretrain.enabled builds the SP wrapper."""
+    extra = ["pretrain.enabled=true"] if pretrain else []
+    cfg = load_config(args.config, [*args.overrides, *_ray_overrides(args), *extra])
     if args.print_config:
         print(dump_config(cfg), end="")
         return
+    if not pretrain and cfg.pretrain.enabled:
+        raise ConfigError(f"{args.config} is a pre-training config (pretrain.enabled): run it with 'sp-ray pretrain'")
     from sp_ray.train.ray_train import run_training
 
     work_dir = Path(args.work_dir or Path("work_dirs") / Path(args.config).stem)
+    what = "the pseudo masks of 'sp-ray propose'" if pretrain else "a COCO-format training set"
     for key in ("train_annotations", "train_images"):
         if not getattr(cfg.data, key):
-            raise ConfigError(f"data.{key} is empty: set it in {args.config} or as data.{key}=PATH")
-    final = run_training(cfg, work_dir, init=args.init, resume=_resume_dir(args, work_dir))
-    print(f"final checkpoint: {final}")
+            raise ConfigError(f"data.{key} is empty: set it ({what}) in {args.config} or as data.{key}=PATH")
+    init = None if pretrain else args.init
+    final = run_training(cfg, work_dir, init=init, resume=_resume_dir(args, work_dir))
+    hint = f" (fine-tune it with: sp-ray finetune --config FILE --init {final})" if pretrain else ""
+    print(f"final checkpoint: {final}{hint}")
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    _run_training_command(args, pretrain=False)
 
 
 def _resume_dir(args: argparse.Namespace, work_dir: Path) -> Path | None:
@@ -191,21 +202,7 @@ def _resume_dir(args: argparse.Namespace, work_dir: Path) -> Path | None:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
-    cfg = load_config(args.config, [*args.overrides, *_ray_overrides(args), "pretrain.enabled=true"])
-    if args.print_config:
-        print(dump_config(cfg), end="")
-        return
-    from sp_ray.train.ray_train import run_training
-
-    work_dir = Path(args.work_dir or Path("work_dirs") / Path(args.config).stem)
-    for key in ("train_annotations", "train_images"):
-        if not getattr(cfg.data, key):
-            raise ConfigError(
-                f"data.{key} is empty: set it (the pseudo masks of 'sp-ray propose') as data.{key}=PATH"
-            )
-    # Pre-training is the fine-tuning loop (`fit`) with the pre-training wrapper that pretrain.enabled builds.
-    final = run_training(cfg, work_dir, resume=_resume_dir(args, work_dir))
-    print(f"final checkpoint: {final} (fine-tune it with: sp-ray finetune --config FILE --init {final})")
+    _run_training_command(args, pretrain=True)
 
 
 def cmd_analyze_kernels(args: argparse.Namespace) -> None:

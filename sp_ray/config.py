@@ -82,6 +82,7 @@ class DataConfig:
     max_size: int = 1333  # long side cap of the keep-ratio resize
     short_size: int = 800  # short side target of the keep-ratio resize
     flip_prob: float = 0.5
+    train_scale_range: list[float] = field(default_factory=lambda: [1.0, 1.0])  # multi-scale jitter of both sizes
     size_divisor: int = 32
     num_workers: int = 2  # DataLoader worker processes per training process
 

@@ -11,45 +11,10 @@ from torch import Tensor
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from export.geometry import resize_for_inference
 from sp_ray.types import Target
 
-
-def resize_for_inference(h: int, w: int, *, max_size: int, short_size: int) -> tuple[int, int]:
-    """Output size of the evaluation resize, in plain Python so the ONNX runtime can share it.
-
-    The rule is mmdet's ``Resize(scale=(max_size, short_size), keep_ratio=True)``: the short side
-    becomes ``short_size`` unless the long side would then exceed ``max_size``, in which case the
-    long side becomes ``max_size``. The arithmetic (float products truncated by ``int``) is the one
-    of ``torchvision.transforms.v2.Resize(size=short_size, max_size=max_size)``, so the two agree
-    to the pixel (mmdet rounds where torchvision truncates, so a side can differ from mmdet's by
-    1). When ``max_size <= short_size`` the long-side cap always binds and the rule is
-    ``v2.Resize(size=None, max_size=max_size)``.
-
-    Args:
-        h: input height in pixels.
-        w: input width in pixels.
-        max_size: cap on the long side.
-        short_size: target of the short side.
-
-    Returns:
-        (H, W) of the resized image.
-    """
-    _check_sizes(max_size=max_size, short_size=short_size)
-    if h <= 0 or w <= 0:
-        raise ValueError(f"image size must be positive, got h={h}, w={w}")
-    short, long = (w, h) if w <= h else (h, w)
-    if max_size <= short_size:
-        new_short, new_long = int(max_size * short / long), max_size
-    else:
-        new_short, new_long = short_size, int(short_size * long / short)
-        if new_long > max_size:
-            new_short, new_long = int(max_size * new_short / new_long), max_size
-    if new_short == 0:
-        raise ValueError(
-            f"an image of {h}x{w} (HxW) is too elongated for max_size={max_size}: its short side would be 0"
-        )
-    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
-    return new_h, new_w
+__all__ = ["RandomScaleResize", "build_transforms", "collate", "mask_boxes", "resize_for_inference"]
 
 
 class RefreshSizeAndBoxes:
@@ -68,7 +33,42 @@ class RefreshSizeAndBoxes:
         return image, Target(**{**target, "boxes": boxes, "image_size": (height, width)})
 
 
-def build_transforms(*, train: bool, max_size: int, short_size: int, flip_prob: float = 0.5) -> v2.Compose:
+def _keep_ratio_resize(*, max_size: int, short_size: int) -> v2.Resize:
+    if max_size <= short_size:
+        return v2.Resize(size=None, max_size=max_size, antialias=True)
+    return v2.Resize(size=short_size, max_size=max_size, antialias=True)
+
+
+class RandomScaleResize:
+    """Keep-ratio resize with both sizes multiplied by a factor drawn uniformly from ``scale_range``.
+
+    mmdet's multi-scale training in "range" mode: a cheap augmentation that makes a model trained on
+    few images see each object at many sizes. The factor comes from torch's global RNG, so it
+    follows the training loop's per-epoch seeding.
+    """
+
+    def __init__(self, *, max_size: int, short_size: int, scale_range: tuple[float, float]) -> None:
+        low, high = scale_range
+        if not 0 < low <= high:
+            raise ValueError(f"scale_range must satisfy 0 < low <= high, got {scale_range}")
+        self.max_size, self.short_size, self.low, self.high = max_size, short_size, low, high
+
+    def __call__(self, image: Tensor, target: Target) -> tuple[Tensor, Target]:
+        factor = self.low + (self.high - self.low) * float(torch.rand(()))
+        resize = _keep_ratio_resize(
+            max_size=max(32, round(self.max_size * factor)), short_size=max(32, round(self.short_size * factor))
+        )
+        return resize(image, target)
+
+
+def build_transforms(
+    *,
+    train: bool,
+    max_size: int,
+    short_size: int,
+    flip_prob: float = 0.5,
+    scale_range: tuple[float, float] = (1.0, 1.0),
+) -> v2.Compose:
     """Transforms for `CocoInstanceDataset` items: keep-ratio resize, horizontal flip when training.
 
     Masks (``tv_tensors.Mask``) are resized with nearest neighbour and stay bool; boxes
@@ -80,6 +80,8 @@ def build_transforms(*, train: bool, max_size: int, short_size: int, flip_prob: 
         max_size: cap on the long side (1333 for COCO).
         short_size: target of the short side (800 for COCO).
         flip_prob: flip probability, in [0, 1].
+        scale_range: when training, both sizes are multiplied by a random factor in this range
+            (``RandomScaleResize``); (1, 1) keeps the fixed resize.
 
     Returns:
         a callable ``(image, target) -> (image, target)``; the output size is
@@ -88,10 +90,10 @@ def build_transforms(*, train: bool, max_size: int, short_size: int, flip_prob: 
     _check_sizes(max_size=max_size, short_size=short_size)
     if not 0.0 <= flip_prob <= 1.0:
         raise ValueError(f"flip_prob must be in [0, 1], got {flip_prob}")
-    if max_size <= short_size:
-        resize = v2.Resize(size=None, max_size=max_size, antialias=True)
+    if train and tuple(scale_range) != (1.0, 1.0):
+        resize: Any = RandomScaleResize(max_size=max_size, short_size=short_size, scale_range=tuple(scale_range))
     else:
-        resize = v2.Resize(size=short_size, max_size=max_size, antialias=True)
+        resize = _keep_ratio_resize(max_size=max_size, short_size=short_size)
     steps: list[Any] = [resize]
     if train and flip_prob > 0:
         steps.append(v2.RandomHorizontalFlip(p=flip_prob))

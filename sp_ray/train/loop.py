@@ -85,8 +85,9 @@ def train_step(
     model.train()
     use_amp = amp and images.device.type == "cuda"
     with torch.autocast(device_type=images.device.type, dtype=torch.bfloat16, enabled=use_amp):
-        # Detectors that compute their own losses (torchvision Mask R-CNN) take the targets in forward.
-        outputs = model(images.float(), targets) if isinstance(criterion, ModelLosses) else model(images.float())
+        # Models that compute their own losses (torchvision Mask R-CNN) take the targets in forward.
+        own_losses = isinstance(criterion, ModelLosses)
+        outputs = model(images.float(), targets) if own_losses else model(images.float())
     losses = criterion(_to_float32(outputs), targets)
     total = sum(losses.values())
     values = {name: value.detach().item() for name, value in losses.items()}
@@ -229,6 +230,7 @@ def fit(
         cfg.data.train_annotations, cfg.data.train_images,
         transforms=build_transforms(
             train=True, max_size=cfg.data.max_size, short_size=cfg.data.short_size, flip_prob=cfg.data.flip_prob,
+            scale_range=tuple(cfg.data.train_scale_range),
         ),
         # Pre-training: each pseudo mask carries its saliency query (target "queries") for L_ker.
         extra_per_annotation=load_saliency_queries(cfg) if cfg.pretrain.enabled else None,

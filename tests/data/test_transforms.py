@@ -175,3 +175,30 @@ def test_collate_rejects_empty_batch_and_bad_divisor() -> None:
         collate([])
     with pytest.raises(ValueError, match="size_divisor"):
         collate([_item(8, 8)], size_divisor=0)
+
+
+def test_random_scale_resize_varies_size_and_keeps_masks_aligned():
+    import torch
+    from torchvision import tv_tensors
+
+    from sp_ray.data.transforms import build_transforms, mask_boxes
+
+    masks = torch.zeros(1, 100, 160, dtype=torch.bool)
+    masks[0, 20:60, 30:90] = True
+    image = tv_tensors.Image(torch.zeros(3, 100, 160, dtype=torch.uint8))
+    target = {"labels": torch.tensor([0]), "masks": tv_tensors.Mask(masks),
+              "boxes": tv_tensors.BoundingBoxes([[30, 20, 90, 60]], format="XYXY", canvas_size=(100, 160)),
+              "image_id": 1, "orig_size": (100, 160), "image_size": (100, 160)}
+    transform = build_transforms(train=True, max_size=160, short_size=100, flip_prob=0.0, scale_range=(0.5, 1.5))
+    torch.manual_seed(0)
+    sizes = set()
+    for _ in range(8):
+        out_image, out = transform(image, target)
+        sizes.add(tuple(out_image.shape[-2:]))
+        assert out["image_size"] == tuple(out_image.shape[-2:])
+        assert torch.equal(out["boxes"].as_subclass(torch.Tensor), mask_boxes(out["masks"].as_subclass(torch.Tensor)))
+        h, w = out_image.shape[-2:]
+        assert abs(w / h - 1.6) < 0.05
+    assert len(sizes) > 4
+    fixed = build_transforms(train=False, max_size=160, short_size=100, scale_range=(0.5, 1.5))
+    assert tuple(fixed(image, target)[0].shape[-2:]) == (100, 160)
