@@ -477,19 +477,19 @@ def propose(
     shards = [items[start : start + size] for start in range(0, len(items), size)]
     run = _run_identity(cfg)
     fingerprints = [_fingerprint(run, shard) for shard in shards]
-    todo = [index for index in range(len(shards)) if not _shard_done(shard_dir, index, fingerprints[index])]
+    pending = [index for index in range(len(shards)) if not _shard_done(shard_dir, index, fingerprints[index])]
     log.info(
         "propose: %d images in %d shards, %d done before, %d to compute",
         len(items),
         len(shards),
-        len(shards) - len(todo),
-        len(todo),
+        len(shards) - len(pending),
+        len(pending),
     )
     computed_images, seconds = 0, 0.0
-    if todo:
+    if pending:
         start = time.perf_counter()
         computed_images = _run_shards(
-            cfg, shard_dir, [(index, shards[index], fingerprints[index]) for index in todo]
+            cfg, shard_dir, [(index, shards[index], fingerprints[index]) for index in pending]
         )
         seconds = time.perf_counter() - start
         log.info(
@@ -509,23 +509,23 @@ def propose(
     summary.update(
         images_listed=len(items),
         shards=len(shards),
-        shards_computed=len(todo),
-        shards_reused=len(shards) - len(todo),
+        shards_computed=len(pending),
+        shards_reused=len(shards) - len(pending),
         seconds=round(seconds, 3),
-        images_per_s=round(computed_images / seconds, 3) if todo else None,
+        images_per_s=round(computed_images / seconds, 3) if pending else None,
     )
     return summary
 
 
-def _run_shards(cfg: Config, shard_dir: Path, todo: list[tuple[int, list[dict[str, Any]], str]]) -> int:
+def _run_shards(cfg: Config, shard_dir: Path, pending: list[tuple[int, list[dict[str, Any]], str]]) -> int:
     import ray
     import ray.data
 
     if not ray.is_initialized():
         ray.init(include_dashboard=False)
     gpus = int(ray.cluster_resources().get("GPU", 0))
-    actors = min(cfg.propose.num_actors or max(1, gpus), len(todo))
-    rows = [{"shard": index, "items": json.dumps(items), "fingerprint": fp} for index, items, fp in todo]
+    actors = min(cfg.propose.num_actors or max(1, gpus), len(pending))
+    rows = [{"shard": index, "items": json.dumps(items), "fingerprint": fp} for index, items, fp in pending]
     dataset = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
         _ShardActor,
         fn_constructor_kwargs={"cfg": cfg, "shard_dir": str(shard_dir), "use_gpu": gpus > 0},

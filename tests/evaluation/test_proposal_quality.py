@@ -170,3 +170,13 @@ def test_foreground_scores_pool_images() -> None:
     with pytest.raises(ValueError, match="differ in shape"):
         foreground_scores(pred[0], truth[0][:5])
     assert math.isnan(foreground_scores(pred[1], pred[1]).foreground_iou)
+
+
+def test_probe_predict_batched_equals_single_image() -> None:
+    features = torch.cat([_separable(3)[0], _separable(4)[0]])  # (2, 4, 16, 16)
+    probe = LinearProbe(weight=torch.tensor([1.0, -1.0, 0.1, 0.0]), bias=torch.tensor(0.0),
+                        mean=torch.zeros(4), std=torch.ones(4))
+    batched = probe_predict(probe, features, (32, 32))
+    assert batched.shape == (2, 32, 32)
+    for row in range(2):
+        assert torch.equal(batched[row], probe_predict(probe, features[row : row + 1], (32, 32))[0])
