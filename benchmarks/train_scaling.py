@@ -64,7 +64,7 @@ def main() -> None:
 
         import ray
 
-        ray.init(num_cpus=max(2, args.cpus), include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=max(2, args.cpus), include_dashboard=False, log_to_driver=False)
         run_training(load_config(CONFIG, [*base, "train.num_workers=1",
                                           f"train.resources_per_worker={{CPU: {args.cpus}}}"]), tmp / "ray1")
         runs["Ray Train, 1 worker"] = epoch_throughput(tmp / "ray1")

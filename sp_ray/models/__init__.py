@@ -12,8 +12,8 @@ from torch import nn
 
 from sp_ray.config import Config
 from sp_ray.models.knet import build_knet
-from sp_ray.models.losses import KNetCriterion
-from sp_ray.models.maskrcnn import ModelLosses, build_maskrcnn, postprocess_maskrcnn
+from sp_ray.models.losses import KNetCriterion, ModelLosses
+from sp_ray.models.maskrcnn import build_maskrcnn, postprocess_maskrcnn
 from sp_ray.models.matcher import HungarianMatcher
 from sp_ray.models.postprocess import postprocess
 from sp_ray.pretrain.sp_model import build_sp_pretrainer

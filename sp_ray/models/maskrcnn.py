@@ -136,14 +136,6 @@ class MaskRCNN(nn.Module):
         )
 
 
-class ModelLosses(nn.Module):
-    """The criterion of a model that computes its own losses: ``train_step`` then calls
-    ``model(images, targets)`` and this returns the model's loss dict unchanged."""
-
-    def forward(self, losses: dict[str, Tensor], targets: list[Target]) -> dict[str, Tensor]:
-        return losses
-
-
 def build_maskrcnn(
     *,
     num_classes: int,

@@ -23,8 +23,7 @@ from torch import Tensor, nn
 
 from sp_ray.config import Config, ConfigError, PretrainConfig
 from sp_ray.models.knet import SIZE_DIVISOR, KNet
-from sp_ray.models.losses import KNetCriterion
-from sp_ray.models.maskrcnn import ModelLosses
+from sp_ray.models.losses import KNetCriterion, ModelLosses
 from sp_ray.pretrain.kernel_loss import SaliencyProjection, angle_preservation_loss, kernel_supervision_loss
 from sp_ray.pretrain.prompts import (
     PROMPT_RULES,

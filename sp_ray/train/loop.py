@@ -23,7 +23,7 @@ from sp_ray.data.coco import CocoInstanceDataset
 from sp_ray.data.transforms import build_transforms, collate
 from sp_ray.evaluation.coco_eval import evaluate_model, format_metrics
 from sp_ray.models import build_model
-from sp_ray.models.maskrcnn import ModelLosses
+from sp_ray.models.losses import ModelLosses
 from sp_ray.pretrain.sp_model import load_saliency_queries
 from sp_ray.train.checkpoint import load_checkpoint, load_init_weights, save_checkpoint
 from sp_ray.train.device import select_device

@@ -15,7 +15,8 @@ from sp_ray.data.transforms import build_transforms, collate
 from sp_ray.evaluation.coco_eval import predict_coco
 from sp_ray.models import POSTPROCESSORS, build_model
 from sp_ray.models.knet import build_knet
-from sp_ray.models.maskrcnn import MaskRCNN, ModelLosses, build_maskrcnn, postprocess_maskrcnn
+from sp_ray.models.losses import ModelLosses
+from sp_ray.models.maskrcnn import MaskRCNN, build_maskrcnn, postprocess_maskrcnn
 from sp_ray.train.checkpoint import load_init_weights
 from sp_ray.train.loop import train_step
 from sp_ray.train.optim import build_optimizer, build_scheduler

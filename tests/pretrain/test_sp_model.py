@@ -17,7 +17,7 @@ from sp_ray.data.transforms import build_transforms, collate
 from sp_ray.evaluation.kernel_analysis import CELL_INCHES, DPI, analyze_kernels
 from sp_ray.models import build_model
 from sp_ray.models.knet import KNet
-from sp_ray.models.maskrcnn import ModelLosses
+from sp_ray.models.losses import ModelLosses
 from sp_ray.pretrain.sp_model import SaliencyPromptPretrainer
 from sp_ray.train.checkpoint import WRAPPED_MODEL_PREFIX, load_checkpoint, load_init_weights
 from sp_ray.train.loop import fit
