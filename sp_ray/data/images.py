@@ -11,6 +11,8 @@ from PIL import ExifTags, Image, ImageOps
 _TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}
 _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
 
 def load_image_rgb(path: str | Path) -> np.ndarray:
     """Decode an image file to RGB uint8 in display orientation.
@@ -85,3 +87,29 @@ def _to_rgb_uint8(image: Image.Image) -> np.ndarray:
     if image.mode != "RGB":
         image = image.convert("RGB")
     return np.array(image, dtype=np.uint8)
+
+
+def list_image_files(root: str | Path) -> list[Path]:
+    """Every image file under ``root`` (recursively), sorted, hidden files and folders excluded.
+
+    Args:
+        root: a folder.
+
+    Returns:
+        Paths whose suffix (any case) is one of ``IMAGE_EXTENSIONS``.
+
+    Raises:
+        FileNotFoundError: ``root`` is not a folder.
+        ValueError: no image file was found.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} does not exist or is not a folder; pass --images DIR")
+    files = sorted(
+        p for p in root.rglob("*")
+        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
+    if not files:
+        raise ValueError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
+    return files

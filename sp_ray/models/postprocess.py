@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sp_ray.data.transforms import mask_boxes
 from sp_ray.types import ModelOutputs
 
 
@@ -41,26 +42,6 @@ def select_topk(pred_logits: Tensor, pred_masks: Tensor, *, k: int) -> tuple[Ten
     labels = torch.gather(labels, 1, order)
     masks = torch.gather(masks, 1, order[:, :, None, None].expand(-1, -1, h, w))
     return scores, labels, masks
-
-
-def masks_to_boxes(masks: Tensor) -> Tensor:
-    """Tight boxes around boolean masks.
-
-    Args:
-        masks: bool [K, H, W].
-
-    Returns:
-        float32 [K, 4] xyxy in pixels, x2 / y2 exclusive (last column / row + 1); all zeros for an empty mask.
-    """
-    _, height, width = masks.shape
-    rows = masks.any(2)  # (K, H)
-    cols = masks.any(1)  # (K, W)
-    y1 = rows.int().argmax(1)
-    y2 = height - rows.flip(1).int().argmax(1)
-    x1 = cols.int().argmax(1)
-    x2 = width - cols.flip(1).int().argmax(1)
-    boxes = torch.stack((x1, y1, x2, y2), dim=1).to(torch.float32)
-    return boxes * rows.any(1, keepdim=True)
 
 
 def resize_mask_logits(
@@ -158,7 +139,7 @@ def postprocess(
                 "scores": scores[b][keep],
                 "labels": labels[b][keep],
                 "masks": masks,
-                "boxes": masks_to_boxes(masks),
+                "boxes": mask_boxes(masks),
             }
         )
     return results

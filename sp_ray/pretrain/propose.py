@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from sp_ray.config import Config, ConfigError, ProposeConfig
 from sp_ray.data.coco import SIZE_MISMATCH, DatasetSkipWarning
-from sp_ray.data.images import load_image_rgb
+from sp_ray.data.images import list_image_files, load_image_rgb
 from sp_ray.data.transforms import resize_for_inference
 from sp_ray.models.backbone import build_resnet
 from sp_ray.models.knet import IMAGENET_MEAN, IMAGENET_STD, SIZE_DIVISOR
@@ -42,7 +42,6 @@ from sp_ray.pretrain.saliency import Proposals, saliency_proposals
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 UNDECODABLE = "cannot decode image"
 TOO_ELONGATED = "too elongated for the keep-ratio resize"
 CATEGORY = {"id": 1, "name": "object"}
@@ -71,9 +70,9 @@ def list_images(images: str | Path, image_root: str | Path | None = None) -> lis
     """The images to propose on: a folder (searched recursively) or the ``images`` of a COCO json.
 
     Args:
-        images: a folder of image files (extensions in ``IMAGE_EXTENSIONS``, case-insensitive; hidden
-            files skipped), or a COCO json whose ``images`` entries (id, file_name, optionally height and
-            width) are used and whose annotations, if any, are ignored.
+        images: a folder of image files (as ``sp_ray.data.images.list_image_files`` finds them), or a
+            COCO json whose ``images`` entries (id, file_name, optionally height and width) are used and
+            whose annotations, if any, are ignored.
         image_root: folder the json's file names are relative to; default the json's folder. Not used
             for a folder input.
 
@@ -87,15 +86,7 @@ def list_images(images: str | Path, image_root: str | Path | None = None) -> lis
     """
     source = Path(images)
     if source.is_dir():
-        files = sorted(
-            path.relative_to(source).as_posix()
-            for path in source.rglob("*")
-            if path.is_file()
-            and path.suffix.lower() in IMAGE_EXTENSIONS
-            and not any(part.startswith(".") for part in path.relative_to(source).parts)
-        )
-        if not files:
-            raise ValueError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found under {source}")
+        files = sorted(path.relative_to(source).as_posix() for path in list_image_files(source))
         return [
             {"id": index + 1, "file_name": name, "path": str(source / name), "height": None, "width": None}
             for index, name in enumerate(files)

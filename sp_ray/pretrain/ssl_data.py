@@ -14,40 +14,12 @@ from torch.utils.data import Dataset
 from torchvision import transforms as T
 
 from sp_ray.config import SSLConfig
-from sp_ray.data.images import load_image_rgb
+from sp_ray.data.images import list_image_files, load_image_rgb
 
 log = logging.getLogger("sp_ray")
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-
 # The blur radii of the config are for 224 px crops (MoCo-v2); smaller crops get proportionally less.
 _REFERENCE_SIZE = 224
-
-
-def list_images(root: str | Path) -> list[Path]:
-    """Every image file under ``root`` (recursively), sorted, hidden files and folders excluded.
-
-    Args:
-        root: a folder.
-
-    Returns:
-        Paths whose suffix (any case) is one of ``IMAGE_EXTENSIONS``.
-
-    Raises:
-        FileNotFoundError: ``root`` is not a folder.
-        ValueError: no image file was found.
-    """
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"image folder {root} does not exist or is not a folder; pass --images DIR")
-    files = sorted(
-        p for p in root.rglob("*")
-        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-        and not any(part.startswith(".") for part in p.relative_to(root).parts)
-    )
-    if not files:
-        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
-    return files
 
 
 class UnlabeledImageFolder(Dataset):
@@ -57,13 +29,13 @@ class UnlabeledImageFolder(Dataset):
     names it and counts the files skipped so far in this process.
 
     Args:
-        root: folder searched recursively (see ``list_images``).
+        root: folder searched recursively (see ``sp_ray.data.images.list_image_files``).
         transform: called on a PIL RGB image; its result is the item.
     """
 
     def __init__(self, root: str | Path, *, transform: Callable[[Image.Image], Any]) -> None:
         self.root = Path(root)
-        self.files = list_images(self.root)
+        self.files = list_image_files(self.root)
         self.transform = transform
         self.skipped = 0
 

@@ -277,9 +277,9 @@ def fit(
         )
         step += len(loader)
         names = sorted(stats.losses)
-        totals = session.all_reduce_sum([stats.images, *(stats.losses[n] for n in names)])
-        seconds = max(session.all_reduce_sum([stats.seconds])[0] / world_size, 1e-9)
-        mean_losses = {n: v / world_size for n, v in zip(names, totals[1:], strict=True)}
+        totals = session.all_reduce_sum([stats.images, stats.seconds, *(stats.losses[n] for n in names)])
+        seconds = max(totals[1] / world_size, 1e-9)
+        mean_losses = {n: v / world_size for n, v in zip(names, totals[2:], strict=True)}
         metrics = {"epoch": epoch + 1, "step": step, **mean_losses,
                    "images_per_second": totals[0] / seconds, "lr": optimizer.param_groups[0]["lr"],
                    "images": int(totals[0]), "time": time.time()}

@@ -7,7 +7,7 @@ from torchvision.models.detection.roi_heads import paste_masks_in_image
 from torchvision.transforms.v2 import functional as TF
 
 from export.resample import masks_to_boxes, paste_masks, resize_image, resize_mask_logits
-from sp_ray.models.postprocess import masks_to_boxes as torch_masks_to_boxes
+from sp_ray.data.transforms import mask_boxes as torch_masks_to_boxes
 from sp_ray.models.postprocess import resize_mask_logits as torch_resize_mask_logits
 
 

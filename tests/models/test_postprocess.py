@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sp_ray.models.postprocess import masks_to_boxes, postprocess, resize_mask_logits, select_topk
+from sp_ray.data.transforms import mask_boxes
+from sp_ray.models.postprocess import postprocess, resize_mask_logits, select_topk
 from sp_ray.types import ModelOutputs
 
 
@@ -51,7 +52,7 @@ def test_masks_to_boxes_exclusive_corners_and_empty() -> None:
     masks = torch.zeros(3, 10, 12, dtype=torch.bool)
     masks[0, 2:5, 3:9] = True
     masks[1, 9, 0] = True
-    boxes = masks_to_boxes(masks)
+    boxes = mask_boxes(masks)
     assert boxes.dtype == torch.float32
     assert boxes.tolist() == [[3, 2, 9, 5], [0, 9, 1, 10], [0, 0, 0, 0]]
 

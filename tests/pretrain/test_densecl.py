@@ -334,7 +334,7 @@ def test_image_folder_skips_unreadable_files_and_rejects_empty(images: Path, tmp
     assert dataset[0] == (64, 64) and dataset.skipped == 1  # the broken file is replaced by the next one
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(ValueError, match="no images"):
+    with pytest.raises(ValueError, match="no image files"):
         UnlabeledImageFolder(empty, transform=lambda image: image)
     with pytest.raises(FileNotFoundError, match="--images"):
         UnlabeledImageFolder(tmp_path / "missing", transform=lambda image: image)
