@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from sp_ray.config import ProposeConfig, load_config
 from sp_ray.data.coco import read_coco_json
-from sp_ray.data.images import load_image_rgb
+from sp_ray.data.images import link_images, load_image_rgb
 from sp_ray.data.synthetic import write_synthetic_dataset
 from sp_ray.evaluation.proposal_quality import (
     best_iou_per_instance,
@@ -159,10 +159,7 @@ def c5_ceiling(items: list[tuple[np.ndarray, Tensor]], grid: int) -> float:
 
 def train_ssl_backbone(data: dict[str, Path], work: Path, args: argparse.Namespace) -> tuple[Path, dict]:
     """Run DenseCL on the train images only; return the backbone file and a summary of the run."""
-    images = work / "ssl_images"
-    images.mkdir(parents=True)
-    for image in read_coco_json(data["train"])["images"]:
-        (images / image["file_name"]).symlink_to(data["images"] / image["file_name"])
+    images = link_images(data["train"], data["images"], work / "ssl_images")
     cfg = load_config(args.ssl_config, [f"model.depth={args.depth}", f"train.seed={args.seed}",
                                         f"ssl.epochs={args.ssl_epochs}", *args.ssl_override])
     final = train_densecl(cfg, images, work / "ssl")

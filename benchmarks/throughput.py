@@ -1,10 +1,10 @@
-"""Inference throughput: K-Net against Mask R-CNN, PyTorch eager and onnxruntime, in one run.
+"""Inference throughput: the query-based families against Mask R-CNN, PyTorch eager and onnxruntime, in one run.
 
-Both models get the same ResNet depth, input size and number of classes, random weights (speed does
+The models get the same ResNet depth, input size and number of classes, random weights (speed does
 not depend on them, with one exception handled below), and the same measurement:
 
 - "model": the exported graph's computation, uint8 batch [B, 3, S, S] in, fixed-size detections
-  out (K-Net: backbone, heads and top-k; Mask R-CNN: backbone, RPN, box head, NMS, mask head),
+  out (K-Net, Mask2Former: backbone, heads and top-k; Mask R-CNN: backbone, RPN, box head, NMS, mask head),
   in PyTorch eager (the export adapter, ``torch.inference_mode``) and in onnxruntime (K-Net: one
   dynamic-batch graph; Mask R-CNN: one fixed-batch graph per batch size, as its exporter requires).
 - "end-to-end" (onnxruntime only): ``Segmenter.predict_batch`` on S x S uint8 images, i.e. what a
@@ -23,6 +23,8 @@ default when a GPU is present) PyTorch runs on the GPU and onnxruntime must run 
 execution provider: the run stops if onnxruntime falls back to the CPU.
 
     python benchmarks/throughput.py --depth 50 --size 512 --batches 1 8 --out benchmarks/results/cpu_r50_512
+    python benchmarks/throughput.py --families knet mask2former maskrcnn ...   # with Mask2Former
+    python benchmarks/throughput.py --families knet queryinst maskrcnn ...     # with QueryInst
 
 writes OUT.json, OUT.md (the table printed at the end) and OUT.png (bar chart of images/s).
 """
@@ -51,16 +53,21 @@ from sp_ray.config import Config, load_config
 from sp_ray.models import build_model
 from sp_ray.models.maskrcnn import build_maskrcnn
 
-TITLES = {"knet": "K-Net", "maskrcnn": "Mask R-CNN"}
+TITLES = {"knet": "K-Net", "mask2former": "Mask2Former", "queryinst": "QueryInst", "maskrcnn": "Mask R-CNN"}
+# Settings of a family that differ from the dataclass defaults (Mask2Former: the paper's 9 decoder layers;
+# QueryInst: its 6 dynamic stages).
+FAMILY_OVERRIDES = {"mask2former": ["model.num_stages=9"], "queryinst": ["model.num_stages=6"]}
 RUNTIMES = ("torch", "onnxruntime", "onnxruntime-e2e")
 
 
 def bench_config(job: dict) -> Config:
-    """The config of a benchmarked model: the defaults of each family (K-Net: 100 kernels, 3 stages)."""
+    """The config of a benchmarked model: the defaults of each family (K-Net: 100 kernels, 3 stages;
+    Mask2Former: 100 queries, 9 decoder layers, 6 pixel-decoder layers)."""
     size, family = job["size"], job["family"]
     return load_config(None, [
         f"model.name={family}", f"model.depth={job['depth']}", f"model.num_classes={job['num_classes']}",
         f"data.max_size={size}", f"data.short_size={size}", f"eval.topk={job['topk']}",
+        *FAMILY_OVERRIDES.get(family, []),
     ])  # fmt: skip
 
 
@@ -235,13 +242,13 @@ def markdown_table(results: list[dict]) -> str:
 
 
 def speedups(results: list[dict]) -> list[str]:
-    """K-Net / Mask R-CNN images/s for every runtime and batch both were measured with."""
+    """Query-based model / Mask R-CNN images/s for every runtime and batch both were measured with."""
     index = {(r["family"], r["runtime"], r["batch"]): r["images_per_second"] for r in results}
     lines = []
     for (family, runtime, batch), value in index.items():
         other = index.get(("maskrcnn", runtime, batch))
-        if family == "knet" and other:
-            lines.append(f"K-Net / Mask R-CNN, {runtime}, batch {batch}: {value / other:.2f}x")
+        if family != "maskrcnn" and other:
+            lines.append(f"{TITLES[family]} / Mask R-CNN, {runtime}, batch {batch}: {value / other:.2f}x")
     return lines
 
 

@@ -29,7 +29,7 @@ class ModelInfo:
     """Facts the runtime needs besides the graph.
 
     Attributes:
-        family: ``model.name`` of the checkpoint ("knet", "maskrcnn").
+        family: ``model.name`` of the checkpoint ("knet", "mask2former", "maskrcnn").
         output_format: ``KNET_FORMAT`` or ``ROI_FORMAT``.
         class_names: category names by contiguous label.
         cat_ids: COCO category id of each contiguous label.
@@ -38,7 +38,7 @@ class ModelInfo:
         size_divisor: padded input sides are multiples of this.
         input_size: fixed (H, W) of the graph input, or None for any size (multiples of size_divisor).
         batch_size: fixed batch of the graph input, or None for any batch.
-        mask_stride: stride of K-Net's mask logits (unused by ``ROI_FORMAT``).
+        mask_stride: stride of the mask logits of ``KNET_FORMAT`` (K-Net 8, Mask2Former 4; unused by ``ROI_FORMAT``).
         topk: detections per image in the graph.
         score_threshold: default score threshold of the runtime (detections with score > it are kept).
         mask_threshold: mask pixels are those with probability > it.

@@ -7,7 +7,7 @@ data-dependent in size (thresholds, resampling to the original image, boxes from
 left to the numpy runtime, configured by the metadata stored in the model.
 
 Pipeline of ``export_checkpoint``: build the model from the checkpoint's config, export fp32
-(K-Net with the dynamo exporter, ``32 * Dim`` sides; Mask R-CNN with the TorchScript exporter, which
+(K-Net and Mask2Former with the dynamo exporter, ``32 * Dim`` sides; Mask R-CNN with the TorchScript exporter, which
 torchvision's detection models need), ``onnx.checker`` with shape inference, onnxruntime's basic
 (hardware-independent) graph optimisations, optional fp16 conversion or dynamic int8 quantization,
 metadata, and the parity check of the final model against PyTorch fp32 on sample images.
@@ -39,7 +39,9 @@ from sp_ray.config import Config, config_hash
 from sp_ray.data.images import load_image_rgb
 from sp_ray.models import build_model
 from sp_ray.models.knet import IMAGENET_MEAN, IMAGENET_STD, MASK_STRIDE
+from sp_ray.models.mask2former import MASK_STRIDE as MASK2FORMER_STRIDE
 from sp_ray.models.postprocess import select_topk
+from sp_ray.models.queryinst import MASK_STRIDE as QUERYINST_STRIDE
 from sp_ray.train.checkpoint import load_checkpoint
 
 log = logging.getLogger("sp_ray")
@@ -55,7 +57,7 @@ class KNetExport(nn.Module):
     """K-Net for export: uint8 images in, the k best (kernel, class) pairs out.
 
     Args:
-        model: a trained ``KNet`` (eval mode).
+        model: a trained ``KNet`` or ``Mask2Former`` (eval mode).
         k: detections per image (``eval.topk``, at most N * C).
     """
 
@@ -68,7 +70,8 @@ class KNetExport(nn.Module):
         """Args: images uint8 [B, 3, H, W] (RGB 0..255, H and W multiples of 32).
 
         Returns:
-            (scores float [B, k], labels int64 [B, k], mask_logits float [B, k, H/8, W/8]).
+            (scores float [B, k], labels int64 [B, k], mask_logits float [B, k, H/s, W/s], s the
+            family's mask stride).
         """
         outputs = self.model(images.float())
         return select_topk(outputs["pred_logits"], outputs["pred_masks"], k=self.k)
@@ -106,6 +109,7 @@ class ExportFamily:
         dynamo: True for the torch.export-based exporter, False for the TorchScript one.
         dynamic_batch: whether a dynamic batch dimension can be exported.
         fp16: whether onnxruntime's fp16 converter handles the graph.
+        mask_stride: stride of the ``mask_logits`` output relative to the input (``KNET_FORMAT``).
     """
 
     output_format: str
@@ -113,15 +117,23 @@ class ExportFamily:
     dynamo: bool
     dynamic_batch: bool
     fp16: bool
+    mask_stride: int
 
 
 FAMILIES: dict[str, ExportFamily] = {
     "knet": ExportFamily(KNET_FORMAT, lambda model, k: KNetExport(model, k=k), dynamo=True,
-                         dynamic_batch=True, fp16=True),
+                         dynamic_batch=True, fp16=True, mask_stride=MASK_STRIDE),
+    # Same outputs as K-Net (sigmoid-compatible class logits, masks at stride 4): the same adapter.
+    "mask2former": ExportFamily(KNET_FORMAT, lambda model, k: KNetExport(model, k=k), dynamo=True,
+                                dynamic_batch=True, fp16=True, mask_stride=MASK2FORMER_STRIDE),
+    # QueryInst's RoI masks are pasted into a stride-4 grid inside the model, so it has K-Net's outputs too;
+    # its RoIAlign exports as ONNX RoiAlign (opset >= 16, half_pixel = torchvision's aligned=True).
+    "queryinst": ExportFamily(KNET_FORMAT, lambda model, k: KNetExport(model, k=k), dynamo=True,
+                              dynamic_batch=True, fp16=True, mask_stride=QUERYINST_STRIDE),
     # torchvision's detection models only export with the TorchScript exporter, which unrolls the
     # per-image loops (fixed batch); onnxruntime's fp16 converter breaks the NMS subgraphs (If nodes).
     "maskrcnn": ExportFamily(ROI_FORMAT, lambda model, k: RoIExport(model), dynamo=False,
-                             dynamic_batch=False, fp16=False),
+                             dynamic_batch=False, fp16=False, mask_stride=MASK_STRIDE),
 }
 
 
@@ -154,7 +166,7 @@ def model_info(
         size_divisor=cfg.data.size_divisor,
         input_size=input_size,
         batch_size=batch_size,
-        mask_stride=MASK_STRIDE,
+        mask_stride=FAMILIES[cfg.model.name].mask_stride,
         topk=topk_of(cfg),
         score_threshold=cfg.eval.score_threshold,
         mask_threshold=cfg.eval.mask_threshold,
@@ -167,8 +179,8 @@ def model_info(
 
 
 def topk_of(cfg: Config) -> int:
-    """Detections per image in the graph: ``eval.topk``, capped at N * C for K-Net."""
-    if cfg.model.name == "knet":
+    """Detections per image in the graph: ``eval.topk``, capped at N * C for the top-k families."""
+    if FAMILIES[cfg.model.name].output_format == KNET_FORMAT:
         return min(cfg.eval.topk, cfg.model.num_kernels * cfg.model.num_classes)
     return cfg.eval.topk
 
@@ -259,6 +271,12 @@ def export_model(
         options.optimized_model_filepath = str(optimized)
         ort.InferenceSession(str(raw), options, providers=["CPUExecutionProvider"])
         proto = onnx.load(str(optimized))
+        # onnxruntime's optimiser leaves value_info on the constants it folded; an initializer's shape is
+        # its own, and a stale copy breaks the int8 quantizer when it transposes a Gemm weight (QueryInst).
+        initializers = {tensor.name for tensor in proto.graph.initializer}
+        kept = [value for value in proto.graph.value_info if value.name not in initializers]
+        del proto.graph.value_info[:]
+        proto.graph.value_info.extend(kept)
         _set_metadata(proto, info)
         onnx.checker.check_model(proto)
         onnx.save(proto, str(out))

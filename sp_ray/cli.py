@@ -2,7 +2,8 @@
 
     sp-ray data synthetic --out DIR [--num-images N] [--image-size S] [--seed K]
     sp-ray data split --annotations A.json --fractions 0.01 0.05 0.1 --seed 0 --out DIR
-    sp-ray propose --images DIR_OR_JSON --out pseudo/ [--config FILE] [--image-root DIR] [KEY=VALUE ...]
+    sp-ray propose --images DIR_OR_JSON --out pseudo/ [--config FILE] [--image-root DIR] [--from-checkpoint CKPT]
+                   [--proposer saliency|clip] [KEY=VALUE ...]
     sp-ray pretrain --config FILE [--work-dir DIR] [--resume [CKPT]] [--num-workers N] [--gpu] [KEY=VALUE ...]
     sp-ray finetune --config FILE [--init CKPT] [--work-dir DIR] [--resume [CKPT]] [KEY=VALUE ...]
     sp-ray analyze-kernels --checkpoint CKPT --images DIR_OR_JSON [--out kernels.png] [--num-images N]
@@ -10,7 +11,8 @@
     sp-ray evaluate --onnx model.onnx --annotations A.json --images DIR [--out metrics.json]
     sp-ray export --checkpoint CKPT --out model.onnx [--opset N] [--input-size HxW | --dynamic-size]
                   [--batch N | --dynamic-batch] [--fp16 | --int8]
-    sp-ray demo [--out runs/demo] [--force]
+    sp-ray tune --config SWEEP.yaml [--resume] [KEY=VALUE ...]
+    sp-ray demo [--out runs/demo] [--force | --redo STEP ...] [--tiny]
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ from sp_ray.train.checkpoint import is_checkpoint
 log = logging.getLogger("sp_ray")
 
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+# The steps of `sp-ray demo`, in order (sp_ray.demo.pipeline.build_steps; listed here to keep the parser light).
+DEMO_STEPS = ("data", "splits", "ssl", "propose", "pretrain", "finetune", "evaluate", "kernels", "export", "onnx",
+              "throughput", "report")
 
 
 def _add_config_args(p: argparse.ArgumentParser, *, required: bool = True) -> None:
@@ -67,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--images", required=True, help="image folder, or a COCO json whose images are used")
     pr.add_argument("--out", required=True, help="output folder: annotations.json, prompts.npy, shards/")
     pr.add_argument("--image-root", default=None, help="folder of a json's file names (default: the json's)")
+    pr.add_argument("--from-checkpoint", default=None, metavar="CKPT",
+                    help="self-training: pseudo masks from this trained model's confident predictions (selftrain.*)")
+    pr.add_argument("--proposer", choices=("saliency", "clip"), default=None,
+                    help="sets propose.proposer; clip = language-vision prompts from a local CLIP model (clip.*)")
     _add_config_args(pr, required=False)
 
     ft = sub.add_parser("finetune", help="supervised training on a COCO-format set")
@@ -77,14 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="continue from a checkpoint directory (default: WORK_DIR/last)")
     _add_ray_args(ft)
 
-    pt = sub.add_parser("pretrain", help="saliency-prompt pre-training of K-Net on pseudo masks (Ray Train)")
+    pt = sub.add_parser("pretrain", help="saliency-prompt pre-training of a QEIS model on pseudo masks (Ray Train)")
     _add_config_args(pt)
+    pt.add_argument("--init", help="checkpoint directory to initialise from (self-training: the last round's final/)")
     pt.add_argument("--work-dir", help="output directory (default: work_dirs/<config name>)")
     pt.add_argument("--resume", nargs="?", const="", default=None,
                     help="continue from a checkpoint directory (default: WORK_DIR/last)")
     _add_ray_args(pt)
 
-    ak = sub.add_parser("analyze-kernels", help="average mask of every K-Net kernel over images, as a grid PNG")
+    ak = sub.add_parser("analyze-kernels", help="average mask of every kernel (query) over images, as a grid PNG")
     ak.add_argument("--checkpoint", required=True, help="checkpoint directory (fine-tuning or pre-training)")
     ak.add_argument("--images", required=True, help="image folder, or a COCO json whose images are used")
     ak.add_argument("--image-root", default=None, help="folder of a json's file names (default: the json's)")
@@ -123,19 +133,27 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument("--dynamic-size", action="store_true", help="any input size (the default)")
     batch = ex.add_mutually_exclusive_group()
     batch.add_argument("--batch", type=int, default=1, help="fixed batch size (default 1)")
-    batch.add_argument("--dynamic-batch", action="store_true", help="any batch size (K-Net)")
+    batch.add_argument("--dynamic-batch", action="store_true", help="any batch size (not Mask R-CNN)")
     precision = ex.add_mutually_exclusive_group()
-    precision.add_argument("--fp16", action="store_true", help="fp16 weights and compute (K-Net)")
+    precision.add_argument("--fp16", action="store_true", help="fp16 weights and compute (query-based models)")
     precision.add_argument("--int8", action="store_true", help="dynamic int8 quantization (MatMul/Gemm weights)")
     ex.add_argument("--parity-images", default=None,
                     help="folder of sample images (default: the config's data.val_images, else generated)")
     ex.add_argument("--parity-count", type=int, default=4, help="number of sample images")
 
-    demo = sub.add_parser("demo", help="synthetic data -> fine-tune K-Net on 10%% -> evaluate")
-    demo.add_argument("--out", default="runs/demo")
-    demo.add_argument("--config", default=None, help="default: configs/demo/knet_tiny_synthetic.yaml")
-    demo.add_argument("--force", action="store_true", help="redo every step even if its output exists")
-    demo.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    tn = sub.add_parser("tune", help="Ray Tune sweep of SP pre-training / fine-tuning settings across fractions")
+    tn.add_argument("--config", required=True, help="sweep YAML (see configs/tune/)")
+    tn.add_argument("--resume", action="store_true", help="continue the interrupted sweep (Tuner.restore)")
+    tn.add_argument("--print-config", action="store_true", help="print the resolved sweep and exit")
+    tn.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="sweep overrides, e.g. search.num_samples=8")
+
+    demo = sub.add_parser("demo", help="the whole pipeline on synthetic data, on a local Ray, with a report")
+    demo.add_argument("--out", default="runs/demo", help="output folder (report.html and report.md inside)")
+    redo = demo.add_mutually_exclusive_group()
+    redo.add_argument("--force", action="store_true", help="redo every step even if its output exists")
+    redo.add_argument("--redo", nargs="+", default=[], metavar="STEP",
+                      help=f"redo these steps and every later one; steps: {' '.join(DEMO_STEPS)}")
+    demo.add_argument("--tiny", action="store_true", help="the test suite's tiny setting (about a minute)")
     return parser
 
 
@@ -156,13 +174,14 @@ def cmd_data(args: argparse.Namespace) -> None:
 
 
 def cmd_propose(args: argparse.Namespace) -> None:
-    cfg = load_config(args.config, args.overrides)
+    proposer = [f"propose.proposer={args.proposer}"] if args.proposer else []
+    cfg = load_config(args.config, [*args.overrides, *proposer])
     if args.print_config:
         print(dump_config(cfg), end="")
         return
     from sp_ray.pretrain.propose import propose
 
-    summary = propose(args.images, args.out, cfg, image_root=args.image_root)
+    summary = propose(args.images, args.out, cfg, image_root=args.image_root, from_checkpoint=args.from_checkpoint)
     print(json.dumps(summary, indent=2))
 
 
@@ -182,8 +201,7 @@ def _run_training_command(args: argparse.Namespace, *, pretrain: bool) -> None:
     for key in ("train_annotations", "train_images"):
         if not getattr(cfg.data, key):
             raise ConfigError(f"data.{key} is empty: set it ({what}) in {args.config} or as data.{key}=PATH")
-    init = None if pretrain else args.init
-    final = run_training(cfg, work_dir, init=init, resume=_resume_dir(args, work_dir))
+    final = run_training(cfg, work_dir, init=args.init, resume=_resume_dir(args, work_dir))
     hint = f" (fine-tune it with: sp-ray finetune --config FILE --init {final})" if pretrain else ""
     print(f"final checkpoint: {final}{hint}")
 
@@ -281,11 +299,28 @@ def cmd_export(args: argparse.Namespace) -> None:
           f"batch {info.batch_size or 'dynamic'}, {len(info.class_names)} classes)")
 
 
-def cmd_demo(args: argparse.Namespace) -> None:
-    from sp_ray.demo import run_demo
+def cmd_tune(args: argparse.Namespace) -> None:
+    from sp_ray.tune.spec import dump_sweep, load_sweep
 
-    config = Path(args.config) if args.config else REPO_CONFIGS / "demo" / "knet_tiny_synthetic.yaml"
-    run_demo(Path(args.out), config=config, overrides=args.overrides, force=args.force)
+    sweep = load_sweep(args.config, args.overrides)
+    if args.print_config:
+        print(dump_sweep(sweep), end="")
+        return
+    from sp_ray.tune.sweep import run_sweep
+
+    outcome = run_sweep(sweep, resume=args.resume)
+    for name, path in outcome.files.items():
+        if name.startswith("table_"):
+            print(path.read_text())
+    print(f"results: {outcome.experiment_dir / 'results'}")
+    if not outcome.complete:
+        print(f"the sweep was interrupted; continue it with: sp-ray tune --config {args.config} --resume")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from sp_ray.demo import TINY, DemoSettings, run_demo
+
+    run_demo(Path(args.out), TINY if args.tiny else DemoSettings(), force=args.force, redo=args.redo)
 
 
 COMMANDS = {
@@ -297,6 +332,7 @@ COMMANDS = {
     "analyze-kernels": cmd_analyze_kernels,
     "evaluate": cmd_evaluate,
     "export": cmd_export,
+    "tune": cmd_tune,
     "demo": cmd_demo,
 }
 

@@ -17,9 +17,11 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
+
+T = TypeVar("T")
 
 
 class ConfigError(ValueError):
@@ -47,7 +49,7 @@ def _safe_load(text: Any) -> Any:
 
 @dataclass
 class ModelConfig:
-    name: str = "knet"  # key of sp_ray.models.MODEL_BUILDERS
+    name: str = "knet"  # key of sp_ray.models.FAMILIES: knet, mask2former, queryinst, maskrcnn
     depth: int = 50  # ResNet depth: 18, 34 or 50
     backbone_weights: str | None = None  # local file (torchvision, MoCo-v2 or DenseCL layout); None = random init
     frozen_stages: int = 1  # mmdet semantics: -1 none, 0 stem, 1 stem+layer1, ..., 4 the whole ResNet
@@ -58,6 +60,13 @@ class ModelConfig:
     feat_channels: int = 256
     ffn_channels: int = 2048
     num_heads: int = 8
+    # Mask2Former's pixel decoder; its queries are num_kernels, its decoder layers num_stages (9 in the paper)
+    # and its decoder FFN width ffn_channels.
+    encoder_layers: int = 6  # deformable-attention encoder layers
+    encoder_ffn_channels: int = 1024  # their FFN hidden width
+    deform_points: int = 4  # sampling points per head and level of the deformable attention
+    # QueryInst; its queries are num_kernels and its dynamic stages num_stages (6 in the paper).
+    dynamic_channels: int = 64  # hidden width of its dynamic instance / mask interaction (DynamicConv)
 
 
 @dataclass
@@ -71,6 +80,26 @@ class LossConfig:
     cost_class: float = 2.0
     cost_dice: float = 4.0
     cost_mask: float = 1.0
+    # "full": BCE + dice on the whole target mask (K-Net). "weak": FreeSOLO's losses for noisy pseudo masks
+    # (sp_ray.models.weak_mask_losses), which see a target only through its x/y projections and its box:
+    # max-projection dice, average-projection dice and the LAB colour-affinity pairwise term. K-Net only.
+    mask_loss: str = "full"
+    projection_weight: float = 4.0  # max-projection dice (FreeSOLO: the dice weight x 1.0)
+    avg_projection_weight: float = 0.4  # average-projection dice (FreeSOLO: the dice weight x 0.1)
+    pairwise_weight: float = 1.0  # colour-affinity pairwise term (BoxInst / FreeSOLO: 1.0)
+    pairwise_color_threshold: float = 0.3  # pairs count where exp(-||LAB_i - LAB_j|| / 2) >= this
+    pairwise_warmup_iters: int = 1000  # the pairwise weight ramps up linearly over this many criterion calls
+    # Mask2Former (cls/mask/dice weights and costs above; its paper values are 2 / 5 / 5, every layer alike).
+    no_object_weight: float = 0.1  # class weight of "no object" in the softmax cross-entropy
+    num_points: int = 12544  # points per mask for the matching costs and the mask losses (112 x 112)
+    oversample_ratio: float = 3.0  # candidate points per kept point of the importance sampling
+    importance_sample_ratio: float = 0.75  # share of the points taken where the prediction is most uncertain
+    # QueryInst's box terms (Sparse R-CNN: focal 2 = cls_weight, L1 5, GIoU 2; the same values as matching
+    # costs, cost_class for the class). Its RoI masks take mask_weight (BCE) and dice_weight (paper: dice 8).
+    l1_weight: float = 5.0  # L1 of boxes normalised by the image size
+    giou_weight: float = 2.0
+    cost_l1: float = 5.0
+    cost_giou: float = 2.0
 
 
 @dataclass
@@ -169,6 +198,9 @@ class ProposeConfig:
     The frozen ResNet is ``model.depth`` with ``model.backbone_weights``. The defaults are the paper's.
     """
 
+    # "saliency": the Free Mask proposals below. "clip": language-vision prompts (UPLVP) from a CLIP model,
+    # settings ``clip.*`` (``sp_ray.pretrain.clip_proposals``); the batching and sharding keys below still apply.
+    proposer: str = "saliency"
     scales: list[float] = field(default_factory=lambda: [1.0, 0.5, 0.25])  # C5 resizes = the query pyramid
     mask_threshold: float = 0.5  # on the per-query min-max normalised correlation, at C5 and at image size
     min_area: int = 2  # C5 cells a mask needs to enter NMS (the reference keeps area > 1)
@@ -215,6 +247,75 @@ class PretrainConfig:
 
 
 @dataclass
+class SelfTrainConfig:
+    """FreeSOLO self-training (``sp-ray propose --from-checkpoint``): a trained model re-labels the images.
+
+    Each kernel is one candidate: score = max class probability x maskness (mean probability inside the
+    mask); candidates are ranked, decayed by Matrix NMS and kept when they pass every threshold below.
+    FreeSOLO keeps decayed scores >= 0.3, at most 20 per image, narrower than 0.95 of the image.
+    Images, shards and actors follow the ``propose`` section.
+    """
+
+    score_threshold: float = 0.3  # on the Matrix-NMS-decayed score
+    maskness_threshold: float = 0.7  # mean probability inside the mask (the Free Mask filter's value)
+    max_per_image: int = 20
+    nms_sigma: float = 2.0  # Gaussian Matrix NMS, as the Free Mask proposals
+    max_box_width: float = 0.95  # drop masks whose box spans this share of the image width or more
+    mask_threshold: float = 0.5  # a pixel is in the pseudo mask where the probability exceeds this
+
+
+@dataclass
+class ClipConfig:
+    """Language-vision prompts (UPLVP, ``propose.proposer: clip``): pseudo masks from an open_clip ViT.
+
+    Dense MaskCLIP features of the image are compared with the text embeddings of class-free object
+    words (``sp_ray.pretrain.clip_proposals``). Only local files are read: nothing is ever downloaded.
+    """
+
+    model: str = "ViT-B-32"  # an open_clip built-in ViT config name, or a local JSON file in that format
+    weights: str | None = None  # local open_clip state dict (.pt/.pth/.bin/.safetensors) of that model
+    allow_random: bool = False  # weights null is an error unless this is set: random CLIP, for tests only
+    # "produce": masks from the word activation maps. "rescore": the saliency proposals (propose.*) are kept
+    # where CLIP finds an object word in them, scored by that similarity.
+    mode: str = "produce"
+    words: list[str] = field(default_factory=lambda: ["object", "thing", "item", "shape", "figure", "entity"])
+    # A pixel (produce) or mask (rescore) counts only where some object word beats every background word.
+    background_words: list[str] = field(
+        default_factory=lambda: ["background", "sky", "wall", "floor", "ground", "road", "grass", "water"]
+    )
+    templates: list[str] = field(  # prompt ensemble; "{}" is the word
+        default_factory=lambda: ["a photo of a {}.", "a photo of the {}.", "a photo of a small {}.",
+                                 "a photo of a large {}."]
+    )
+    image_size: int = 448  # square CLIP input side (a multiple of the patch size): a 14x14 grid for ViT-B/32
+    mean: list[float] = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])  # of 0..1 RGB
+    std: list[float] = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
+    mask_threshold: float = 0.5  # on the per-word min-max normalised activation, at grid and at image size
+    min_area: int = 2  # grid cells a connected component needs to become a candidate
+    nms_sigma: float = 2.0  # Gaussian Matrix NMS over the candidates of all words
+    top_k: int = 20  # masks kept per image after Matrix NMS, before the filters
+    max_box_width: float = 0.95  # keep a mask only if its box is narrower than this share of W
+    min_score: float = 0.5  # produce: keep a mask only if its decayed maskness reaches this
+    min_similarity: float = 0.2  # rescore: keep a mask only if its best word cosine reaches this
+
+
+@dataclass
+class InstanceUniqueConfig:
+    """Instance-unique querying (IUQ, NeurIPS 2022): fine-tuning losses for query-based models.
+
+    Either weight > 0 wraps the model (``sp_ray.models.instance_unique``); 0 leaves training unchanged.
+    """
+
+    inter_scene_weight: float = 0.0  # focal loss of the final queries' masks on other images' features
+    memory_size: int = 16  # images in the FIFO memory of detached mask features (per training process)
+    memory_resolution: int = 16  # the memory's feature maps are average-pooled to this side
+    equivariance_mask_weight: float = 0.0  # masks of T(image) vs T(masks of image), same query index
+    equivariance_feature_weight: float = 0.0  # FPN features of T(image) vs T(features of image)
+    equivariance_transform: str = "flip"  # T: "flip" (horizontal), "rescale" or "flip_rescale"
+    rescale_range: list[float] = field(default_factory=lambda: [0.5, 1.0])  # rescale factor, drawn uniformly
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -224,6 +325,9 @@ class Config:
     ssl: SSLConfig = field(default_factory=SSLConfig)
     propose: ProposeConfig = field(default_factory=ProposeConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    selftrain: SelfTrainConfig = field(default_factory=SelfTrainConfig)
+    clip: ClipConfig = field(default_factory=ClipConfig)
+    iuq: InstanceUniqueConfig = field(default_factory=InstanceUniqueConfig)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -240,30 +344,39 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         ConfigError: unknown key, wrong type, bad override syntax or a ``_base_`` cycle, naming the
             file (or the override) and the dotted key.
     """
-    merged: dict[str, Any] = {}
-    if path is not None:
-        merged = _read_with_bases(Path(path), chain=())
+    if path is None:
+        return apply_overrides(Config(), overrides)
+    return load_yaml_dataclass(Config, path, overrides)
+
+
+def load_yaml_dataclass(schema: type[T], path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> T:
+    """Build a ``schema`` dataclass from a YAML file (``_base_`` parents allowed) and dotted overrides.
+
+    Every key is checked against ``schema`` as ``load_config`` checks a Config (the sweep files of
+    ``sp-ray tune`` use it with their own schema).
+    """
+    merged = _read_with_bases(Path(path), chain=(), schema=schema)
     for item in overrides:
-        _merge(merged, _parse_override(item))
-    return _build(Config, merged, prefix="")
+        _merge(merged, _parse_override(item, schema))
+    return _build(schema, merged, prefix="")
 
 
 def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:
     """Return a copy of ``cfg`` with ``dotted.key=value`` overrides applied (checked like a file's keys)."""
     data = config_to_dict(cfg)
     for item in overrides:
-        _merge(data, _parse_override(item))
+        _merge(data, _parse_override(item, Config))
     return _build(Config, data, prefix="")
 
 
-def _parse_override(item: str) -> dict[str, Any]:
+def _parse_override(item: str, schema: type) -> dict[str, Any]:
     key, sep, raw = item.partition("=")
     if not sep or not key:
         raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. model.num_kernels=16")
     nested: Any = _safe_load(raw) if raw.strip() else ""
     for part in reversed(key.split(".")):
         nested = {part: nested}
-    _check_tree(nested, Config, source=f"override {item!r}")
+    _check_tree(nested, schema, source=f"override {item!r}")
     return nested
 
 
@@ -287,7 +400,7 @@ def config_hash(cfg: Config) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def _read_with_bases(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
+def _read_with_bases(path: Path, chain: tuple[Path, ...], schema: type) -> dict[str, Any]:
     path = path.resolve()
     if path in chain:
         cycle = " -> ".join(str(p) for p in (*chain, path))
@@ -306,10 +419,10 @@ def _read_with_bases(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
         bases = [bases]
     if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
         raise ConfigError(f"{path}: _base_ must be a path or a list of paths")
-    _check_tree(data, Config, source=str(path))
+    _check_tree(data, schema, source=str(path))
     merged: dict[str, Any] = {}
     for base in bases:
-        _merge(merged, _read_with_bases(path.parent / base, chain=(*chain, path)))
+        _merge(merged, _read_with_bases(path.parent / base, chain=(*chain, path), schema=schema))
     _merge(merged, data)
     return merged
 

@@ -21,6 +21,8 @@ class Target(TypedDict):
     image_size: (H, W) after resizing, before padding (the valid region of the input).
     queries: optional float32 [K, C], one vector per instance riding along with it (SP pre-training:
         the saliency query S_l that produced pseudo mask l); absent in supervised data.
+    image: uint8 [3, H, W] after collate, a view of this image in the padded batch (FreeSOLO's
+        colour-affinity loss reads the pixels from the target); left on the loader's device.
     """
 
     labels: Tensor
@@ -30,19 +32,24 @@ class Target(TypedDict):
     orig_size: tuple[int, int]
     image_size: tuple[int, int]
     queries: NotRequired[Tensor]
+    image: NotRequired[Tensor]
 
 
 class StageOutput(TypedDict):
     """Predictions of one kernel-update stage.
 
     pred_logits: [B, N, C] classification logits (sigmoid, no background column).
-    pred_masks: [B, N, h, w] mask logits at stride 8 of the input.
+    pred_masks: [B, N, h, w] mask logits at the model's mask stride of the input (K-Net 8; QueryInst, Mask2Former 4).
     pred_kernels: [B, N, D] the kernels after the stage (K^i in the paper).
+    pred_boxes: box-based models (QueryInst): [B, N, 4] xyxy boxes in input pixels.
+    pred_roi_masks: RoI-mask models (QueryInst): [B, N, m, m] mask logits in the frame of pred_boxes.
     """
 
     pred_logits: Tensor
     pred_masks: Tensor
     pred_kernels: Tensor
+    pred_boxes: NotRequired[Tensor]
+    pred_roi_masks: NotRequired[Tensor]
 
 
 class ModelOutputs(StageOutput):

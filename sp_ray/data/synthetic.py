@@ -1,12 +1,16 @@
 """A small synthetic instance-segmentation dataset (textured shapes on textured backgrounds) in COCO format.
 
-Four shape classes that differ only by outline (colours and fills are drawn from one distribution
-for every class), at COCO's small / medium / large scales, occluding each other. Used by the tests
-and the demo config; a tiny K-Net trained for a few CPU minutes reaches a modest AP on it.
+Four shape classes at COCO's small / medium / large scales, occluding each other. As in real images,
+objects ("things") and background ("stuff") differ in appearance, and each class has a typical but
+overlapping colour: fills are saturated colours around a hue of the class (solid with shading,
+noisy, or a two-colour pattern), backgrounds are muted gradients or smooth noise with faint patterns
+and unlabeled lines. A class is told apart by its outline and, less reliably, by its colour. Used by
+the tests, the demo and the benchmarks.
 """
 
 from __future__ import annotations
 
+import colorsys
 import json
 import math
 from pathlib import Path
@@ -25,6 +29,12 @@ _BIN_PROBS = (0.4, 0.42, 0.18)
 _MIN_VISIBLE_FRACTION = 0.3
 _MIN_VISIBLE_PIXELS = 12
 _ELLIPSE_VERTICES = 48
+# Hue centre (HSV, 0..1) of each class's fills and the spread around it: neighbouring classes overlap,
+# so colour is a cue to the class but not a rule. Objects are saturated, backgrounds muted.
+_CLASS_HUES = (0.02, 0.3, 0.58, 0.8)
+_HUE_SPREAD = 0.07
+_OBJECT_SATURATION = (0.5, 1.0)
+_BACKGROUND_SATURATION = (0.0, 0.3)
 
 
 def write_synthetic_dataset(
@@ -123,7 +133,7 @@ def _render_image(rng: np.random.Generator, size: int) -> tuple[np.ndarray, list
         drawn_area = int(mask.sum())
         if drawn_area < _MIN_VISIBLE_PIXELS:
             continue
-        fill = _texture(rng, size)
+        fill = _texture(rng, size, class_index)
         canvas[mask] = fill[mask]
         for _, visible, _ in drawn:
             visible &= ~mask
@@ -196,8 +206,19 @@ def _shape_mask(rng: np.random.Generator, name: str, area: float, size: int) -> 
     return np.asarray(image, dtype=bool).copy()
 
 
-def _random_colour(rng: np.random.Generator) -> np.ndarray:
-    return rng.uniform(0.0, 255.0, size=3)
+def _hsv_colour(hue: float, saturation: float, value: float) -> np.ndarray:
+    return 255.0 * np.array(colorsys.hsv_to_rgb(hue % 1.0, saturation, value))
+
+
+def _object_colour(rng: np.random.Generator, class_index: int) -> np.ndarray:
+    """A saturated RGB colour (0..255) near the hue of the class."""
+    hue = rng.normal(_CLASS_HUES[class_index], _HUE_SPREAD)
+    return _hsv_colour(hue, rng.uniform(*_OBJECT_SATURATION), rng.uniform(0.45, 1.0))
+
+
+def _muted_colour(rng: np.random.Generator) -> np.ndarray:
+    """A background RGB colour (0..255): any hue, low saturation."""
+    return _hsv_colour(rng.uniform(), rng.uniform(*_BACKGROUND_SATURATION), rng.uniform(0.2, 0.9))
 
 
 def _unit_grid(size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -205,24 +226,24 @@ def _unit_grid(size: int) -> tuple[np.ndarray, np.ndarray]:
     return np.meshgrid(coords, coords)  # x, y each (S, S)
 
 
-def _gradient(rng: np.random.Generator, size: int) -> np.ndarray:
+def _gradient(rng: np.random.Generator, size: int, first: np.ndarray, second: np.ndarray) -> np.ndarray:
     x, y = _unit_grid(size)
     angle = rng.uniform(0.0, 2.0 * math.pi)
     t = math.cos(angle) * x + math.sin(angle) * y
     t = (t - t.min()) / max(t.max() - t.min(), 1e-6)
-    first, second = _random_colour(rng), _random_colour(rng)
     return first + t[:, :, None] * (second - first)
 
 
 def _smooth_noise(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Muted colours on a coarse random grid, bicubically upsampled."""
     cells = int(rng.integers(3, 9))
-    coarse = rng.uniform(0.0, 255.0, size=(cells, cells, 3)).astype(np.uint8)
-    smooth = Image.fromarray(coarse).resize((size, size), Image.Resampling.BICUBIC)
+    coarse = np.stack([_muted_colour(rng) for _ in range(cells * cells)]).reshape(cells, cells, 3)
+    smooth = Image.fromarray(np.rint(coarse).astype(np.uint8)).resize((size, size), Image.Resampling.BICUBIC)
     return np.asarray(smooth, dtype=np.float64)
 
 
-def _pattern(rng: np.random.Generator, size: int) -> np.ndarray:
-    """Stripes or a checkerboard of two random colours, at a random frequency and angle."""
+def _pattern(rng: np.random.Generator, size: int, first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """Stripes or a checkerboard of two colours, at a random frequency and angle."""
     x, y = _unit_grid(size)
     angle = rng.uniform(0.0, math.pi)
     u = math.cos(angle) * x + math.sin(angle) * y
@@ -232,36 +253,35 @@ def _pattern(rng: np.random.Generator, size: int) -> np.ndarray:
         on = np.sin(2.0 * math.pi * frequency * u) > 0
     else:
         on = (np.floor(frequency * u) + np.floor(frequency * v)) % 2 == 0
-    return np.where(on[:, :, None], _random_colour(rng), _random_colour(rng))
+    return np.where(on[:, :, None], first, second)
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """float [S, S, 3] in 0..255: gradient or smooth noise, maybe a pattern, maybe unlabeled lines."""
-    base = _gradient(rng, size) if rng.random() < 0.5 else _smooth_noise(rng, size)
+    """float [S, S, 3] in 0..255: muted gradient or smooth noise, maybe a faint pattern, maybe lines."""
     if rng.random() < 0.5:
-        alpha = rng.uniform(0.25, 0.6)
-        base = (1.0 - alpha) * base + alpha * _pattern(rng, size)
+        base = _gradient(rng, size, _muted_colour(rng), _muted_colour(rng))
+    else:
+        base = _smooth_noise(rng, size)
     if rng.random() < 0.5:
-        alpha = rng.uniform(0.2, 0.5)
-        base = (1.0 - alpha) * base + alpha * _smooth_noise(rng, size)
+        alpha = rng.uniform(0.1, 0.35)
+        base = (1.0 - alpha) * base + alpha * _pattern(rng, size, _muted_colour(rng), _muted_colour(rng))
     image = Image.fromarray(np.clip(np.rint(base), 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(image)
     for _ in range(int(rng.integers(0, 4))):
         ends = rng.uniform(0.0, size, size=4)
-        colour = tuple(int(c) for c in _random_colour(rng))
+        colour = tuple(int(c) for c in _muted_colour(rng))
         draw.line([(ends[0], ends[1]), (ends[2], ends[3])], fill=colour, width=int(rng.integers(1, 4)))
     return np.asarray(image, dtype=np.float64).copy()
 
 
-def _texture(rng: np.random.Generator, size: int) -> np.ndarray:
-    """float [S, S, 3] fill of one shape: solid, gradient, noisy or patterned; same law for all classes."""
+def _texture(rng: np.random.Generator, size: int, class_index: int) -> np.ndarray:
+    """float [S, S, 3] fill of one shape of the class: shaded solid, noisy, or a two-colour pattern."""
+    colour = _object_colour(rng, class_index)
     kind = rng.random()
-    if kind < 0.35:
-        fill = np.broadcast_to(_random_colour(rng), (size, size, 3)).astype(np.float64)
-    elif kind < 0.65:
-        fill = _gradient(rng, size)
-    elif kind < 0.85:
-        fill = _random_colour(rng) + rng.normal(0.0, 25.0, size=(size, size, 3))
+    if kind < 0.5:
+        fill = _gradient(rng, size, colour, colour * rng.uniform(0.55, 0.9))
+    elif kind < 0.8:
+        fill = colour + rng.normal(0.0, 20.0, size=(size, size, 3))
     else:
-        fill = _pattern(rng, size)
+        fill = _pattern(rng, size, colour, _object_colour(rng, class_index))
     return fill

@@ -115,8 +115,9 @@ def collate(batch: list[tuple[Tensor, Target]], *, size_divisor: int = 32) -> tu
 
     Returns:
         images uint8 [B, 3, Hp, Wp] and the B targets with plain tensors (tv_tensor subclasses
-        removed): masks bool [K_b, Hp, Wp], boxes float32 [K_b, 4] XYXY, labels int64 [K_b], and
-        queries [K_b, C] when the items have them.
+        removed): masks bool [K_b, Hp, Wp], boxes float32 [K_b, 4] XYXY, labels int64 [K_b],
+        queries [K_b, C] when the items have them, and image uint8 [3, Hp, Wp]: a view of the padded
+        image in the batch (no copy; FreeSOLO's colour-affinity loss reads the pixels from the target).
     """
     if not batch:
         raise ValueError("collate got an empty batch")
@@ -144,7 +145,10 @@ def collate(batch: list[tuple[Tensor, Target]], *, size_divisor: int = 32) -> tu
         if "queries" in target:
             padded["queries"] = target["queries"]
         targets.append(padded)
-    return torch.stack(images), targets
+    stacked = torch.stack(images)
+    for target, image in zip(targets, stacked, strict=True):
+        target["image"] = image
+    return stacked, targets
 
 
 def mask_boxes(masks: Tensor) -> Tensor:

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from sp_ray.config import Config, apply_overrides
 from sp_ray.data.coco import CocoInstanceDataset
 from sp_ray.data.transforms import build_transforms, collate
-from sp_ray.models import POSTPROCESSORS, build_model
+from sp_ray.models import build_model, model_family
 from sp_ray.train.checkpoint import load_checkpoint
 from sp_ray.train.device import select_device
 
@@ -77,7 +77,7 @@ def predict_coco(
     results: list[dict[str, Any]] = []
     for images, targets in loader:
         outputs = model(images.to(device).float())
-        instances = POSTPROCESSORS[cfg.model.name](
+        instances = model_family(cfg.model.name).postprocess(
             outputs,
             image_sizes=[t["image_size"] for t in targets],
             orig_sizes=[t["orig_size"] for t in targets],

@@ -1,9 +1,10 @@
-"""Where each K-Net kernel looks: its mask averaged over images, drawn as a grid (SP's visual analysis).
+"""Where each kernel (query) looks: its mask averaged over images, drawn as a grid (SP's visual analysis).
 
 The SP paper shows that pre-trained kernels cover spread-out locations and shapes, where randomly
-initialised ones are alike. ``sp-ray analyze-kernels`` renders that figure for any K-Net checkpoint
-(fine-tuned or pre-trained): for every kernel n, the mean over the images of sigmoid(m_n), the initial
-masks m^0 or the last stage's masks, each resized from the image's valid region to one common size.
+initialised ones are alike. ``sp-ray analyze-kernels`` renders that figure for any K-Net, Mask2Former or
+QueryInst checkpoint (fine-tuned or pre-trained): for every kernel n, the mean over the images of
+sigmoid(m_n), the initial masks m^0 or the last stage's masks, each resized from the image's valid region
+to one common size.
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from sp_ray.config import Config
 from sp_ray.data.images import load_image_rgb
 from sp_ray.data.transforms import resize_for_inference
-from sp_ray.models import build_model
-from sp_ray.models.knet import MASK_STRIDE, SIZE_DIVISOR, KNet
+from sp_ray.models import build_model, model_family
+from sp_ray.models.knet import MASK_STRIDE as KNET_STRIDE
+from sp_ray.models.knet import SIZE_DIVISOR
 from sp_ray.pretrain.propose import list_images
 from sp_ray.train.checkpoint import load_checkpoint, load_init_weights
 from sp_ray.train.device import select_device
@@ -36,36 +38,39 @@ CELL_INCHES = 1.2  # side of one kernel's panel in the figure
 DPI = 100
 
 
-def load_knet(checkpoint: str | Path) -> tuple[KNet, Config]:
-    """The K-Net of a fine-tuning or pre-training checkpoint directory, in eval mode.
+def load_query_model(checkpoint: str | Path) -> tuple[nn.Module, Config]:
+    """The query-based model (K-Net, Mask2Former, QueryInst) of a fine-tuning or pre-training checkpoint
+    directory, in eval mode.
 
     Raises:
-        ValueError: the checkpoint is not a K-Net, or lacks some of its tensors.
+        ValueError: the checkpoint's family has no per-query masks (Mask R-CNN), or lacks some tensors.
     """
     ckpt = load_checkpoint(checkpoint)
     cfg = ckpt.config
-    if cfg.model.name != "knet":
+    if model_family(cfg.model.name).mask_stride is None:
         raise ValueError(
-            f"{checkpoint}: kernel analysis needs a K-Net checkpoint, got model.name {cfg.model.name!r}"
+            f"{checkpoint}: kernel analysis needs a query-based model (knet, mask2former, queryinst), got "
+            f"model.name {cfg.model.name!r}"
         )
-    # A pre-training checkpoint holds the K-Net inside its wrapper: build the plain K-Net instead.
+    # A pre-training checkpoint holds the model inside its wrapper: build the plain model instead.
     cfg = dataclasses.replace(cfg, pretrain=dataclasses.replace(cfg.pretrain, enabled=False))
     model, _ = build_model(cfg)
     report = load_init_weights(model, ckpt.model_state)
     if report.missing or report.reinitialised:
         raise ValueError(
-            f"{checkpoint}: the checkpoint does not fit its own config's K-Net: {report.summary()}"
+            f"{checkpoint}: the checkpoint does not fit its own config's model: {report.summary()}"
         )
     return model.eval(), cfg
 
 
 @torch.no_grad()
 def average_kernel_masks(
-    model: KNet,
+    model: nn.Module,
     images: Iterable[np.ndarray],
     *,
     max_size: int,
     short_size: int,
+    mask_stride: int = KNET_STRIDE,
     stage: str = "init",
     size: tuple[int, int] = (64, 64),
 ) -> tuple[Tensor, int]:
@@ -75,10 +80,11 @@ def average_kernel_masks(
     run alone; the masks' valid region (the unpadded part) is resized bilinearly to ``size``.
 
     Args:
-        model: the K-Net, in eval mode.
+        model: a query-based model returning ``ModelOutputs``, in eval mode.
         images: RGB uint8 [H, W, 3] arrays.
         max_size: long-side cap of the resize (``data.max_size``).
         short_size: short-side target of the resize (``data.short_size``).
+        mask_stride: stride of the model's masks (``sp_ray.models.FAMILIES[name].mask_stride``).
         stage: "init" for the initial masks m^0, "last" for the last stage's masks.
         size: (h, w) of the averaged masks.
 
@@ -104,7 +110,7 @@ def average_kernel_masks(
         pad_h, pad_w = (-height) % SIZE_DIVISOR, (-width) % SIZE_DIVISOR
         outputs = model(F.pad(image, (0, pad_w, 0, pad_h)))
         masks = (outputs["init_masks"] if stage == "init" else outputs["pred_masks"]).float().sigmoid()
-        valid = masks[:, :, : math.ceil(height / MASK_STRIDE), : math.ceil(width / MASK_STRIDE)]
+        valid = masks[:, :, : math.ceil(height / mask_stride), : math.ceil(width / mask_stride)]
         resized = F.interpolate(valid, size=size, mode="bilinear", align_corners=False)[0].cpu()  # (N, h, w)
         total = resized if total is None else total + resized
         count += 1
@@ -183,7 +189,7 @@ def analyze_kernels(
     """
     if num_images < 1:
         raise ValueError(f"--num-images must be >= 1, got {num_images}")
-    model, cfg = load_knet(checkpoint)
+    model, cfg = load_query_model(checkpoint)
     model.to(select_device(use_gpu))
     entries = list_images(images, image_root)[:num_images]
     skipped: list[str] = []
@@ -198,7 +204,8 @@ def analyze_kernels(
 
     try:
         masks, count = average_kernel_masks(
-            model, decoded(), max_size=cfg.data.max_size, short_size=cfg.data.short_size, stage=stage
+            model, decoded(), max_size=cfg.data.max_size, short_size=cfg.data.short_size,
+            mask_stride=model_family(cfg.model.name).mask_stride, stage=stage,
         )
     except ValueError as err:
         if skipped and len(skipped) == len(entries):

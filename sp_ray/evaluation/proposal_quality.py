@@ -8,11 +8,16 @@ from), and a linear probe of per-pixel foreground / background on frozen feature
 
 from __future__ import annotations
 
+import contextlib
+import io
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from pycocotools.coco import COCO
 from torch import Tensor
 
 
@@ -103,6 +108,39 @@ def proposal_recall(
                              mean_best_iou=float("nan"))
     recall = {float(t): (values >= t).float().mean().item() for t in thresholds}
     return RecallSummary(instances=count, recall=recall, mean_best_iou=values.mean().item())
+
+
+def pseudo_mask_recall(
+    pseudo_annotations: str | Path, gt_annotations: str | Path, *, thresholds: Sequence[float] = (0.5,)
+) -> RecallSummary:
+    """Recall of the ground-truth instances of a COCO json by the pseudo masks of ``sp-ray propose``.
+
+    Images are paired by ``file_name``; every non-crowd instance of every ground-truth image counts,
+    so an image the proposer skipped or left without masks lowers the recall.
+
+    Args:
+        pseudo_annotations: the proposer's ``annotations.json`` (any category).
+        gt_annotations: a COCO instance json of (some of) the same images.
+        thresholds: IoU thresholds in (0, 1].
+
+    Returns:
+        A `RecallSummary` over the ground-truth instances.
+    """
+    with contextlib.redirect_stdout(io.StringIO()):
+        pseudo, gt = COCO(str(pseudo_annotations)), COCO(str(gt_annotations))
+    pseudo_ids = {image["file_name"]: image_id for image_id, image in pseudo.imgs.items()}
+    best: list[Tensor] = []
+    for image_id, image in gt.imgs.items():
+        gt_anns = [a for a in gt.imgToAnns.get(image_id, []) if not a.get("iscrowd", 0)]
+        if not gt_anns:
+            continue
+        gt_masks = torch.from_numpy(np.stack([gt.annToMask(a) for a in gt_anns]).astype(bool))
+        pseudo_id = pseudo_ids.get(image["file_name"])
+        anns = pseudo.imgToAnns.get(pseudo_id, []) if pseudo_id is not None else []
+        masks = [pseudo.annToMask(a) for a in anns]
+        pred = torch.from_numpy(np.stack(masks).astype(bool)) if masks else torch.zeros(0, *gt_masks.shape[1:])
+        best.append(best_iou_per_instance(pred.bool(), gt_masks))
+    return proposal_recall(best, thresholds=thresholds)
 
 
 def sample_pixel_features(

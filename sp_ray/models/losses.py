@@ -1,4 +1,5 @@
-"""K-Net training losses: sigmoid focal classification, BCE and dice mask losses, and the set criterion."""
+"""K-Net training losses: sigmoid focal classification, BCE and dice mask losses (or FreeSOLO's weak mask
+losses), and the set criterion."""
 
 from __future__ import annotations
 
@@ -9,9 +10,16 @@ from torch import Tensor, nn
 
 from sp_ray.models.knet import MASK_STRIDE
 from sp_ray.models.matcher import HungarianMatcher
+from sp_ray.models.weak_mask_losses import (
+    box_targets,
+    color_affinity,
+    pairwise_affinity_loss,
+    projection_dice_loss,
+)
 from sp_ray.types import ModelOutputs, Target
 
 Matches = list[tuple[Tensor, Tensor]]
+MASK_LOSSES = ("full", "weak")
 
 
 def sigmoid_focal_loss(
@@ -102,6 +110,16 @@ class KNetCriterion(nn.Module):
         match_previous_stage: True (official K-Net, ``post_assign=False``) matches stage i on the detached
             predictions of stage i-1 (stage 1 on the initial masks, without class cost); False matches
             each stage on its own detached predictions (DETR style).
+        mask_loss: "full" (BCE + dice above) or "weak": FreeSOLO's losses for noisy pseudo masks
+            (``sp_ray.models.weak_mask_losses``) replace BCE and dice at every stage, the initial masks
+            included; matching is unchanged. "weak" needs each target's ``image`` (uint8 [3, H, W], the
+            padded input that ``collate`` attaches) for the colour affinity.
+        projection_weight: weight of ``loss_proj_s{i}`` (max-projection dice), "weak" only.
+        avg_projection_weight: weight of ``loss_proj_avg_s{i}`` (average-projection dice), "weak" only.
+        pairwise_weight: weight of ``loss_pairwise_s{i}`` after its warmup, "weak" only.
+        pairwise_color_threshold: tau of the colour affinity, "weak" only.
+        pairwise_warmup_iters: the pairwise weight ramps linearly from 0 over this many calls in training
+            mode (FreeSOLO: 1000 iterations); the count lives in the criterion, so a resumed run ramps again.
     """
 
     def __init__(
@@ -116,10 +134,20 @@ class KNetCriterion(nn.Module):
         init_dice_weight: float = 4.0,
         mask_stride: int = 4,
         match_previous_stage: bool = True,
+        mask_loss: str = "full",
+        projection_weight: float = 4.0,
+        avg_projection_weight: float = 0.4,
+        pairwise_weight: float = 1.0,
+        pairwise_color_threshold: float = 0.3,
+        pairwise_warmup_iters: int = 1000,
     ) -> None:
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"KNetCriterion: num_classes must be >= 1, got {num_classes}")
+        if mask_loss not in MASK_LOSSES:
+            raise ValueError(f"KNetCriterion: mask_loss must be one of {MASK_LOSSES}, got {mask_loss!r}")
+        if pairwise_warmup_iters < 0:
+            raise ValueError(f"KNetCriterion: pairwise_warmup_iters must be >= 0, got {pairwise_warmup_iters}")
         if mask_stride < 1 or MASK_STRIDE % mask_stride != 0:
             raise ValueError(f"KNetCriterion: mask_stride must divide {MASK_STRIDE}, got {mask_stride}")
         self.num_classes = num_classes
@@ -131,6 +159,13 @@ class KNetCriterion(nn.Module):
         self.init_dice_weight = init_dice_weight
         self.mask_stride = mask_stride
         self.match_previous_stage = match_previous_stage
+        self.mask_loss = mask_loss
+        self.projection_weight = projection_weight
+        self.avg_projection_weight = avg_projection_weight
+        self.pairwise_weight = pairwise_weight
+        self.pairwise_color_threshold = pairwise_color_threshold
+        self.pairwise_warmup_iters = pairwise_warmup_iters
+        self.calls = 0  # forward calls in training mode: the clock of the pairwise warmup
 
     def _prepare_targets(
         self, targets: list[Target], input_size: tuple[int, int], size: tuple[int, int], device: torch.device
@@ -148,23 +183,62 @@ class KNetCriterion(nn.Module):
                 small = masks.new_zeros((0, *size))
             else:
                 small = F.interpolate(masks[None], size=size, mode="bilinear", align_corners=False)[0]
-            prepared.append({"labels": labels.to(device=device, dtype=torch.int64), "masks": small})
+            entry = {"labels": labels.to(device=device, dtype=torch.int64), "masks": small}
+            if self.mask_loss == "weak":
+                entry["affinity"] = self._affinity(target, b, input_size, device)
+            prepared.append(entry)
         all_labels = torch.cat([t["labels"] for t in prepared]) if prepared else torch.zeros(0)
         if all_labels.numel() and ((all_labels < 0) | (all_labels >= self.num_classes)).any():
             raise ValueError(f"target labels must be in 0..{self.num_classes - 1} (contiguous class indices)")
         return prepared
 
+    def _affinity(
+        self, target: Target, index: int, input_size: tuple[int, int], device: torch.device
+    ) -> Tensor:
+        image = target.get("image")
+        if image is None or tuple(image.shape) != (3, *input_size):
+            found = None if image is None else tuple(image.shape)
+            raise ValueError(
+                f"target {index}: loss.mask_loss 'weak' needs the target's 'image' uint8 [3, H, W] at the padded "
+                f"input size {input_size}, got {found}; build batches with sp_ray.data.transforms.collate"
+            )
+        return color_affinity(
+            image.to(device),
+            image_size=tuple(target["image_size"]),
+            stride=self.mask_stride,
+            threshold=self.pairwise_color_threshold,
+        )
+
     def _mask_losses(
-        self, mask_logits: Tensor, targets: list[dict[str, Tensor]], matches: Matches
-    ) -> tuple[Tensor, Tensor]:
+        self, mask_logits: Tensor, targets: list[dict[str, Tensor]], matches: Matches, *, initial: bool = False
+    ) -> dict[str, Tensor]:
+        """The weighted mask losses of one stage, named without the stage suffix."""
         batch_idx = torch.cat([torch.full_like(p, b) for b, (p, _) in enumerate(matches)])
         pred_idx = torch.cat([p for p, _ in matches])
+        names = ("loss_mask", "loss_dice") if self.mask_loss == "full" else (
+            "loss_proj", "loss_proj_avg", "loss_pairwise"
+        )
         if pred_idx.numel() == 0:
             zero = mask_logits.sum() * 0
-            return zero, zero
-        pred = mask_logits[batch_idx, pred_idx].flatten(1)  # (M, P)
-        tgt = torch.cat([t["masks"][ti] for t, (_, ti) in zip(targets, matches, strict=True)]).flatten(1)
-        return mask_bce_loss(pred, tgt), dice_loss(pred, tgt).mean()
+            return dict.fromkeys(names, zero)
+        pred = mask_logits[batch_idx, pred_idx]  # (M, h, w)
+        tgt = torch.cat([t["masks"][ti] for t, (_, ti) in zip(targets, matches, strict=True)])
+        if self.mask_loss == "full":
+            mask_w, dice_w = (
+                (self.init_mask_weight, self.init_dice_weight) if initial else (self.mask_weight, self.dice_weight)
+            )
+            pred, tgt = pred.flatten(1), tgt.flatten(1)  # (M, P)
+            return {"loss_mask": mask_bce_loss(pred, tgt) * mask_w, "loss_dice": dice_loss(pred, tgt).mean() * dice_w}
+        affinity = torch.cat(
+            [t["affinity"][None].expand(len(ti), -1, -1, -1) for t, (_, ti) in zip(targets, matches, strict=True)]
+        )
+        warmup = min(1.0, self.calls / self.pairwise_warmup_iters) if self.pairwise_warmup_iters else 1.0
+        return {
+            "loss_proj": projection_dice_loss(pred, tgt, reduce="max").mean() * self.projection_weight,
+            "loss_proj_avg": projection_dice_loss(pred, tgt, reduce="mean").mean() * self.avg_projection_weight,
+            "loss_pairwise": pairwise_affinity_loss(pred, affinity, box_targets(tgt))
+            * (self.pairwise_weight * warmup),
+        }
 
     def _class_loss(
         self, logits: Tensor, targets: list[dict[str, Tensor]], matches: Matches, num_pos: Tensor
@@ -190,6 +264,8 @@ class KNetCriterion(nn.Module):
         Returns:
             Losses ``loss_mask_s0``, ``loss_dice_s0`` and, for i = 1..S, ``loss_cls_s{i}``,
             ``loss_mask_s{i}``, ``loss_dice_s{i}``, float scalars already multiplied by their weights.
+            With ``mask_loss="weak"``, ``loss_proj_s{i}``, ``loss_proj_avg_s{i}`` and ``loss_pairwise_s{i}``
+            (i = 0..S) replace the mask and dice losses.
             With ``return_matches``, also the matches: a list over [init, stage 1, .., stage S] of B pairs
             (pred_idx, tgt_idx) int64.
         """
@@ -197,6 +273,8 @@ class KNetCriterion(nn.Module):
         batch, _, h, w = init_masks.shape
         if len(targets) != batch:
             raise ValueError(f"KNetCriterion: {len(targets)} targets for a batch of {batch} images")
+        if self.training:
+            self.calls += 1
         size = (h * MASK_STRIDE // self.mask_stride, w * MASK_STRIDE // self.mask_stride)
         tgts = self._prepare_targets(targets, (h * MASK_STRIDE, w * MASK_STRIDE), size, init_masks.device)
         stages = [*outputs["aux_outputs"], outputs]
@@ -212,9 +290,8 @@ class KNetCriterion(nn.Module):
         num_pos = _mean_over_workers(torch.tensor(float(num_matched), device=init_masks.device)).clamp(
             min=1.0
         )
-        loss_mask, loss_dice = self._mask_losses(init_up, tgts, init_matches)
-        losses["loss_mask_s0"] = loss_mask * self.init_mask_weight
-        losses["loss_dice_s0"] = loss_dice * self.init_dice_weight
+        for name, value in self._mask_losses(init_up, tgts, init_matches, initial=True).items():
+            losses[f"{name}_s0"] = value
         all_matches = [init_matches]
 
         prev_logits: Tensor | None = None
@@ -228,10 +305,9 @@ class KNetCriterion(nn.Module):
                 matches = init_matches
             else:
                 matches = self.matcher(prev_logits.detach(), prev_masks.detach(), tgts)
-            loss_mask, loss_dice = self._mask_losses(masks_up, tgts, matches)
             losses[f"loss_cls_s{i}"] = self._class_loss(logits, tgts, matches, num_pos) * self.cls_weight
-            losses[f"loss_mask_s{i}"] = loss_mask * self.mask_weight
-            losses[f"loss_dice_s{i}"] = loss_dice * self.dice_weight
+            for name, value in self._mask_losses(masks_up, tgts, matches).items():
+                losses[f"{name}_s{i}"] = value
             all_matches.append(matches)
             prev_logits, prev_masks = logits, masks_up
         if return_matches:

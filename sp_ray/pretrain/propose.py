@@ -9,11 +9,21 @@ rerun after an interruption continues where it stopped. The parts are then merge
 ``OUT/annotations.json`` (COCO, one category "object", RLE masks, a ``score`` per annotation) and
 ``OUT/prompts.npy`` (float32 [n, C], row i the prompt of annotation id i + 1). The actors write the parts
 themselves, so on a cluster of several nodes OUT must be storage that every node sees (e.g. NFS).
+
+With ``from_checkpoint`` (FreeSOLO self-training, ``sp_ray.pretrain.self_training``) a trained model takes the
+place of the frozen backbone: its confident predictions become the pseudo masks, in the same format. The
+checkpoint directory must then be visible to every node too.
+
+With ``propose.proposer: clip`` (language-vision prompts, UPLVP, ``sp_ray.pretrain.clip_proposals``) a CLIP
+model from a local weights file draws the pseudo masks from class-free object words (``clip.mode: produce``) or
+keeps the saliency proposals that it recognises as objects (``clip.mode: rescore``), in the same format; the
+prompts are then CLIP-space vectors of the ``clip.model``'s embedding width.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -21,6 +31,7 @@ import os
 import time
 import warnings
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +49,9 @@ from sp_ray.data.images import list_image_files, load_image_rgb
 from sp_ray.data.transforms import resize_for_inference
 from sp_ray.models.backbone import build_resnet
 from sp_ray.models.knet import IMAGENET_MEAN, IMAGENET_STD, SIZE_DIVISOR
+from sp_ray.pretrain.clip_proposals import ClipProposer, check_clip_setup, clip_identity
 from sp_ray.pretrain.saliency import Proposals, saliency_proposals
+from sp_ray.pretrain.self_training import CheckpointProposer, check_selftrain_config, checkpoint_identity
 
 log = logging.getLogger(__name__)
 
@@ -182,8 +195,24 @@ def build_frozen_backbone(cfg: Config) -> nn.Module:
     return backbone.eval()
 
 
+def build_clip_proposer(cfg: Config, *, device: torch.device) -> ClipProposer:
+    """The CLIP proposal source of ``propose.proposer: clip``; in ``clip.mode: rescore`` it rescores the
+    saliency proposals of `build_frozen_backbone`'s ResNet (``propose.*``). A random CLIP init is drawn
+    from ``train.seed``."""
+    saliency = None
+    if cfg.clip.mode == "rescore":
+        backbone = build_frozen_backbone(cfg).to(device)
+        saliency = functools.partial(_propose_batch, backbone=backbone, cfg=cfg.propose, device=device)
+    return ClipProposer(cfg.clip, device=device, seed=cfg.train.seed, saliency=saliency)
+
+
 def propose_images(
-    items: list[dict[str, Any]], backbone: nn.Module, cfg: ProposeConfig, *, device: torch.device
+    items: list[dict[str, Any]],
+    backbone: nn.Module,
+    cfg: ProposeConfig,
+    *,
+    device: torch.device,
+    propose_batch: Callable[[list[tuple[dict[str, Any], np.ndarray]]], list[Proposals]] | None = None,
 ) -> ShardResult:
     """Saliency proposals of a list of images: decode, resize, C5 of the frozen backbone, Free Mask.
 
@@ -195,6 +224,8 @@ def propose_images(
         backbone: a module whose forward returns a list whose last element is C5 [B, C, h, w].
         cfg: the ``propose`` config section.
         device: where the backbone lives.
+        propose_batch: replaces the saliency proposals of a batch of decoded (item, pixels) pairs, e.g. a
+            ``CheckpointProposer``; ``backbone`` then only gives the prompt width.
 
     Returns:
         The shard's images, annotations (category 1, RLE, bbox of the mask, area, iscrowd 0, score),
@@ -221,9 +252,8 @@ def propose_images(
                     failed.append(
                         {"file_name": item["file_name"], "reason": problem[0], "detail": problem[1]}
                     )
-            for (item, pixels), proposals in zip(
-                ready, _propose_batch(ready, backbone, cfg, device), strict=True
-            ):
+            found = propose_batch(ready) if propose_batch else _propose_batch(ready, backbone, cfg, device)
+            for (item, pixels), proposals in zip(ready, found, strict=True):
                 height, width = pixels.shape[:2]
                 images.append(
                     {"id": item["id"], "file_name": item["file_name"], "height": height, "width": width}
@@ -314,13 +344,27 @@ def _c5_channels(backbone: nn.Module) -> int:
 
 
 class _ShardActor:
-    """Ray Data callable class: holds the frozen backbone, proposes on whole shards and writes their parts."""
+    """Ray Data callable class: holds the frozen backbone (or the trained model of ``from_checkpoint``),
+    proposes on whole shards and writes their parts."""
 
-    def __init__(self, cfg: Config, shard_dir: str, use_gpu: bool) -> None:
+    def __init__(self, cfg: Config, shard_dir: str, use_gpu: bool, from_checkpoint: str | None = None) -> None:
         # With use_gpu the actor reserved one GPU, and Ray made it the only visible one.
         self.device = torch.device("cuda" if use_gpu else "cpu")
-        self.backbone = build_frozen_backbone(cfg).to(self.device)
         self.cfg = cfg.propose
+        self.propose_batch = None
+        if from_checkpoint is None and cfg.propose.proposer == "clip":
+            self.propose_batch = build_clip_proposer(cfg, device=self.device)
+            self.backbone = self.propose_batch.backbone
+        elif from_checkpoint is None:
+            self.backbone = build_frozen_backbone(cfg).to(self.device)
+        else:
+            self.propose_batch = CheckpointProposer(from_checkpoint, cfg.selftrain, device=self.device)
+            self.backbone = self.propose_batch.backbone
+            # Decoding checks the image against the resize that the model's evaluation applies.
+            data = self.propose_batch.model_config.data
+            self.cfg = dataclasses.replace(
+                self.cfg, keep_ratio=True, max_size=data.max_size, short_size=data.short_size
+            )
         self.shard_dir = Path(shard_dir)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -335,7 +379,9 @@ class _ShardActor:
             batch["shard"], batch["items"], batch["fingerprint"], strict=True
         ):
             start = time.perf_counter()
-            result = propose_images(json.loads(str(items)), self.backbone, self.cfg, device=self.device)
+            result = propose_images(
+                json.loads(str(items)), self.backbone, self.cfg, device=self.device, propose_batch=self.propose_batch
+            )
             write_shard(self.shard_dir, int(shard), result, fingerprint=str(fingerprint))
             rows["shard"].append(int(shard))
             rows["images"].append(len(result.images))
@@ -383,29 +429,38 @@ def _fingerprint(run: dict[str, Any], items: list[dict[str, Any]]) -> str:
     return hashlib.sha256(blob).hexdigest()[:20]
 
 
-def _run_identity(cfg: Config) -> dict[str, Any]:
-    """What a shard's result depends on besides its images: the proposal settings and the backbone."""
+def proposal_identity(cfg: Config, from_checkpoint: str | Path | None = None) -> dict[str, Any]:
+    """What a shard's result depends on besides its images: the proposal settings and the backbone, or the
+    self-training settings and the checkpoint's weights."""
+    if from_checkpoint is not None:
+        return {"selftrain": dataclasses.asdict(cfg.selftrain), **checkpoint_identity(from_checkpoint)}
     propose = dataclasses.asdict(cfg.propose)
     for unrelated in ("batch_size", "shard_size", "num_actors", "cpus_per_actor"):
         propose.pop(unrelated)
+    proposer = propose.pop("proposer")  # saliency shards keep the fingerprints they had before CLIP existed
     weights = cfg.model.backbone_weights
     stamp = None
     if weights is not None and Path(weights).is_file():
         stat = Path(weights).stat()
         stamp = [stat.st_size, stat.st_mtime_ns]
     seed = cfg.train.seed if weights is None else None  # the random init depends on it
-    return {
+    identity = {
         "propose": propose,
         "depth": cfg.model.depth,
         "weights": weights,
         "weights_stamp": stamp,
         "seed": seed,
     }
+    if proposer == "clip":
+        identity["clip"] = clip_identity(cfg.clip, seed=cfg.train.seed)
+    return identity
 
 
 def check_propose_config(cfg: ProposeConfig) -> None:
     """Raise ConfigError naming the ``propose.*`` key of an out-of-range setting."""
     problems = []
+    if cfg.proposer not in ("saliency", "clip"):
+        problems.append(f"propose.proposer must be 'saliency' or 'clip', got {cfg.proposer!r}")
     if not cfg.scales or any(scale <= 0 for scale in cfg.scales):
         problems.append(f"propose.scales must be a non-empty list of factors > 0, got {cfg.scales}")
     if not 0 < cfg.mask_threshold < 1:
@@ -424,9 +479,19 @@ def check_propose_config(cfg: ProposeConfig) -> None:
 
 
 def propose(
-    images: str | Path, out: str | Path, cfg: Config, *, image_root: str | Path | None = None
+    images: str | Path,
+    out: str | Path,
+    cfg: Config,
+    *,
+    image_root: str | Path | None = None,
+    from_checkpoint: str | Path | None = None,
 ) -> dict[str, Any]:
     """Write saliency pseudo masks and their prompts for unlabeled images (METHODS.md 1.1).
+
+    With ``from_checkpoint``, the pseudo masks are a trained model's confident predictions instead
+    (FreeSOLO self-training, ``sp_ray.pretrain.self_training``, settings ``selftrain.*``). With
+    ``propose.proposer: clip`` a CLIP model makes or rescores them (UPLVP, settings ``clip.*``, see
+    ``sp_ray.pretrain.clip_proposals``).
 
     Runs as Ray Data ``map_batches`` over shards with a pool of `_ShardActor` (``propose.num_actors``;
     one GPU per actor where the cluster has GPUs, else ``propose.cpus_per_actor`` CPUs each). When Ray
@@ -439,8 +504,11 @@ def propose(
         images: an image folder or a COCO json (only its ``images`` are used), see `list_images`.
         out: output folder: ``shards/`` (part files, reused by a rerun), ``annotations.json``,
             ``prompts.npy``.
-        cfg: the config; ``propose`` and ``model.depth`` / ``model.backbone_weights`` are used.
+        cfg: the config; ``propose`` and ``model.depth`` / ``model.backbone_weights`` are used, or
+            ``selftrain`` and ``propose``'s batching and sharding with ``from_checkpoint``; ``clip`` too with
+            ``propose.proposer: clip``.
         image_root: folder of the json's file names (default the json's folder).
+        from_checkpoint: a fine-tuning or pre-training checkpoint directory of a query-based model.
 
     Returns:
         Summary: images_listed, images (in annotations.json), annotations, images_without_proposals,
@@ -450,13 +518,33 @@ def propose(
         prompts_path.
 
     Raises:
-        ConfigError: an out-of-range ``propose`` setting.
-        FileNotFoundError / ValueError: no images, or a backbone weights file that fits no layout.
+        ConfigError: an out-of-range ``propose``, ``selftrain`` or ``clip`` setting, or proposer clip
+            together with ``from_checkpoint``.
+        FileNotFoundError / ValueError: no images, a backbone weights file that fits no layout, or a
+            checkpoint that is not a query-based model's.
     """
     check_propose_config(cfg.propose)
+    clip = cfg.propose.proposer == "clip"
+    saliency_used = from_checkpoint is None and (not clip or cfg.clip.mode == "rescore")
+    if clip and from_checkpoint is not None:
+        raise ConfigError("propose.proposer=clip and --from-checkpoint both choose the pseudo masks: use one of them")
+    if clip:
+        # Settings, model config and weights file are checked here; the weights are read in the actors only,
+        # since a CLIP ViT-L is 1.7 GB, more than a head node should load for a check.
+        check_clip_setup(cfg.clip)
     items = list_images(images, image_root)
-    build_frozen_backbone(cfg)  # fail here, not in every actor, on a weights file that does not load
-    if cfg.model.backbone_weights is None:
+    if from_checkpoint is not None:
+        check_selftrain_config(cfg.selftrain)
+        # Fail here, not in every actor, on a checkpoint that does not load.
+        CheckpointProposer(from_checkpoint, cfg.selftrain, device=torch.device("cpu"))
+    elif saliency_used:
+        build_frozen_backbone(cfg)  # fail here, not in every actor, on a weights file that does not load
+    if clip and cfg.clip.weights is None:
+        log.warning(
+            "propose: clip.weights is null (clip.allow_random), so the masks come from a RANDOM-INIT CLIP: fine for "
+            "tests, meaningless otherwise; set clip.weights to a local open_clip weights file of clip.model"
+        )
+    if saliency_used and cfg.model.backbone_weights is None:
         log.warning(
             "propose: model.backbone_weights is null, so the masks come from a random-init ResNet (fine for "
             "tests, meaningless otherwise); set it to a local DenseCL / MoCo-v2 / torchvision ResNet file"
@@ -466,7 +554,7 @@ def propose(
     shard_dir.mkdir(parents=True, exist_ok=True)
     size = cfg.propose.shard_size
     shards = [items[start : start + size] for start in range(0, len(items), size)]
-    run = _run_identity(cfg)
+    run = proposal_identity(cfg, from_checkpoint)
     fingerprints = [_fingerprint(run, shard) for shard in shards]
     pending = [index for index in range(len(shards)) if not _shard_done(shard_dir, index, fingerprints[index])]
     log.info(
@@ -480,7 +568,10 @@ def propose(
     if pending:
         start = time.perf_counter()
         computed_images = _run_shards(
-            cfg, shard_dir, [(index, shards[index], fingerprints[index]) for index in pending]
+            cfg,
+            shard_dir,
+            [(index, shards[index], fingerprints[index]) for index in pending],
+            from_checkpoint=None if from_checkpoint is None else str(Path(from_checkpoint).resolve()),
         )
         seconds = time.perf_counter() - start
         log.info(
@@ -508,7 +599,13 @@ def propose(
     return summary
 
 
-def _run_shards(cfg: Config, shard_dir: Path, pending: list[tuple[int, list[dict[str, Any]], str]]) -> int:
+def _run_shards(
+    cfg: Config,
+    shard_dir: Path,
+    pending: list[tuple[int, list[dict[str, Any]], str]],
+    *,
+    from_checkpoint: str | None = None,
+) -> int:
     import ray
     import ray.data
 
@@ -519,7 +616,9 @@ def _run_shards(cfg: Config, shard_dir: Path, pending: list[tuple[int, list[dict
     rows = [{"shard": index, "items": json.dumps(items), "fingerprint": fp} for index, items, fp in pending]
     dataset = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
         _ShardActor,
-        fn_constructor_kwargs={"cfg": cfg, "shard_dir": str(shard_dir), "use_gpu": gpus > 0},
+        fn_constructor_kwargs={
+            "cfg": cfg, "shard_dir": str(shard_dir), "use_gpu": gpus > 0, "from_checkpoint": from_checkpoint
+        },
         batch_size=1,
         compute=ray.data.ActorPoolStrategy(size=actors),
         num_gpus=1 if gpus else 0,

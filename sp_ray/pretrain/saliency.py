@@ -192,7 +192,7 @@ def saliency_proposals(
     soft, scores, queries = soft[order].reshape(-1, h, w), decayed[order], queries[order]
 
     # Step 9: upsample the soft maps to the image, then binarise.
-    masks = _upsample_binarise(soft, (height, width), mask_threshold)
+    masks = upsample_binarise(soft, (height, width), mask_threshold)
 
     # Steps 10-11: boxes from projections and the filters.
     boxes = mask_boxes_from_projections(masks)
@@ -207,7 +207,12 @@ def saliency_proposals(
     return Proposals(masks=masks[keep], scores=scores[keep], boxes=boxes[keep], queries=queries[keep])
 
 
-def _upsample_binarise(soft: Tensor, size: tuple[int, int], threshold: float) -> Tensor:
+def upsample_binarise(soft: Tensor, size: tuple[int, int], threshold: float) -> Tensor:
+    """Soft masks float [L, h, w] -> bool [L, H, W]: bilinear upsampling to the image size, then the threshold.
+
+    Binarising after upsampling keeps the masks' sub-cell shape (METHODS.md 1.1: the reference code
+    thresholds at feature resolution). Upsampled in chunks so that COCO-size images fit in memory.
+    """
     masks = torch.zeros((soft.shape[0], *size), dtype=torch.bool, device=soft.device)
     chunk = max(1, _UPSAMPLE_BUDGET // (size[0] * size[1]))
     for start in range(0, soft.shape[0], chunk):

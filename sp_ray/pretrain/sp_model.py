@@ -1,29 +1,42 @@
-"""The SP pre-training model: K-Net plus what exists only in pre-training (prompts, the L_ker projection).
+"""The SP pre-training model: a QEIS detector plus what exists only in pre-training (prompts, the L_ker projection).
 
-``SaliencyPromptPretrainer.forward(images, targets)`` runs K-Net once: its features give the prompts
+``SaliencyPromptPretrainer.forward(images, targets)`` runs the detector once: its features give the prompts
 (P5 pooled in each pseudo mask's box, or the image prompt), the prompts are matched to K^0 and added to
-it, the same K-Net stages run on the prompted kernels, and the criterion's Hungarian matches of every
+it, the same stages run on the prompted kernels, and the criterion's Hungarian matches of every
 stage pair the kernels with the saliency queries for L_ker. It returns the loss dict, so the ordinary
 training step runs it with ``ModelLosses`` as its criterion (``model(images, targets)``).
 
-The K-Net sits under ``WRAPPED_MODEL_PREFIX`` (attribute ``model``), so a pre-training checkpoint holds
-the plain K-Net keys with that prefix: ``finetune --init`` strips it, and the pre-training-only tensors
+Any detector that implements the ``PromptableModel`` protocol can be pre-trained (K-Net, Mask2Former):
+
+- ``forward_features(images)`` -> an object with ``fpn`` (a list whose last entry, float [B, D, H/32, W/32],
+  gives the feature prompts) and ``init_kernels`` K^0, float [B, N, D];
+- ``forward_from_features(features, kernel_offsets)`` -> ``ModelOutputs``, with the offsets [B, N, D] added to
+  K^0 before the first stage; ``pred_kernels`` of ``aux_outputs`` and of the top level are K^1 .. K^S;
+- ``feat_channels`` (D), ``backbone`` (C2..C5 of a normalised image, ``out_channels``), ``pixel_mean`` and
+  ``pixel_std`` (the normalisation of RGB 0..255 inputs);
+
+and its criterion takes ``criterion(outputs, targets, return_matches=True)`` and returns ``(losses, matches)``
+with the matches of [stage 0 (initial prediction), stage 1, .., stage S], each B pairs (pred_idx, tgt_idx).
+
+The detector sits under ``WRAPPED_MODEL_PREFIX`` (attribute ``model``), so a pre-training checkpoint holds
+the plain detector keys with that prefix: ``finetune --init`` strips it, and the pre-training-only tensors
 (``projection.*``, ``prompt_encoder.*``) are reported as skipped. Nothing of the prompts is in the
 fine-tuned or exported model.
 """
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from sp_ray.config import Config, ConfigError, PretrainConfig
-from sp_ray.models.knet import SIZE_DIVISOR, KNet
-from sp_ray.models.losses import KNetCriterion, ModelLosses
+from sp_ray.models.knet import SIZE_DIVISOR
+from sp_ray.models.losses import ModelLosses
 from sp_ray.pretrain.kernel_loss import SaliencyProjection, angle_preservation_loss, kernel_supervision_loss
 from sp_ray.pretrain.prompts import (
     PROMPT_RULES,
@@ -31,18 +44,53 @@ from sp_ray.pretrain.prompts import (
     feature_prompts,
     match_prompts_to_kernels,
 )
-from sp_ray.types import Target
+from sp_ray.types import ModelOutputs, Target
 
 PROMPT_SOURCES = ("feature", "image")
 KERNEL_PROJECTIONS = ("fixed", "learned")
 
 
-class SaliencyPromptPretrainer(nn.Module):
-    """K-Net trained on pseudo masks with saliency prompts and kernel supervision (SP, METHODS.md 1.2-1.4).
+class PromptableModel(Protocol):
+    """What SP pre-training needs of a detector (see the module docstring)."""
+
+    backbone: nn.Module
+    feat_channels: int
+    pixel_mean: Tensor
+    pixel_std: Tensor
+
+    def forward_features(self, images: Tensor) -> Any: ...
+
+    def forward_from_features(self, features: Any, kernel_offsets: Tensor | None = None) -> ModelOutputs: ...
+
+
+_PROTOCOL_ATTRIBUTES = ("forward_features", "forward_from_features", "feat_channels", "backbone", "pixel_mean",
+                        "pixel_std")
+
+
+def check_promptable(model: nn.Module, criterion: nn.Module, name: str) -> None:
+    """Raise ``ConfigError`` unless ``model`` implements ``PromptableModel`` and ``criterion`` returns matches.
 
     Args:
-        model: the K-Net (class-agnostic: one class, "object").
-        criterion: its set criterion (Hungarian matching, focal objectness, mask BCE, dice).
+        model: the built detector.
+        criterion: its criterion.
+        name: ``model.name``, for the message.
+    """
+    missing = [attr for attr in _PROTOCOL_ATTRIBUTES if not hasattr(model, attr)]
+    if "return_matches" not in inspect.signature(criterion.forward).parameters:
+        missing.append("criterion(..., return_matches=True)")
+    if missing:
+        raise ConfigError(
+            f"SP pre-training needs a detector with the prompt protocol of sp_ray.pretrain.sp_model; "
+            f"model.name {name!r} lacks {missing}"
+        )
+
+
+class SaliencyPromptPretrainer(nn.Module):
+    """A detector trained on pseudo masks with saliency prompts and kernel supervision (SP, METHODS.md 1.2-1.4).
+
+    Args:
+        model: a ``PromptableModel`` (K-Net, Mask2Former; class-agnostic: one class, "object").
+        criterion: its set criterion (Hungarian matching, objectness, mask losses), with ``return_matches``.
         projection: Linear(S_l) of L_ker, from the query width C to the kernel width D.
         prompt_encoder: the image-prompt encoder, or None for feature prompts (P5 pooled in the box).
         prompt_rule: "cosine" or "fixed" (``match_prompts_to_kernels``).
@@ -55,8 +103,8 @@ class SaliencyPromptPretrainer(nn.Module):
     def __init__(
         self,
         *,
-        model: KNet,
-        criterion: KNetCriterion,
+        model: PromptableModel,
+        criterion: nn.Module,
         projection: SaliencyProjection,
         prompt_encoder: ImagePromptEncoder | None = None,
         prompt_rule: str = "cosine",
@@ -94,7 +142,7 @@ class SaliencyPromptPretrainer(nn.Module):
         return self.model.backbone((crops - self.model.pixel_mean) / self.model.pixel_std)[-1]
 
     def forward(self, images: Tensor, targets: list[Target]) -> dict[str, Tensor]:
-        """Prompted K-Net forward and every pre-training loss.
+        """Prompted detector forward and every pre-training loss.
 
         Args:
             images: float [B, 3, H, W], RGB 0..255, padded to multiples of 32.
@@ -102,9 +150,9 @@ class SaliencyPromptPretrainer(nn.Module):
                 the saliency query S_l of each pseudo mask.
 
         Returns:
-            The criterion's losses (``loss_mask_s0``, ``loss_dice_s0``, ``loss_cls_s{i}``, ``loss_mask_s{i}``,
-            ``loss_dice_s{i}``) plus ``loss_ker_s{i}`` for i = 1..S and, with a learned projection,
-            ``loss_ker_angle``; float32 scalars, weighted.
+            The criterion's losses (K-Net: ``loss_mask_s0``, ``loss_dice_s0``, ``loss_cls_s{i}``,
+            ``loss_mask_s{i}``, ``loss_dice_s{i}``; Mask2Former also ``loss_cls_s0``) plus ``loss_ker_s{i}``
+            for i = 1..S and, with a learned projection, ``loss_ker_angle``; float32 scalars, weighted.
         """
         missing = [b for b, t in enumerate(targets) if "queries" not in t]
         if missing:
@@ -208,20 +256,19 @@ def load_saliency_queries(cfg: Config) -> np.ndarray:
 
 
 def build_sp_pretrainer(cfg: Config, model: nn.Module, criterion: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """Wrap a built K-Net and its criterion for SP pre-training; the pair goes to the ordinary training step.
+    """Wrap a built detector and its criterion for SP pre-training; the pair goes to the ordinary training step.
 
     Args:
         cfg: resolved config with the ``pretrain`` section; ``pretrain.prompts`` (or its default) must exist,
             its width is the query width C of the L_ker projection.
-        model: the K-Net of ``cfg.model``.
-        criterion: its ``KNetCriterion``.
+        model: the detector of ``cfg.model``, a ``PromptableModel`` (K-Net, Mask2Former).
+        criterion: its criterion (``KNetCriterion``, ``Mask2FormerCriterion``).
 
     Returns:
         (``SaliencyPromptPretrainer``, ``ModelLosses()``).
     """
     check_pretrain_config(cfg)
-    if not isinstance(model, KNet) or not isinstance(criterion, KNetCriterion):
-        raise ConfigError(f"SP pre-training supports model.name 'knet', got {cfg.model.name!r}")
+    check_promptable(model, criterion, cfg.model.name)
     p = cfg.pretrain
     query_channels = int(load_saliency_queries(cfg).shape[1])
     encoder = None

@@ -148,11 +148,15 @@ def load_init_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> InitR
     class head made for a different number of categories keeps its fresh initialisation. A
     pre-training checkpoint (keys under ``WRAPPED_MODEL_PREFIX``) gives its detector's tensors; its
     pre-training-only tensors (the saliency projection, the image-prompt Linear) are reported skipped.
+    ``pretrain --init`` goes the other way: a plain or pre-training checkpoint into the pre-training wrapper.
     """
     own = model.state_dict()
     wrapped = any(name.startswith(WRAPPED_MODEL_PREFIX) for name in state)
-    if wrapped and not any(name.startswith(WRAPPED_MODEL_PREFIX) for name in own):
+    wrapping = any(name.startswith(WRAPPED_MODEL_PREFIX) for name in own)
+    if wrapped and not wrapping:
         state = {name.removeprefix(WRAPPED_MODEL_PREFIX): tensor for name, tensor in state.items()}
+    elif wrapping and not wrapped:  # a plain model's checkpoint into a pre-training wrapper
+        state = {WRAPPED_MODEL_PREFIX + name: tensor for name, tensor in state.items()}
     report = InitReport()
     to_load = {}
     for name, tensor in state.items():

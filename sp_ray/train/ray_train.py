@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -147,6 +147,8 @@ def run_training(
     run_name: str | None = None,
     task: str = "finetune",
     images: str | Path | None = None,
+    metric: str = "segm_AP",
+    callbacks: Sequence[Any] = (),
 ) -> Path:
     """Run a training task (``WORKERS``) in ``train.num_workers`` Ray Train workers; returns ``work_dir/final``.
 
@@ -159,6 +161,11 @@ def run_training(
         run_name: the Ray run name (default: the work dir's name and a timestamp).
         task: "finetune" (``fit``, also used by pre-training) or "ssl" (DenseCL on ``images``).
         images: the unlabeled image folder of the "ssl" task.
+        metric: the reported value that ranks the kept checkpoints when every checkpoint is evaluated.
+        callbacks: Ray ``RunConfig`` callbacks (a Tune trial passes ``TuneReportCallback``).
+
+    Raises:
+        RuntimeError: the run failed (more worker failures than ``train.max_failures``).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -187,10 +194,11 @@ def run_training(
             storage_path=storage,
             checkpoint_config=CheckpointConfig(
                 num_to_keep=cfg.train.checkpoints_to_keep,
-                checkpoint_score_attribute="segm_AP" if scored else None,
+                checkpoint_score_attribute=metric if scored else None,
                 checkpoint_score_order="max",
             ),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            callbacks=list(callbacks),
         ),
     )
     result = trainer.fit()

@@ -145,7 +145,8 @@ def test_collate_pads_to_multiple_and_keeps_contents() -> None:
         h, w = image.shape[-2:]
         assert torch.equal(padded[:, :h, :w], image.as_subclass(Tensor))
         assert not padded[:, h:, :].any() and not padded[:, :, w:].any()
-        assert set(out) == {"labels", "masks", "boxes", "image_id", "orig_size", "image_size"}
+        assert set(out) == {"labels", "masks", "boxes", "image_id", "orig_size", "image_size", "image"}
+        assert out["image"].data_ptr() == padded.data_ptr()  # a view of the batch, not a copy
         assert all(type(out[key]) is Tensor for key in ("labels", "masks", "boxes"))
         assert out["masks"].dtype == torch.bool and out["masks"].shape == (len(target["labels"]), 64, 96)
         assert torch.equal(out["masks"][:, :h, :w], target["masks"].as_subclass(Tensor))

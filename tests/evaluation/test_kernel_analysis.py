@@ -17,7 +17,7 @@ from sp_ray.evaluation.kernel_analysis import (
     DPI,
     average_kernel_masks,
     grid_shape,
-    load_knet,
+    load_query_model,
     render_kernel_grid,
 )
 from sp_ray.models import build_model
@@ -59,7 +59,7 @@ def test_grid_shape():
 
 
 def test_average_masks_are_probabilities_and_the_mean_of_single_images(checkpoint):
-    model, _ = load_knet(checkpoint)
+    model, _ = load_query_model(checkpoint)
     rng = np.random.default_rng(0)
     images = [
         rng.integers(0, 256, (48, 80, 3), dtype=np.uint8),
@@ -120,4 +120,4 @@ def test_a_checkpoint_that_does_not_fit_its_config_is_an_error(tmp_path):
     model, _ = build_model(_tiny_cfg("model.num_kernels=4"))
     bad = save_checkpoint(tmp_path / "bad", model=model, config=cfg, meta={})
     with pytest.raises(ValueError, match="does not fit"):
-        load_knet(bad)
+        load_query_model(bad)

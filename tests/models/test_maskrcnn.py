@@ -13,7 +13,7 @@ from sp_ray.data.coco import CocoInstanceDataset
 from sp_ray.data.synthetic import write_synthetic_dataset
 from sp_ray.data.transforms import build_transforms, collate
 from sp_ray.evaluation.coco_eval import predict_coco
-from sp_ray.models import POSTPROCESSORS, build_model
+from sp_ray.models import FAMILIES, build_model
 from sp_ray.models.knet import build_knet
 from sp_ray.models.losses import ModelLosses
 from sp_ray.models.maskrcnn import MaskRCNN, build_maskrcnn, postprocess_maskrcnn
@@ -168,7 +168,7 @@ def test_config_builds_the_family_and_its_postprocessor() -> None:
     assert isinstance(model, MaskRCNN)
     assert isinstance(criterion, ModelLosses) and isinstance(criterion, nn.Module)
     assert model.roi_heads.detections_per_img == 7
-    assert POSTPROCESSORS["maskrcnn"] is postprocess_maskrcnn
+    assert FAMILIES["maskrcnn"].postprocess is postprocess_maskrcnn
 
 
 def test_postprocess_pastes_masks_at_the_original_size_and_scales_boxes() -> None:

@@ -44,7 +44,7 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_cfg():
     return load_config(TINY_CONFIG, [
         "ssl.epochs=1", "ssl.batch_size=4", "ssl.queue_size=8", "ssl.hidden_dim=32", "ssl.proj_dim=16",
-        "ssl.base_batch_size=4", "ssl.lr=0.05",
+        "ssl.base_batch_size=4", "ssl.lr=0.05", "ssl.image_size=64",
     ])
 
 

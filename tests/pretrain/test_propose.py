@@ -24,11 +24,11 @@ from sp_ray.pretrain.propose import (
     TOO_ELONGATED,
     UNDECODABLE,
     _fingerprint,
-    _run_identity,
     check_propose_config,
     input_size,
     list_images,
     merge_shards,
+    proposal_identity,
     propose,
     propose_images,
     write_shard,
@@ -280,12 +280,12 @@ def test_bad_config_is_an_error_naming_the_key() -> None:
 
 def test_shard_fingerprint_follows_results_not_scheduling(label_folder: tuple[Path, dict]) -> None:
     items = list_images(label_folder[0])
-    base = _fingerprint(_run_identity(_small_config()), items)
+    base = _fingerprint(proposal_identity(_small_config()), items)
     scheduling = _small_config("propose.batch_size=7", "propose.num_actors=3", "propose.cpus_per_actor=2")
-    assert _fingerprint(_run_identity(scheduling), items) == base
+    assert _fingerprint(proposal_identity(scheduling), items) == base
     for change in ("propose.min_maskness=0.8", "model.depth=34", "train.seed=1", "propose.keep_ratio=true"):
-        assert _fingerprint(_run_identity(_small_config(change)), items) != base, change
-    assert _fingerprint(_run_identity(_small_config()), items[:2]) != base
+        assert _fingerprint(proposal_identity(_small_config(change)), items) != base, change
+    assert _fingerprint(proposal_identity(_small_config()), items[:2]) != base
 
 
 @pytest.fixture(scope="module")

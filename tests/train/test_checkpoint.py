@@ -76,3 +76,23 @@ def test_init_weights_report():
     assert torch.equal(target.state_dict()["0.weight"], source["0.weight"])
     assert torch.equal(target.state_dict()["2.weight"], before)
     assert "re-initialised" in report.summary()
+
+
+def test_init_weights_between_plain_and_wrapped_models():
+    class Wrapper(nn.Module):  # a pre-training wrapper: the model under WRAPPED_MODEL_PREFIX plus its own head
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = net(out=3)
+            self.projection = nn.Linear(2, 2)
+
+    plain, wrapper = net(out=3), Wrapper()
+    report = load_init_weights(wrapper, plain.state_dict())  # pretrain --init from a fine-tuned model
+    assert not report.skipped and sorted(report.missing) == ["projection.bias", "projection.weight"]
+    assert torch.equal(wrapper.model.state_dict()["0.weight"], plain.state_dict()["0.weight"])
+    fresh = net(out=3)
+    report = load_init_weights(fresh, wrapper.state_dict())  # finetune --init from a pre-training
+    assert sorted(report.skipped) == ["projection.bias", "projection.weight"] and not report.missing
+    again = Wrapper()
+    report = load_init_weights(again, wrapper.state_dict())  # the next self-training round
+    assert not report.skipped and not report.missing
+    assert torch.equal(again.projection.weight, wrapper.projection.weight)

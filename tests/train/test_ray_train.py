@@ -144,7 +144,7 @@ def test_ssl_runs_in_two_ray_workers(local_ray, tiny_data, tmp_path):
 
     cfg = load_config(ROOT / "configs" / "demo" / "densecl_tiny.yaml",
                       ["ssl.epochs=1", "ssl.batch_size=2", "ssl.base_batch_size=2", "ssl.queue_size=16",
-                       "ssl.hidden_dim=32", "train.num_workers=2"])
+                       "ssl.hidden_dim=32", "ssl.image_size=64", "train.num_workers=2"])
     final = run_training(cfg, tmp_path, task="ssl", images=tiny_data["images"])
     state = load_checkpoint(final).model_state
     # 10 images, 2 per worker per step, 2 workers: 2 steps, each enqueueing the 4 keys gathered from both.

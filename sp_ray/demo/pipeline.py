@@ -1,0 +1,369 @@
+"""The demo's steps, in order, and `run_demo`; see `sp_ray.demo` for what each step does."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from sp_ray.config import Config, load_config
+from sp_ray.data.images import link_images
+from sp_ray.demo.commands import (
+    finetune_overrides,
+    pretrain_overrides,
+    propose_overrides,
+    reproduce_commands,
+    run_init,
+    ssl_overrides,
+)
+from sp_ray.demo.runner import Step, StepRecord, count_lines, progress, run_steps, write_json
+from sp_ray.demo.settings import (
+    PRETRAIN_CONFIG,
+    SPLIT_SEED,
+    SSL_CONFIG,
+    DemoLayout,
+    DemoSettings,
+    Run,
+    demo_runs,
+    exported_runs,
+    kernel_checkpoints,
+)
+
+log = logging.getLogger("sp_ray")
+
+
+class LocalRay:
+    """Starts the local Ray (or joins ``RAY_ADDRESS``) at the first step that needs it; stops what it started."""
+
+    def __init__(self) -> None:
+        self.started = False
+
+    def ensure(self) -> None:
+        import ray
+
+        from sp_ray.train.ray_train import init_ray
+
+        if not ray.is_initialized():
+            init_ray()
+            self.started = True
+
+    def stop(self) -> None:
+        if self.started:
+            import ray
+
+            ray.shutdown()
+            self.started = False
+
+
+def _in_ray_tasks(fn: Callable[..., Any], jobs: Sequence[dict[str, Any]], bar: tqdm | None = None) -> list[Any]:
+    """``fn(**job)`` for every job as Ray tasks of one CPU each (as many at once as Ray has CPUs), in order.
+
+    With ``bar``, it advances by one per finished job.
+    """
+    import ray
+
+    remote = ray.remote(num_cpus=1, max_retries=0)(fn)
+    refs = [remote.remote(**job) for job in jobs]
+    pending = list(refs)
+    while pending:
+        finished, pending = ray.wait(pending, timeout=1.0)
+        ray.get(finished)  # raises a failed task's error now, not after the others
+        if bar is not None and finished:
+            bar.update(len(finished))
+    return ray.get(refs)
+
+
+def _finetune_job(cfg: Config, work_dir: str, init: str | None) -> str:
+    import torch
+
+    from sp_ray.train.loop import fit
+
+    torch.set_num_threads(1)
+    # fit appends to metrics.jsonl: a run that was interrupted starts over in an empty folder.
+    shutil.rmtree(work_dir, ignore_errors=True)
+    return str(fit(cfg, work_dir, init=init))
+
+
+def _evaluate_job(checkpoint: str, annotations: str, images: str, out: str) -> None:
+    import torch
+
+    from sp_ray.evaluation.coco_eval import evaluate_checkpoint
+
+    torch.set_num_threads(1)
+    metrics, results = evaluate_checkpoint(checkpoint, annotations=annotations, images=images)
+    write_json(Path(out).with_name("predictions.json"), results)
+    write_json(Path(out), metrics)
+
+
+def _export_job(checkpoint: str, out: str, size: int) -> dict[str, Any]:
+    import torch
+
+    from export.onnx_export import export_checkpoint
+
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    result = export_checkpoint(checkpoint, out, input_size=(size, size), batch_size=1)
+    return {"path": str(result.path), "family": result.info.family, "seconds": round(time.perf_counter() - start, 1),
+            "parity": {**dataclasses.asdict(result.parity), "passed": result.parity.passed,
+                       "summary": result.parity.summary()}}
+
+
+def build_steps(layout: DemoLayout, settings: DemoSettings, ray_session: LocalRay) -> list[Step]:
+    """The pipeline: every step's outputs, what a forced run removes, and what it runs."""
+    runs = demo_runs(settings)
+    largest = max(settings.fractions)
+
+    def data() -> None:
+        from sp_ray.data.synthetic import write_synthetic_dataset
+
+        write_synthetic_dataset(layout.data, num_images=settings.num_images, image_size=settings.image_size, seed=0)
+
+    def splits() -> None:
+        from sp_ray.data.split import split_fractions
+
+        split_fractions(layout.train_json, sorted(settings.fractions), seed=SPLIT_SEED, out_dir=layout.splits)
+
+    def ssl() -> None:
+        from sp_ray.pretrain.ssl_train import train_densecl
+
+        shutil.rmtree(layout.ssl, ignore_errors=True)  # an interrupted run starts over
+        cfg = load_config(SSL_CONFIG, ssl_overrides(settings))
+        images = link_images(layout.train_json, layout.images, layout.train_images)
+        with progress("DenseCL epochs", cfg.ssl.epochs, lambda: count_lines(layout.ssl / "metrics.jsonl")):
+            train_densecl(cfg, images, layout.ssl)
+
+    def propose() -> None:
+        from sp_ray.evaluation.proposal_quality import pseudo_mask_recall
+        from sp_ray.pretrain.propose import propose as propose_masks
+
+        ray_session.ensure()
+        cfg = load_config(None, propose_overrides(layout, settings))
+        shards = math.ceil((settings.num_images - _num_val(layout)) / settings.propose_shard)
+        with progress("proposal shards", shards, lambda: len(list((layout.pseudo / "shards").glob("[0-9]*.json")))):
+            summary = propose_masks(layout.train_json, layout.pseudo, cfg, image_root=layout.images)
+        recall = pseudo_mask_recall(summary["annotations_path"], layout.train_json, thresholds=(0.5, 0.75))
+        summary["recall"] = {"instances": recall.instances, "mean_best_iou": recall.mean_best_iou,
+                             **{f"{t:g}": value for t, value in recall.recall.items()}}
+        write_json(layout.pseudo_summary, summary)
+
+    def pretrain() -> None:
+        from sp_ray.train.ray_train import run_training
+
+        ray_session.ensure()
+        shutil.rmtree(layout.pretrain, ignore_errors=True)
+        cfg = load_config(PRETRAIN_CONFIG, [*pretrain_overrides(layout, settings), "pretrain.enabled=true"])
+        epochs_logged = lambda: count_lines(layout.pretrain / "metrics.jsonl")  # noqa: E731
+        with progress("SP pre-training epochs", cfg.train.epochs, epochs_logged):
+            run_training(cfg, layout.pretrain, run_name="demo-sp-pretrain")
+
+    def finetune() -> None:
+        ray_session.ensure()
+        todo = [run for run in runs if not (layout.run(run) / "final" / "meta.json").is_file()]
+        configs = {run: load_config(run.config, finetune_overrides(layout, settings, run)) for run in todo}
+        # Longest first (Mask R-CNN, then the larger fractions), so the two CPUs finish together.
+        todo.sort(key=lambda run: (run.variant != "maskrcnn", -run.fraction))
+        total = sum(cfg.train.epochs for cfg in configs.values())
+        with progress(f"fine-tuning epochs ({len(todo)} runs)", total,
+                      lambda: sum(count_lines(layout.run(run) / "metrics.jsonl") for run in todo)):
+            init = {run: run_init(layout, run) for run in todo}
+            _in_ray_tasks(_finetune_job, [{"cfg": configs[run], "work_dir": str(layout.run(run)),
+                                           "init": str(init[run]) if init[run] else None} for run in todo])
+
+    def evaluate() -> None:
+        ray_session.ensure()
+        todo = [run for run in runs if not layout.metrics(run).is_file()]
+        todo.sort(key=lambda run: run.variant != "maskrcnn")
+        with progress("evaluated checkpoints", len(todo), unit="model") as bar:
+            _in_ray_tasks(_evaluate_job, [{
+                "checkpoint": str(layout.run(run) / "final"), "annotations": str(layout.val_json),
+                "images": str(layout.images), "out": str(layout.metrics(run))} for run in todo], bar)
+
+    def kernels() -> None:
+        from sp_ray.evaluation.kernel_analysis import analyze_kernels
+
+        checkpoints = kernel_checkpoints(layout, settings)
+        with progress("kernel grids", len(checkpoints), unit="model") as bar:
+            for name, checkpoint in checkpoints.items():
+                analyze_kernels(checkpoint, layout.val_json, layout.kernels / f"{name}.png", image_root=layout.images,
+                                num_images=settings.kernel_images)
+                bar.update()
+
+    def export() -> None:
+        ray_session.ensure()
+        exported = exported_runs(settings)
+        with progress("ONNX exports (with parity)", len(exported), unit="model") as bar:
+            results = _in_ray_tasks(_export_job, [
+                {"checkpoint": str(layout.run(run) / "final"), "out": str(layout.onnx(run)),
+                 "size": settings.image_size} for run in exported], bar)
+        summary = {run.name: result for run, result in zip(exported, results, strict=True)}
+        write_json(layout.export / "export.json", summary)
+
+    def onnx() -> None:
+        onnx_predictions(layout, settings)
+
+    def throughput() -> None:
+        measure_throughput(layout, settings)
+
+    def report() -> None:
+        from sp_ray.report.demo_report import write_demo_report
+
+        write_demo_report(layout, settings, reproduce_commands(layout, settings))
+
+    knet = Run("sp", largest)
+    return [
+        Step("data", "synthetic shapes dataset", (layout.val_json,), (layout.data,), data),
+        Step("splits", "labeled fractions of train", tuple(layout.split(f) for f in settings.fractions),
+             (layout.splits,), splits),
+        Step("ssl", "DenseCL self-supervised backbone on the train images", (layout.backbone,),
+             (layout.ssl, layout.train_images), ssl),
+        Step("propose", "saliency pseudo masks of the train images (Ray Data)", (layout.pseudo_summary,),
+             (layout.pseudo,), propose),
+        Step("pretrain", f"SP pre-training ({settings.pretrain_workers} Ray Train workers)",
+             (layout.pretrain / "final" / "meta.json",), (layout.pretrain,), pretrain),
+        Step("finetune", f"{len(runs)} fine-tuning runs as Ray tasks",
+             tuple(layout.run(run) / "final" / "meta.json" for run in runs), (layout.finetune,), finetune),
+        Step("evaluate", "COCO AP on val of every run", tuple(layout.metrics(run) for run in runs),
+             (layout.eval,), evaluate),
+        Step("kernels", "kernel analysis grids",
+             tuple(layout.kernels / f"{name}.png" for name in kernel_checkpoints(layout, settings)),
+             (layout.kernels,), kernels),
+        Step("export", "ONNX export with parity", (layout.export / "export.json",), (layout.export,), export),
+        Step("onnx", "onnxruntime: K-Net AP on val, predictions on sample val images",
+             (layout.onnx_eval / knet.name / "metrics.json", layout.onnx_eval / "samples.json"),
+             (layout.onnx_eval,), onnx),
+        Step("throughput", "onnxruntime images/s, K-Net vs Mask R-CNN", (layout.throughput,),
+             (layout.throughput,), throughput),
+        Step("report", "report.html and report.md", (layout.root / "report.html", layout.root / "report.md"),
+             (layout.figures, layout.root / "report.html", layout.root / "report.md"), report),
+    ]
+
+
+def _num_val(layout: DemoLayout) -> int:
+    from sp_ray.data.coco import read_coco_json
+
+    return len(read_coco_json(layout.val_json)["images"])
+
+
+def sample_val_images(layout: DemoLayout, settings: DemoSettings) -> list[dict[str, Any]]:
+    """The first ``sample_images`` val image entries (id, file_name, height, width)."""
+    from sp_ray.data.coco import read_coco_json
+
+    return read_coco_json(layout.val_json)["images"][: settings.sample_images]
+
+
+def onnx_predictions(layout: DemoLayout, settings: DemoSettings) -> None:
+    """K-Net's val AP through onnxruntime, and both exported models' instances on the sample val images."""
+    from export.runtime import Segmenter
+    from sp_ray.data.images import load_image_rgb
+    from sp_ray.evaluation.coco_eval import evaluate_onnx
+
+    providers = ["CPUExecutionProvider"]
+    exported = exported_runs(settings)
+    knet = exported[0]
+    samples = sample_val_images(layout, settings)
+    with progress("onnxruntime", 1 + len(exported), unit="task") as bar:
+        metrics, results = evaluate_onnx(str(layout.onnx(knet)), annotations=str(layout.val_json),
+                                         images=str(layout.images), providers=providers, threads=settings.onnx_threads)
+        write_json(layout.onnx_eval / knet.name / "predictions.json", results)
+        write_json(layout.onnx_eval / knet.name / "metrics.json", metrics)
+        bar.update()
+        drawn: dict[str, Any] = {}
+        for run in exported:
+            segmenter = Segmenter(layout.onnx(run), providers=providers, threads=settings.onnx_threads)
+            drawn[run.name] = []
+            for image in samples:
+                found = segmenter.predict(load_image_rgb(layout.images / image["file_name"]), rle=True)
+                drawn[run.name].append({
+                    "file_name": image["file_name"], "scores": found.scores.tolist(),
+                    "category_ids": found.category_ids.tolist(), "boxes": found.boxes.tolist(), "rles": found.rles,
+                })
+            bar.update()
+    write_json(layout.onnx_eval / "samples.json", drawn)
+
+
+def measure_throughput(layout: DemoLayout, settings: DemoSettings) -> None:
+    """onnxruntime images/s of both exported models, one image per call, calls interleaved; see `time_interleaved`."""
+    import onnxruntime
+
+    from export.runtime import Segmenter
+    from sp_ray.data.images import load_image_rgb
+    from sp_ray.evaluation.timing import time_interleaved
+
+    images = [load_image_rgb(layout.images / image["file_name"]) for image in sample_val_images(layout, settings)]
+    calls = {}
+    for run in exported_runs(settings):
+        segmenter = Segmenter(layout.onnx(run), providers=["CPUExecutionProvider"], threads=settings.onnx_threads)
+        cycle = iter(range(10**9))
+        calls[run.name] = (lambda s=segmenter, c=cycle: s.predict(images[next(c) % len(images)]))
+    rounds = settings.throughput_warmup + settings.throughput_repeats
+    load_before = os.getloadavg()
+    with progress("throughput rounds", rounds, unit="round") as bar:
+        timings = time_interleaved(calls, repeats=settings.throughput_repeats, warmup=settings.throughput_warmup,
+                                   on_repeat=lambda _: bar.update())
+    write_json(layout.throughput, {
+        "what": "Segmenter.predict end to end (resize, graph, masks at image size), one image per call",
+        "image_size": settings.image_size, "threads": settings.onnx_threads, "warmup": settings.throughput_warmup,
+        "repeats": settings.throughput_repeats, "onnxruntime": onnxruntime.__version__, "cpu": _cpu_name(),
+        "cores": os.cpu_count(), "load_average_before": [round(v, 2) for v in load_before],
+        "load_average_after": [round(v, 2) for v in os.getloadavg()],
+        "models": {name: timing.summary() for name, timing in timings.items()},
+    })
+
+
+def _cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    import platform
+
+    return platform.processor() or "unknown"
+
+
+def run_demo(
+    out: str | Path = "runs/demo",
+    settings: DemoSettings | None = None,
+    *,
+    force: bool = False,
+    redo: Sequence[str] = (),
+) -> list[StepRecord]:
+    """Run the demo pipeline under ``out`` and write ``out/report.html`` and ``out/report.md``.
+
+    Args:
+        out: output folder.
+        settings: sizes and schedules (default `DemoSettings()`, ``make demo``; `TINY` for tests).
+        force: redo every step.
+        redo: redo these steps and every step after them.
+
+    Returns:
+        One `StepRecord` per step ("ran" or "skipped"), in pipeline order.
+    """
+    settings = settings or DemoSettings()
+    layout = DemoLayout(Path(out).resolve())  # absolute: Ray workers do not share this working directory
+    layout.root.mkdir(parents=True, exist_ok=True)
+    ray_session = LocalRay()
+    start = time.perf_counter()
+    # One torch thread in this process too (DenseCL, kernel analysis), as in every Ray task and worker: the
+    # two cores are used by two jobs at once, and several threads per job on shared cores spin against
+    # each other (DenseCL ran 20x slower with two threads next to two other busy processes).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        records = run_steps(build_steps(layout, settings, ray_session), force=force, redo=redo, record=layout.steps)
+    finally:
+        torch.set_num_threads(threads)
+        ray_session.stop()
+    ran = [r for r in records if r.status == "ran"]
+    log.info("demo: %d steps ran, %d skipped, %.0f s; report: %s", len(ran), len(records) - len(ran),
+             time.perf_counter() - start, layout.root / "report.html")
+    return records

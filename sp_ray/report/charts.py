@@ -1,0 +1,130 @@
+"""Charts for reports, drawn with matplotlib's Agg backend (no display needed): line panels and bars."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+DPI = 110
+
+
+@dataclass(frozen=True)
+class Line:
+    """One curve: y against x; ``dashed`` for a series of another kind (e.g. another model family)."""
+
+    label: str
+    x: tuple[float, ...]
+    y: tuple[float, ...]
+    dashed: bool = False
+
+    def __post_init__(self) -> None:
+        if len(self.x) != len(self.y):
+            raise ValueError(f"line {self.label!r}: {len(self.x)} x values and {len(self.y)} y values")
+
+
+@dataclass(frozen=True)
+class Panel:
+    title: str
+    lines: tuple[Line, ...]
+    ylabel: str
+    xlabel: str = "epoch"
+    log_y: bool = False
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.png")
+    fig.savefig(tmp, dpi=DPI)
+    os.replace(tmp, path)
+    return path
+
+
+def plot_panels(panels: Sequence[Panel], path: str | Path, *, title: str | None = None) -> Path:
+    """Line panels side by side, one legend per panel; a line with a single point is drawn as a marker.
+
+    Args:
+        panels: the panels, left to right.
+        path: PNG to write (parent folders are created).
+        title: figure title.
+
+    Returns:
+        ``path``.
+    """
+    if not panels:
+        raise ValueError("plot_panels needs at least one panel")
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.5), squeeze=False)
+    for ax, panel in zip(axes[0], panels, strict=True):
+        for line in panel.lines:
+            ax.plot(line.x, line.y, linestyle="--" if line.dashed else "-", marker="o", markersize=3,
+                    label=line.label)
+        if panel.log_y:
+            ax.set_yscale("log")
+        ax.set_title(panel.title, fontsize=10)
+        ax.set_xlabel(panel.xlabel)
+        ax.set_ylabel(panel.ylabel)
+        ax.grid(alpha=0.3)
+        if panel.lines:
+            ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    try:
+        return _save(fig, Path(path))
+    finally:
+        plt.close(fig)
+
+
+@dataclass(frozen=True)
+class Bar:
+    """One bar: ``value`` with an optional lower whisker at ``low`` (e.g. median and p95 rates)."""
+
+    label: str
+    value: float
+    low: float | None = None
+
+
+def plot_bars(bars: Sequence[Bar], path: str | Path, *, xlabel: str, title: str | None = None) -> Path:
+    """Horizontal bars, labelled with their values; whiskers from each ``low`` to its value.
+
+    Args:
+        bars: the bars, top to bottom.
+        path: PNG to write (parent folders are created).
+        xlabel: the value axis' label.
+        title: chart title.
+
+    Returns:
+        ``path``.
+    """
+    if not bars:
+        raise ValueError("plot_bars needs at least one bar")
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.0, 0.6 * len(bars) + 1.4))
+    positions = list(range(len(bars)))[::-1]
+    values = [bar.value for bar in bars]
+    lows = [bar.value - bar.low if bar.low is not None else 0.0 for bar in bars]
+    drawn = ax.barh(positions, values, xerr=[lows, [0.0] * len(bars)], capsize=4,
+                    color=[f"C{i}" for i in range(len(bars))])
+    ax.bar_label(drawn, fmt="%.1f", padding=4, fontsize=9)
+    ax.set_yticks(positions, [bar.label for bar in bars])
+    ax.set_xlabel(xlabel)
+    ax.set_xlim(0, max(values) * 1.25 if max(values) > 0 else 1.0)
+    ax.grid(axis="x", alpha=0.3)
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    try:
+        return _save(fig, Path(path))
+    finally:
+        plt.close(fig)

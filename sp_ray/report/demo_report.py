@@ -1,0 +1,332 @@
+"""The demo's report: reads what the demo steps wrote under ``runs/demo``, draws the figures, writes HTML + MD.
+
+Every number in the report is read from the step outputs (metrics.json, metrics.jsonl, summary.json,
+export.json, throughput.json, steps.json); every figure is drawn here except the kernel grids, which
+``analyze-kernels`` rendered. Figure paths are relative to the report's folder.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pycocotools import mask as mask_utils
+
+from sp_ray.data.images import load_image_rgb
+from sp_ray.demo.commands import demo_command
+from sp_ray.demo.settings import (
+    VARIANT_TITLES,
+    VARIANTS,
+    DemoLayout,
+    DemoSettings,
+    Run,
+    demo_runs,
+    exported_runs,
+    kernel_checkpoints,
+)
+from sp_ray.report.charts import Bar, Line, Panel, plot_bars, plot_panels
+from sp_ray.report.document import Commands, Figure, Paragraph, Report, Section, Table
+from sp_ray.report.draw import draw_labels, instance_colors, overlay_masks, save_png, tile, upscale
+from sp_ray.report.write import write_report
+
+PANEL_SIDE = 320  # pixels of one image panel in the figures (small images are enlarged, nearest neighbour)
+DRAWN_PREDICTIONS = 5  # highest-scoring predictions drawn per image
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _decode(rles: Sequence[dict[str, Any]], height: int, width: int) -> np.ndarray:
+    """bool [K, H, W] from COCO RLEs (``counts`` a str or bytes)."""
+    if not rles:
+        return np.zeros((0, height, width), dtype=bool)
+    encoded = [{"size": rle["size"], "counts": rle["counts"].encode("ascii") if isinstance(rle["counts"], str)
+                else rle["counts"]} for rle in rles]
+    return mask_utils.decode(encoded).transpose(2, 0, 1).astype(bool)
+
+
+def _panel(
+    image: np.ndarray, masks: np.ndarray, labels: Sequence[str] = (), boxes: np.ndarray | None = None
+) -> np.ndarray:
+    """Masks over the image, enlarged to about ``PANEL_SIDE``, each label at its box's top-left corner."""
+    factor = max(1, round(PANEL_SIDE / max(image.shape[:2])))
+    colors = instance_colors(len(masks))
+    drawn = upscale(overlay_masks(image, masks, colors=colors), factor)
+    if labels and boxes is not None:
+        drawn = draw_labels(drawn, [(b[0] * factor, b[1] * factor) for b in boxes], labels, colors)
+    return drawn
+
+
+def _mask_boxes(masks: np.ndarray) -> np.ndarray:
+    boxes = np.zeros((len(masks), 4), dtype=np.float32)
+    for i, mask in enumerate(masks):
+        ys, xs = np.nonzero(mask)
+        if len(xs):
+            boxes[i] = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+    return boxes
+
+
+class _Coco:
+    """The ground truth of one COCO json, by file name."""
+
+    def __init__(self, path: Path) -> None:
+        data = _read_json(path)
+        self.names = {c["id"]: c["name"] for c in data["categories"]}
+        self.images = {image["file_name"]: image for image in data["images"]}
+        self.anns: dict[int, list[dict[str, Any]]] = {}
+        for ann in data["annotations"]:
+            self.anns.setdefault(ann["image_id"], []).append(ann)
+
+    def instances(self, file_name: str) -> tuple[np.ndarray, list[str], np.ndarray]:
+        image = self.images[file_name]
+        anns = self.anns.get(image["id"], [])
+        masks = _decode([a["segmentation"] for a in anns], image["height"], image["width"])
+        return masks, [self.names[a["category_id"]] for a in anns], _mask_boxes(masks)
+
+
+def draw_pseudo_masks(layout: DemoLayout, count: int, path: Path) -> Path:
+    """Rows of sample train images: the image, its ground truth, its pseudo masks (unlabeled, by score)."""
+    gt = _Coco(layout.train_json)
+    pseudo = _read_json(layout.pseudo / "annotations.json")
+    by_image: dict[int, list[dict[str, Any]]] = {}
+    for ann in pseudo["annotations"]:
+        by_image.setdefault(ann["image_id"], []).append(ann)
+    rows = []
+    for entry in pseudo["images"][:count]:
+        image = load_image_rgb(layout.images / entry["file_name"])
+        masks, names, boxes = gt.instances(entry["file_name"])
+        anns = sorted(by_image.get(entry["id"], []), key=lambda a: -a.get("score", 0.0))
+        proposals = _decode([a["segmentation"] for a in anns], *image.shape[:2])
+        scores = [f"{a.get('score', 0.0):.2f}" for a in anns]
+        rows.append([_panel(image, np.zeros((0, *image.shape[:2]), bool)), _panel(image, masks, names, boxes),
+                     _panel(image, proposals, scores, _mask_boxes(proposals))])
+    return save_png(tile(rows, column_titles=["image", "ground truth", "pseudo masks (maskness)"]), path)
+
+
+def draw_predictions(layout: DemoLayout, runs: Sequence[Run], path: Path) -> Path:
+    """Rows of sample val images: image, ground truth, then each exported model's best predictions."""
+    gt = _Coco(layout.val_json)
+    samples = _read_json(layout.onnx_eval / "samples.json")
+    rows = []
+    for index, file_name in enumerate(item["file_name"] for item in samples[runs[0].name]):
+        image = load_image_rgb(layout.images / file_name)
+        masks, names, boxes = gt.instances(file_name)
+        row = [_panel(image, np.zeros((0, *image.shape[:2]), bool)), _panel(image, masks, names, boxes)]
+        for run in runs:
+            found = samples[run.name][index]
+            keep = list(np.argsort(found["scores"])[::-1][:DRAWN_PREDICTIONS])
+            pred = _decode([found["rles"][k] for k in keep], *image.shape[:2])
+            labels = [f"{gt.names[found['category_ids'][k]]} {found['scores'][k]:.2f}" for k in keep]
+            row.append(_panel(image, pred, labels, np.array([found["boxes"][k] for k in keep]).reshape(-1, 4)))
+        rows.append(row)
+    titles = ["image", "ground truth", *(f"{VARIANT_TITLES[run.variant]} (onnxruntime)" for run in runs)]
+    return save_png(tile(rows, column_titles=titles), path)
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" + ("" if number == 1 else "s")
+
+
+def _curve(rows: list[dict[str, Any]], key: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    points = [(row["epoch"], row[key]) for row in rows if key in row]
+    return tuple(p[0] for p in points), tuple(p[1] for p in points)
+
+
+def write_demo_report(layout: DemoLayout, settings: DemoSettings, commands: dict[str, list[str]]) -> dict[str, Path]:
+    """Draw the figures into ``layout.figures`` and write ``report.html`` and ``report.md`` in ``layout.root``.
+
+    Args:
+        layout: the demo's paths (every step before ``report`` has run).
+        settings: the demo's settings.
+        commands: step name -> the ``sp-ray`` commands that reproduce it (`sp_ray.demo.reproduce_commands`).
+
+    Returns:
+        {"html": path, "md": path}.
+    """
+    runs = demo_runs(settings)
+    fractions = sorted(settings.fractions)
+    figures = layout.figures
+    figures.mkdir(parents=True, exist_ok=True)
+    rel = lambda path: path.relative_to(layout.root).as_posix()  # noqa: E731
+    curves = {run: _read_jsonl(layout.run(run) / "metrics.jsonl") for run in runs}
+    metrics = {run: _read_json(layout.metrics(run)) for run in runs}
+    split_sizes = {f: len(_read_json(layout.split(f))["images"]) for f in fractions}
+    val_size = len(_read_json(layout.val_json)["images"])
+    train_size = len(_read_json(layout.train_json)["images"])
+    steps = _read_json(layout.steps) if layout.steps.is_file() else {}
+
+    # Results table.
+    rows = []
+    for fraction in fractions:
+        for variant in VARIANTS:
+            run = Run(variant, fraction)
+            segm, bbox = metrics[run]["segm"], metrics[run]["bbox"]
+            rows.append((f"{fraction:.0%} ({_count(split_sizes[fraction], 'image')})", VARIANT_TITLES[variant],
+                         str(curves[run][-1]["epoch"]), f"{segm['AP']:.2f}", f"{segm['AP50']:.2f}",
+                         f"{segm['AP75']:.2f}", f"{bbox['AP']:.2f}"))
+    ap_table = Table(("labeled", "model", "epochs", "segm AP", "AP50", "AP75", "bbox AP"), tuple(rows),
+                     caption=f"COCO AP (percent) on the {val_size} val images", numeric=(2, 3, 4, 5, 6))
+    segm_ap = {run: metrics[run]["segm"]["AP"] for run in runs}
+    gaps = [f"{f:.0%}: {segm_ap[Run('sp', f)] - segm_ap[Run('scratch', f)]:+.2f}" for f in fractions]
+
+    # Curves.
+    loss_panels, ap_panels = [], []
+    for fraction in fractions:
+        loss_lines, ap_lines = [], []
+        for variant in VARIANTS:
+            run = Run(variant, fraction)
+            loss_lines.append(Line(VARIANT_TITLES[variant], *_curve(curves[run], "loss"), dashed=variant == "maskrcnn"))
+            x, y = _curve(curves[run], "segm_AP")
+            if variant == "maskrcnn":  # evaluated once, after training (evaluate step)
+                x, y = (curves[run][-1]["epoch"],), (metrics[run]["segm"]["AP"],)
+            ap_lines.append(Line(VARIANT_TITLES[variant], x, y, dashed=variant == "maskrcnn"))
+        title = f"{fraction:.0%} labels ({_count(split_sizes[fraction], 'image')})"
+        loss_panels.append(Panel(title, tuple(loss_lines), "training loss (each model's own sum)", log_y=True))
+        ap_panels.append(Panel(title, tuple(ap_lines), "val segm AP"))
+    rates = {variant: float(np.median([row["images_per_second"] for run in runs if run.variant == variant
+                                       for row in curves[run]])) for variant in VARIANTS}
+    loss_png = plot_panels(loss_panels, figures / "loss_curves.png", title="Fine-tuning loss per epoch")
+    ap_png = plot_panels(ap_panels, figures / "ap_curves.png", title="Val segm AP during fine-tuning")
+    ssl_rows = _read_jsonl(layout.ssl / "metrics.jsonl")
+    sp_rows = _read_jsonl(layout.pretrain / "metrics.jsonl")
+    ker_keys = sorted(k for k in sp_rows[-1] if k.startswith("loss_ker"))
+    sp_ker = [{"epoch": r["epoch"], "ker": sum(r[k] for k in ker_keys)} for r in sp_rows]
+    pretrain_png = plot_panels([
+        Panel("DenseCL (train images, no labels)", (
+            Line("loss", *_curve(ssl_rows, "loss")), Line("global", *_curve(ssl_rows, "loss_global"), dashed=True),
+            Line("dense", *_curve(ssl_rows, "loss_dense"), dashed=True)), "InfoNCE loss"),
+        Panel(f"SP pre-training ({settings.pretrain_workers} Ray Train workers)", (
+            Line("total", *_curve(sp_rows, "loss")), Line("L_ker (all stages)", *_curve(sp_ker, "ker"), dashed=True)),
+            "loss"),
+    ], figures / "pretrain_losses.png", title="Pre-training losses per epoch")
+
+    # Pseudo masks, kernels, predictions.
+    pseudo = _read_json(layout.pseudo_summary)
+    recall = pseudo["recall"]
+    pseudo_png = draw_pseudo_masks(layout, settings.sample_images, figures / "pseudo_masks.png")
+    exported = exported_runs(settings)
+    predictions_png = draw_predictions(layout, exported, figures / "predictions.png")
+    kernel_titles = {}
+    for name in kernel_checkpoints(layout, settings):
+        variant, _, tag = name.partition("_")
+        kernel_titles[name] = ("after SP pre-training, before any label" if name == "sp_pretrain" else
+                               f"{VARIANT_TITLES[variant]}, fine-tuned on {tag.replace('pct', '%')}")
+
+    # Export and throughput.
+    export = _read_json(layout.export / "export.json")
+    knet = exported[0]
+    onnx_ap = _read_json(layout.onnx_eval / knet.name / "metrics.json")
+    export_rows = []
+    for run in exported:
+        parity = export[run.name]["parity"]
+        export_rows.append((VARIANT_TITLES[run.variant], rel(layout.onnx(run)),
+                            f"{parity['matched']}/{parity['detections']}", f"{parity['max_score_diff']:.1e}",
+                            f"{parity['pooled_iou']:.4f}", "PASS" if parity["passed"] else "FAIL"))
+    throughput = _read_json(layout.throughput)
+    bars, speed_rows = [], []
+    for run in exported:
+        t = throughput["models"][run.name]
+        bars.append(Bar(VARIANT_TITLES[run.variant], t["items_per_second"], t["items_per_second_p95"]))
+        speed_rows.append((VARIANT_TITLES[run.variant], f"{t['items_per_second']:.1f}",
+                           f"{t['items_per_second_p95']:.1f}", f"{t['median_ms']:.1f}", f"{t['p95_ms']:.1f}"))
+    speed = {run.variant: throughput["models"][run.name]["items_per_second"] for run in exported}
+    size = settings.image_size
+    throughput_png = plot_bars(
+        bars, figures / "throughput.png", xlabel="images / s (bar: median latency; whisker: p95 latency)",
+        title=f"onnxruntime, {size}x{size}, {throughput['threads']} thread(s), {throughput['cpu']}")
+
+    total = sum(entry["seconds"] for name, entry in steps.items() if name != "report")
+    step_rows = tuple((name, f"{entry['seconds']:.0f}", entry["finished"], f"{entry['load_average']:.1f}")
+                      for name, entry in steps.items())
+    finetune_cmds = tuple(commands["finetune"])
+    report = Report(
+        title="sp-ray demo: saliency-prompt pre-training in the low-data regime, on synthetic shapes",
+        intro=(
+            Paragraph(f"Written {time.strftime('%Y-%m-%d %H:%M')} by `{demo_command(layout, settings)}`. Data: "
+                      f"{settings.num_images} synthetic {size}x{size} images of four shape classes ({train_size} "
+                      f"train, {val_size} val). Labeled fractions: "
+                      + ", ".join(f"{f:.0%} = {_count(split_sizes[f], 'image')}" for f in fractions)
+                      + ". Models: the tiny K-Net of `configs/demo/knet_tiny_synthetic.yaml` (ResNet-18) and the "
+                      "tiny Mask R-CNN of `configs/demo/maskrcnn_tiny_synthetic.yaml` (ResNet-18 FPN), both keeping "
+                      "the 20 best detections per image. No label is used before fine-tuning."),
+            Paragraph(f"Steps' wall time when they last ran: {total / 60:.1f} min in all, on {throughput['cpu']} "
+                      f"({throughput['cores']} cores); see the table at the end."),
+        ),
+        sections=(
+            Section("COCO AP after fine-tuning", (
+                ap_table,
+                Paragraph("SP minus scratch, segm AP: " + ", ".join(gaps) + ". One seed per run; "
+                          "`benchmarks/low_data.py` runs several seeds and reports their spread."),
+                Paragraph(f"Mask R-CNN trains {_count(settings.maskrcnn_epochs, 'epoch')} where K-Net trains "
+                          f"{settings.finetune_epochs}: it trained at {rates['maskrcnn']:.2f} images/s against "
+                          f"K-Net's {rates['scratch']:.1f} here (median over its epochs and runs; its RoI heads "
+                          "sample 512 RoIs per image and run a 4-conv mask head on every positive), so K-Net's "
+                          "schedule would not fit the demo's 15 minutes. Its rows are a compute-bounded "
+                          "baseline, not an equal-schedule one."),
+                Commands(tuple(commands["evaluate"]), "Reproduce (after the fine-tuning runs below):"),
+            )),
+            Section("Training curves", (
+                Figure(rel(loss_png), "Training loss per epoch of every fine-tuning run (log scale; K-Net's and "
+                       "Mask R-CNN's losses are different sums, compare their shapes)", finetune_cmds),
+                Figure(rel(ap_png), f"Val segm AP every {settings.eval_interval} epochs (K-Net); Mask R-CNN "
+                       "evaluated once, after training", finetune_cmds),
+                Figure(rel(pretrain_png), "Losses of the two pre-training stages, before any label is used",
+                       tuple(commands["ssl"] + commands["pretrain"])),
+            )),
+            Section("Saliency pseudo masks", (
+                Paragraph(f"{pseudo['annotations']} pseudo masks on {pseudo['images']} train images "
+                          f"({pseudo['images_without_proposals']} without any), from the DenseCL backbone at "
+                          f"{settings.propose_size}x{settings.propose_size}. Recall of the {recall['instances']} "
+                          f"ground-truth train instances: {recall['0.5']:.1%} at IoU 0.5, {recall['0.75']:.1%} at "
+                          f"IoU 0.75; mean best IoU {recall['mean_best_iou']:.3f}."),
+                Figure(rel(pseudo_png), "Sample train images: ground truth (never used before fine-tuning) and the "
+                       "pseudo masks SP pre-training learns from, with their maskness scores",
+                       tuple(commands["ssl"] + commands["propose"] + commands["report"])),
+            )),
+            Section("Kernel analysis", tuple(
+                Figure(rel(layout.kernels / f"{name}.png"), f"Mean initial mask of every kernel over "
+                       f"{settings.kernel_images} val images or fewer: {title}", (command,))
+                for (name, title), command in zip(kernel_titles.items(), commands["kernels"], strict=True)
+            )),
+            Section("ONNX export and onnxruntime", (
+                Table(("model", "file", "detections matched", "max score diff", "pooled mask IoU", "parity"),
+                      tuple(export_rows), caption="Parity of the exported graphs against PyTorch (fp32)"),
+                Paragraph(f"{VARIANT_TITLES[knet.variant]} ({knet.fraction:.0%}) on val, segm AP: PyTorch "
+                          f"{metrics[knet]['segm']['AP']:.2f}, onnxruntime {onnx_ap['segm']['AP']:.2f} (bbox AP "
+                          f"{metrics[knet]['bbox']['AP']:.2f} and {onnx_ap['bbox']['AP']:.2f})."),
+                Figure(rel(predictions_png), f"Sample val images: ground truth and the {DRAWN_PREDICTIONS} "
+                       "highest-scoring instances of each exported model, run by `export.runtime.Segmenter` "
+                       "(numpy + onnxruntime)", tuple(commands["export"] + commands["onnx"] + commands["report"])),
+            )),
+            Section("Throughput", (
+                Figure(rel(throughput_png), "onnxruntime images/s of the exported models, end to end "
+                       "(`Segmenter.predict`: resize, graph, masks at image size), one image per call",
+                       tuple(commands["throughput"])),
+                Table(("model", "images/s (median)", "images/s (p95)", "latency median (ms)", "latency p95 (ms)"),
+                      tuple(speed_rows), numeric=(1, 2, 3, 4)),
+                Paragraph(f"K-Net / Mask R-CNN: {speed['sp'] / speed['maskrcnn']:.1f}x. {throughput['repeats']} "
+                          f"interleaved rounds after {throughput['warmup']} warm-up rounds, "
+                          f"onnxruntime {throughput['onnxruntime']}; load average before / after: "
+                          f"{throughput['load_average_before'][0]:.2f} / {throughput['load_average_after'][0]:.2f} "
+                          "(a busy machine lowers both rates)."),
+            )),
+            Section("Pipeline", (
+                Table(("step", "wall time (s)", "finished", "load average"), step_rows, numeric=(1, 3),
+                      caption="Wall time of each step when it last ran (a rerun skips finished steps), and the "
+                      f"1-minute load average when it finished ({throughput['cores']} cores: a load above that "
+                      "means other processes shared them)"),
+                Commands(tuple(line for name in commands for line in commands[name]),
+                         "The whole pipeline as sp-ray commands (what `make demo` computes):"),
+            )),
+        ),
+    )
+    return write_report(report, layout.root)

@@ -1,0 +1,385 @@
+"""Instance-unique querying: the memory, both losses by hand and at zero, the wrapper and its checkpoints."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sp_ray.config import ConfigError, load_config
+from sp_ray.data.synthetic import write_synthetic_dataset
+from sp_ray.models import build_model
+from sp_ray.models.instance_unique import (
+    KNET_MASK_HEAD,
+    MASK2FORMER_MASK_HEAD,
+    FeatureMemory,
+    InstanceUniqueTrainer,
+    Transform,
+    apply_transform,
+    feature_equivariance_loss,
+    inter_scene_loss,
+    mask_equivariance_loss,
+    sample_transform,
+)
+from sp_ray.models.losses import ModelLosses
+from sp_ray.train.checkpoint import WRAPPED_MODEL_PREFIX, load_checkpoint, load_init_weights, save_checkpoint
+from sp_ray.train.loop import fit
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+BIG = 30.0
+# FL(x, 0) = 0.75 sigmoid(x)^2 softplus(x): x = 0 -> 0.75 * 0.25 * ln 2; x = 2 -> 1.237558 (test_losses).
+FL0 = 0.75 * 0.25 * math.log(2.0)
+FL2 = 1.237558
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Single-threaded: on a shared 2-core machine, spinning intra-op threads slow these loops badly."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+# ---- the memory -------------------------------------------------------------------------------------------
+
+
+def test_memory_keeps_the_newest_images_pooled_and_detached() -> None:
+    memory = FeatureMemory(capacity=3, resolution=2)
+    first = torch.randn(2, 5, 8, 8, requires_grad=True)
+    memory.push(first * 2, [1, 2])
+    memory.push(torch.randn(2, 5, 8, 8), [3, 4])
+    assert len(memory) == 3
+    feats, ids = memory.read(device=torch.device("cpu"))
+    assert ids == [2, 3, 4] and feats.shape == (3, 5, 2, 2)
+    torch.testing.assert_close(feats[0], F.adaptive_avg_pool2d(first[1] * 2, 2).detach())
+    assert not feats.requires_grad and feats.grad_fn is None
+    for step in range(10):
+        memory.push(torch.randn(1, 5, 8, 8), [10 + step])
+        assert len(memory) == 3
+    assert memory.read(device=torch.device("cpu"))[1] == [17, 18, 19]
+    with pytest.raises(ValueError, match="image ids"):
+        memory.push(torch.randn(2, 5, 8, 8), [1])
+    with pytest.raises(ValueError, match="capacity"):
+        FeatureMemory(capacity=0, resolution=2)
+
+
+def test_memory_entries_are_copies_not_views() -> None:
+    memory = FeatureMemory(capacity=2, resolution=4)
+    feats = torch.ones(1, 2, 4, 4)
+    memory.push(feats, [1])
+    feats.mul_(5)
+    assert memory.read(device=torch.device("cpu"))[0].max().item() == 1.0
+
+
+# ---- inter-scene loss ---------------------------------------------------------------------------------------
+
+
+def test_inter_scene_loss_by_hand() -> None:
+    cross = torch.tensor([0.0, 2.0]).reshape(1, 1, 2, 1, 1)  # one query on two memory entries
+    only_first = inter_scene_loss(cross, torch.tensor([[True, False]]))
+    assert only_first.item() == pytest.approx(FL0, abs=1e-6)
+    both = inter_scene_loss(cross, torch.tensor([[True, True]]))
+    assert both.item() == pytest.approx((FL0 + FL2) / 2, abs=1e-5)
+    logits = torch.randn(2, 3, 2, 4, 4, requires_grad=True)
+    none = inter_scene_loss(logits, torch.zeros(2, 2, dtype=torch.bool))
+    assert none.item() == 0.0 and none.requires_grad
+    silent = inter_scene_loss(torch.full((2, 3, 2, 4, 4), -BIG), torch.ones(2, 2, dtype=torch.bool))
+    assert silent.item() == pytest.approx(0.0, abs=1e-12)
+
+
+def _tiny_knet_config(*extra: str):
+    return load_config(
+        CONFIGS / "demo" / "knet_tiny_synthetic.yaml",
+        ["model.num_classes=2", "model.num_kernels=4", "model.feat_channels=32", "model.ffn_channels=32",
+         "model.num_heads=2", *extra],
+    )  # fmt: skip
+
+
+def _images_and_targets(ids: list[int], seed: int) -> tuple[torch.Tensor, list[dict]]:
+    g = torch.Generator().manual_seed(seed)
+    images = torch.rand(len(ids), 3, 64, 64, generator=g) * 255
+    targets = []
+    for image_id in ids:
+        masks = torch.zeros(1, 64, 64, dtype=torch.bool)
+        y, x = torch.randint(0, 32, (2,), generator=g).tolist()
+        masks[0, y : y + 24, x : x + 24] = True
+        targets.append({
+            "labels": torch.tensor([image_id % 2]), "masks": masks,
+            "boxes": torch.tensor([[x, y, x + 24, y + 24]], dtype=torch.float32), "image_id": image_id,
+            "orig_size": (64, 64), "image_size": (64, 64),
+        })  # fmt: skip
+    return images, targets
+
+
+def test_knet_mask_head_reproduces_the_models_own_masks() -> None:
+    torch.manual_seed(0)
+    model, _ = build_model(_tiny_knet_config())
+    images, _ = _images_and_targets([1, 2], seed=0)
+    features = model.forward_features(images)
+    outputs = model.forward_from_features(features)
+    cross = KNET_MASK_HEAD.masks(model, outputs["pred_kernels"], KNET_MASK_HEAD.features(features))
+    assert cross.shape == (2, 4, 2, 8, 8)
+    for b in range(2):
+        torch.testing.assert_close(cross[b, :, b], outputs["pred_masks"][b], atol=1e-4, rtol=1e-4)
+
+
+def test_mask2former_mask_head_reproduces_the_models_own_masks() -> None:
+    cfg = load_config(
+        CONFIGS / "demo" / "mask2former_tiny_synthetic.yaml",
+        ["model.num_classes=2", "model.num_kernels=4", "model.feat_channels=32", "model.encoder_layers=1"],
+    )
+    torch.manual_seed(0)
+    model, _ = build_model(cfg)
+    images, _ = _images_and_targets([1, 2], seed=0)
+    features = model.forward_features(images)
+    outputs = model.forward_from_features(features)
+    cross = MASK2FORMER_MASK_HEAD.masks(model, outputs["pred_kernels"], MASK2FORMER_MASK_HEAD.features(features))
+    for b in range(2):
+        torch.testing.assert_close(cross[b, :, b], outputs["pred_masks"][b], atol=1e-4, rtol=1e-4)
+
+
+def test_memory_fills_after_the_loss_and_never_leaks_gradients_across_steps() -> None:
+    torch.manual_seed(0)
+    model, criterion = build_model(_tiny_knet_config("iuq.inter_scene_weight=1.0", "iuq.memory_size=3"))
+    assert isinstance(model, InstanceUniqueTrainer) and isinstance(criterion, ModelLosses)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    values = []
+    for step, ids in enumerate(([1, 2], [3, 4], [5, 6])):
+        images, targets = _images_and_targets(ids, seed=step)
+        losses = model(images, targets)
+        values.append(losses["loss_inter_scene"].item())
+        optimizer.zero_grad()
+        # A second step whose loss reached a graph of the first would fail here ("backward through the graph
+        # a second time") or keep it alive; the memory holds detached leaves only.
+        sum(losses.values()).backward()
+        optimizer.step()
+        feats, memory_ids = model.memory.read(device=torch.device("cpu"))
+        assert memory_ids == [1, 2, 3, 4, 5, 6][max(0, 2 * step + 2 - 3) : 2 * step + 2]
+        assert not feats.requires_grad and feats.grad_fn is None
+    assert values[0] == 0.0 and values[1] > 0 and values[2] > 0
+
+
+def test_an_image_is_never_its_own_negative() -> None:
+    torch.manual_seed(0)
+    model, _ = build_model(_tiny_knet_config("iuq.inter_scene_weight=1.0"))
+    images, targets = _images_and_targets([7], seed=0)
+    model(images, targets)
+    assert model(images, targets)["loss_inter_scene"].item() == 0.0  # memory: image 7 only
+    other, other_targets = _images_and_targets([8], seed=1)
+    assert model(other, other_targets)["loss_inter_scene"].item() > 0
+
+
+def test_inter_scene_loss_falls_when_trained() -> None:
+    torch.manual_seed(0)
+    model, _ = build_model(_tiny_knet_config("iuq.inter_scene_weight=1.0", "iuq.memory_size=2"))
+    memory_images, _ = _images_and_targets([1, 2], seed=1)
+    images, targets = _images_and_targets([3], seed=2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    history = []
+    for _ in range(8):
+        # Refill with images 1 and 2 (capacity 2), which the step below is then pushed away from.
+        model.memory.push(model.model.forward_features(memory_images).x_feats, [1, 2])
+        loss = model(images, targets)["loss_inter_scene"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        history.append(loss.item())
+    assert history[-1] < 0.5 * history[0]
+
+
+# ---- equivariance -----------------------------------------------------------------------------------------
+
+
+class _ToyFeatures(NamedTuple):
+    fpn: list[torch.Tensor]
+    x_feats: torch.Tensor
+
+
+class _ToyModel(nn.Module):
+    """K-Net protocol, exactly flip-equivariant: stride-8 average pooling and 1x1 maps, position-free kernels.
+
+    With ``ramp`` a horizontal position ramp is added to the features, which breaks flip equivariance.
+    """
+
+    def __init__(self, *, ramp: bool = False) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.proj = nn.Conv2d(3, 4, 1)
+        self.kernels = nn.Parameter(torch.randn(3, 4, generator=g))
+        self.ramp = ramp
+
+    def forward_features(self, images: torch.Tensor) -> _ToyFeatures:
+        x = self.proj(F.avg_pool2d(images / 255, 8))
+        if self.ramp:
+            x = x + torch.linspace(0, 3, x.shape[-1])
+        return _ToyFeatures(fpn=[x, F.avg_pool2d(x, 2)], x_feats=x)
+
+    def forward_from_features(self, features: _ToyFeatures, kernel_offsets=None) -> dict:
+        batch = features.x_feats.shape[0]
+        kernels = self.kernels[None].expand(batch, -1, -1)
+        masks = torch.einsum("bnd,bdhw->bnhw", kernels, features.x_feats)
+        return {"pred_logits": torch.zeros(batch, 3, 1), "pred_masks": masks, "pred_kernels": kernels,
+                "aux_outputs": [], "init_masks": masks, "init_kernels": kernels}  # fmt: skip
+
+    def forward(self, images: torch.Tensor) -> dict:
+        return self.forward_from_features(self.forward_features(images))
+
+
+class _NoLosses(nn.Module):
+    def forward(self, outputs, targets):
+        return {}
+
+
+def _equivariance(model: nn.Module, images: torch.Tensor, transform: str) -> dict:
+    wrapper = InstanceUniqueTrainer(
+        model=model, criterion=_NoLosses(), equivariance_mask_weight=1.0, equivariance_feature_weight=1.0,
+        transform=transform, rescale_range=(0.5, 0.5),
+    )  # fmt: skip
+    return wrapper(images, [{"image_id": b} for b in range(images.shape[0])])
+
+
+def test_equivariance_losses_are_zero_for_an_equivariant_model() -> None:
+    images = torch.rand(2, 3, 64, 96, generator=torch.Generator().manual_seed(0)) * 255
+    losses = _equivariance(_ToyModel(), images, "flip")
+    assert losses["loss_equi_mask"].item() == pytest.approx(0.0, abs=1e-6)
+    assert losses["loss_equi_feat"].item() == pytest.approx(0.0, abs=1e-6)
+    # Rescaling: a model is equivariant to it on images of one colour each (constant features).
+    flat = torch.tensor([30.0, 120.0]).view(2, 1, 1, 1).expand(2, 3, 64, 128).contiguous()
+    for transform in ("rescale", "flip_rescale"):
+        losses = _equivariance(_ToyModel(), flat, transform)
+        assert losses["loss_equi_mask"].item() == pytest.approx(0.0, abs=1e-6), transform
+        assert losses["loss_equi_feat"].item() == pytest.approx(0.0, abs=1e-6), transform
+
+
+def test_equivariance_losses_see_a_position_dependent_model() -> None:
+    images = torch.rand(2, 3, 64, 96, generator=torch.Generator().manual_seed(0)) * 255
+    losses = _equivariance(_ToyModel(ramp=True), images, "flip")
+    assert losses["loss_equi_mask"].item() > 1e-3 and losses["loss_equi_feat"].item() > 1e-3
+    sum(losses.values()).backward()
+
+
+def test_equivariance_terms_by_hand() -> None:
+    # Masks: a = sigmoid(0) = [.5, .5]; c = flip([1, 0]) = [0, 1]: ((.5)^2 + (.5)^2) / (.5 + 1 + 1) = 0.2.
+    flip = Transform(flip=True, size=(32, 32))
+    transformed = torch.zeros(1, 1, 1, 2)
+    original = torch.tensor([BIG, -BIG]).view(1, 1, 1, 2)
+    assert mask_equivariance_loss(transformed, original, flip).item() == pytest.approx(0.2, abs=1e-6)
+    # Features: orthogonal vectors at the only pixel: 1 - cos = 1; equal ones: 0; the mean over two levels.
+    a, b = torch.tensor([1.0, 0.0]).view(1, 2, 1, 1), torch.tensor([0.0, 1.0]).view(1, 2, 1, 1)
+    assert feature_equivariance_loss([a, a], [b, a * 3], flip).item() == pytest.approx(0.5, abs=1e-6)
+
+
+def test_sample_transform_keeps_inputs_valid() -> None:
+    torch.manual_seed(0)
+    for _ in range(20):
+        t = sample_transform("flip_rescale", (64, 96), (0.3, 1.5))
+        assert t.flip and all(side % 32 == 0 and side >= 32 for side in t.size)
+    assert sample_transform("flip", (64, 96), (0.5, 1.0)) == Transform(flip=True, size=(64, 96))
+    assert not sample_transform("rescale", (64, 96), (0.5, 0.5)).flip
+    assert sample_transform("rescale", (64, 96), (0.5, 0.5)).size == (32, 64)
+    maps = torch.arange(8.0).view(1, 1, 2, 4)
+    assert torch.equal(apply_transform(maps, Transform(flip=True, size=(2, 4))), maps.flip(-1))
+    with pytest.raises(ValueError, match="transform"):
+        sample_transform("rotate", (64, 64), (0.5, 1.0))
+
+
+# ---- the wrapper in build_model, training and checkpoints -----------------------------------------------------
+
+FAMILIES = {
+    "knet": ("knet_tiny_synthetic.yaml", ["iuq.inter_scene_weight=0.3", "iuq.equivariance_mask_weight=1.0",
+                                          "iuq.equivariance_feature_weight=1.0"]),
+    "mask2former": ("mask2former_tiny_synthetic.yaml", ["iuq.inter_scene_weight=0.3",
+                                                        "iuq.equivariance_mask_weight=1.0", "model.encoder_layers=1"]),
+    "queryinst": ("queryinst_tiny_synthetic.yaml", ["iuq.equivariance_mask_weight=1.0",
+                                                    "iuq.equivariance_feature_weight=1.0"]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_every_family_trains_with_the_iuq_losses(family: str) -> None:
+    config, extra = FAMILIES[family]
+    cfg = load_config(
+        CONFIGS / "demo" / config,
+        ["model.num_classes=2", "model.num_kernels=4", "model.feat_channels=32", "model.num_stages=2",
+         "iuq.equivariance_transform=flip_rescale", *extra],
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model, criterion = build_model(cfg)
+    plain, _ = build_model(load_config(CONFIGS / "demo" / config, [
+        "model.num_classes=2", "model.num_kernels=4", "model.feat_channels=32", "model.num_stages=2",
+        *[e for e in extra if e.startswith("model.")]]))  # fmt: skip
+    assert isinstance(model, InstanceUniqueTrainer) and isinstance(criterion, ModelLosses)
+    assert list(model.state_dict()) == list(plain.state_dict())
+    for ids, seed in (([1, 2], 0), ([3, 4], 1)):
+        images, targets = _images_and_targets(ids, seed)
+        losses = criterion(model(images, targets), targets)
+        assert "loss_equi_mask" in losses and all(torch.isfinite(v) for v in losses.values())
+        sum(losses.values()).backward()
+    assert ("loss_inter_scene" in losses) == ("iuq.inter_scene_weight=0.3" in extra)
+    assert ("loss_equi_feat" in losses) == ("iuq.equivariance_feature_weight=1.0" in extra)
+    assert model.model.backbone.conv1.weight.grad is not None
+    model.eval()
+    with torch.no_grad():
+        plain.load_state_dict(model.state_dict())
+        plain.eval()
+        torch.testing.assert_close(model(images)["pred_masks"], plain(images)["pred_masks"])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (["model.name=maskrcnn", "iuq.equivariance_mask_weight=1"], "query-based"),
+        (["model.name=queryinst", "iuq.inter_scene_weight=1"], "per-pixel mask features"),
+        (["iuq.inter_scene_weight=-1"], "iuq.inter_scene_weight"),
+        (["iuq.equivariance_mask_weight=1", "iuq.equivariance_transform=rotate"], "iuq.equivariance_transform"),
+        (["iuq.equivariance_mask_weight=1", "iuq.rescale_range=[1.0, 0.5]"], "iuq.rescale_range"),
+        (["iuq.inter_scene_weight=1", "iuq.memory_size=0"], "iuq.memory_size"),
+        (["iuq.inter_scene_weight=1", "pretrain.enabled=true"], "fine-tuning options"),
+    ],
+)
+def test_bad_iuq_settings_are_named(overrides: list[str], match: str) -> None:
+    cfg = load_config(None, ["model.num_classes=2", "model.depth=18", "model.num_kernels=4", *overrides])
+    with pytest.raises(ConfigError, match=match):
+        build_model(cfg)
+
+
+def test_iuq_checkpoints_load_both_ways(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    cfg = _tiny_knet_config("iuq.equivariance_mask_weight=1.0")
+    model, _ = build_model(cfg)
+    plain, _ = build_model(_tiny_knet_config())
+    save_checkpoint(tmp_path / "iuq", model=model, config=cfg, meta={})
+    state = load_checkpoint(tmp_path / "iuq").model_state
+    plain.load_state_dict(state)  # strict: the IUQ checkpoint is a plain K-Net checkpoint
+    fresh, _ = build_model(cfg)
+    report = load_init_weights(fresh, plain.state_dict())  # plain -> IUQ fine-tuning
+    assert not report.missing and not report.skipped and not report.reinitialised
+    sp_state = {WRAPPED_MODEL_PREFIX + k: v for k, v in plain.state_dict().items()}
+    sp_state["projection.weight"] = torch.zeros(1)
+    report = load_init_weights(fresh, sp_state)  # SP pre-training -> IUQ fine-tuning
+    assert not report.missing and report.skipped == ["projection.weight"]
+
+
+def test_fit_with_iuq_then_evaluate_and_export_like_a_plain_checkpoint(tmp_path: Path) -> None:
+    from export.onnx_export import export_checkpoint
+    from sp_ray.evaluation.coco_eval import evaluate_checkpoint
+
+    data = write_synthetic_dataset(tmp_path / "data", num_images=4, image_size=64, seed=0)
+    cfg = _tiny_knet_config(
+        f"data.train_annotations={data['train']}", f"data.train_images={data['images']}", "data.max_size=64",
+        "data.short_size=64", "model.num_classes=0", "train.epochs=1", "train.batch_size=2",
+        "iuq.inter_scene_weight=0.3", "iuq.equivariance_mask_weight=1.0", "iuq.equivariance_feature_weight=0.5",
+    )  # fmt: skip
+    final = fit(cfg, tmp_path / "work")
+    metrics = (tmp_path / "work" / "metrics.jsonl").read_text().splitlines()
+    assert '"loss_inter_scene"' in metrics[-1] and '"loss_equi_feat"' in metrics[-1]
+    ap, results = evaluate_checkpoint(str(final), annotations=str(data["val"]), images=str(data["images"]))
+    assert set(ap) == {"segm", "bbox"}
+    result = export_checkpoint(final, tmp_path / "model.onnx", input_size=(64, 64), parity_count=2)
+    assert result.parity.passed and result.path.is_file()
