@@ -34,7 +34,7 @@ from sp_ray.pretrain.clip_proposals import (
     produce_proposals,
     rescore_proposals,
 )
-from sp_ray.pretrain.propose import _fingerprint, _run_identity, _ShardActor, merge_shards, propose
+from sp_ray.pretrain.propose import _fingerprint, _ShardActor, merge_shards, proposal_identity, propose
 from sp_ray.pretrain.saliency import Proposals
 
 open_clip = pytest.importorskip("open_clip")
@@ -438,12 +438,12 @@ def test_shard_actor_writes_the_propose_format_and_pretraining_loads_it(
 
 
 def test_proposer_choice_is_checked_and_fingerprinted(tiny_json: Path, tmp_path: Path) -> None:
-    saliency = _run_identity(load_config(None, []))
-    assert _run_identity(load_config(None, ["clip.words=[thing]"])) == saliency  # clip.* is not used
-    clip = _run_identity(_propose_config(tiny_json))
+    saliency = proposal_identity(load_config(None, []))
+    assert proposal_identity(load_config(None, ["clip.words=[thing]"])) == saliency  # clip.* is not used
+    clip = proposal_identity(_propose_config(tiny_json))
     assert clip != saliency and clip["clip"]["clip"]["model"] == str(tiny_json)
-    assert _run_identity(_propose_config(tiny_json, "clip.words=[thing]")) != clip
-    assert _run_identity(_propose_config(tiny_json, "train.seed=5")) != clip  # the random init's seed
+    assert proposal_identity(_propose_config(tiny_json, "clip.words=[thing]")) != clip
+    assert proposal_identity(_propose_config(tiny_json, "train.seed=5")) != clip  # the random init's seed
     assert _fingerprint(clip, []) != _fingerprint(saliency, [])
     folder = _write_images(tmp_path / "images")
     with pytest.raises(ConfigError, match=r"propose\.proposer must be"):
