@@ -210,7 +210,14 @@ def finetune(cfg: Config, work_dir: Path, *, init: Path | None, run_name: str, m
     """
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    metrics_file = work_dir / "metrics.jsonl"
+    before = len(metrics_file.read_text().splitlines()) if metrics_file.is_file() else 0
     run_training(cfg, work_dir, init=init, run_name=run_name, metric=metric, callbacks=[TuneReportCallback()])
+    lines = metrics_file.read_text().splitlines() if metrics_file.is_file() else []
+    if lines and len(lines) == before:
+        # Resumed after its last epoch (stopped between the run's end and Tune's bookkeeping): the run
+        # reported nothing, so the trial reports the last epoch again rather than end without its metric.
+        ray.tune.report(json.loads(lines[-1]))
 
 
 def read_trial_record(trial_dir: Path) -> dict[str, Any]:

@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -124,12 +125,16 @@ def test_ray_job_submit_against_a_head_on_loopback(tiny_data, tmp_path):
         (job_dir / "tiny.yaml").write_text(dump_config(tiny_config(tiny_data)))
         overrides = ["train.epochs=1"]
         work_dir = tmp_path / "work"
-        done = subprocess.run(
-            [ray_cli, "job", "submit", f"--address=http://127.0.0.1:{dashboard}", "--working-dir", str(job_dir),
-             "--", str(bin_dir / "sp-ray"), "finetune", "--config", "tiny.yaml", "--work-dir", str(work_dir),
-             *overrides],
-            env=env, capture_output=True, text=True, timeout=300,
-        )
+        submit = [ray_cli, "job", "submit", f"--address=http://127.0.0.1:{dashboard}", "--working-dir",
+                  str(job_dir), "--", str(bin_dir / "sp-ray"), "finetune", "--config", "tiny.yaml", "--work-dir",
+                  str(work_dir), *overrides]
+        # The head's job agent registers some seconds after `ray start` returns (longer on a busy machine);
+        # until then the dashboard answers "No available agent", which Ray itself says to retry.
+        for _ in range(12):
+            done = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=300)
+            if "No available agent" not in done.stdout + done.stderr:
+                break
+            time.sleep(5)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         assert "succeeded" in done.stdout
         assert load_checkpoint(work_dir / "final").meta["epoch"] == 1
