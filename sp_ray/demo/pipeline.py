@@ -168,25 +168,25 @@ def build_steps(layout: DemoLayout, settings: DemoSettings, ray_session: LocalRa
 
     def finetune() -> None:
         ray_session.ensure()
-        todo = [run for run in runs if not (layout.run(run) / "final" / "meta.json").is_file()]
-        configs = {run: load_config(run.config, finetune_overrides(layout, settings, run)) for run in todo}
+        to_run = [run for run in runs if not (layout.run(run) / "final" / "meta.json").is_file()]
+        configs = {run: load_config(run.config, finetune_overrides(layout, settings, run)) for run in to_run}
         # Longest first (Mask R-CNN, then the larger fractions), so the two CPUs finish together.
-        todo.sort(key=lambda run: (run.variant != "maskrcnn", -run.fraction))
+        to_run.sort(key=lambda run: (run.variant != "maskrcnn", -run.fraction))
         total = sum(cfg.train.epochs for cfg in configs.values())
-        with progress(f"fine-tuning epochs ({len(todo)} runs)", total,
-                      lambda: sum(count_lines(layout.run(run) / "metrics.jsonl") for run in todo)):
-            init = {run: run_init(layout, run) for run in todo}
+        with progress(f"fine-tuning epochs ({len(to_run)} runs)", total,
+                      lambda: sum(count_lines(layout.run(run) / "metrics.jsonl") for run in to_run)):
+            init = {run: run_init(layout, run) for run in to_run}
             _in_ray_tasks(_finetune_job, [{"cfg": configs[run], "work_dir": str(layout.run(run)),
-                                           "init": str(init[run]) if init[run] else None} for run in todo])
+                                           "init": str(init[run]) if init[run] else None} for run in to_run])
 
     def evaluate() -> None:
         ray_session.ensure()
-        todo = [run for run in runs if not layout.metrics(run).is_file()]
-        todo.sort(key=lambda run: run.variant != "maskrcnn")
-        with progress("evaluated checkpoints", len(todo), unit="model") as bar:
+        to_run = [run for run in runs if not layout.metrics(run).is_file()]
+        to_run.sort(key=lambda run: run.variant != "maskrcnn")
+        with progress("evaluated checkpoints", len(to_run), unit="model") as bar:
             _in_ray_tasks(_evaluate_job, [{
                 "checkpoint": str(layout.run(run) / "final"), "annotations": str(layout.val_json),
-                "images": str(layout.images), "out": str(layout.metrics(run))} for run in todo], bar)
+                "images": str(layout.images), "out": str(layout.metrics(run))} for run in to_run], bar)
 
     def kernels() -> None:
         from sp_ray.evaluation.kernel_analysis import analyze_kernels
