@@ -36,7 +36,7 @@ class DemoSettings:
     pretrain_workers: int = 2
     finetune_epochs: int = 40
     eval_interval: int = 5
-    maskrcnn_epochs: int = 8  # see finetune_overrides: Mask R-CNN costs ~20 K-Net steps per step on a CPU
+    maskrcnn_epochs: int = 4  # Mask R-CNN costs ~30 K-Net steps per step on a CPU: 8 epochs overrun 15 minutes
     kernel_images: int = 80
     sample_images: int = 4
     throughput_warmup: int = 2
