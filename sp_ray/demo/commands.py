@@ -76,8 +76,9 @@ def finetune_overrides(layout: DemoLayout, settings: DemoSettings, run: Run) -> 
     overrides += [f"data.val_annotations={layout.val_json}", f"data.val_images={layout.images}",
                   f"train.eval_interval={settings.eval_interval}"]
     if run.variant == "sp":
-        # As benchmarks/low_data.py: the self-supervised backbone, its stem and first stage frozen.
-        overrides += [f"model.backbone_weights={layout.backbone}", "model.frozen_stages=1", "model.norm_eval=true"]
+        # As benchmarks/low_data.py: the same fine-tuning as from scratch, from the self-supervised backbone
+        # (and --init from SP pre-training), everything trained, BatchNorm in train mode.
+        overrides.append(f"model.backbone_weights={layout.backbone}")
     return overrides + list(settings.knet_overrides)
 
 

@@ -7,20 +7,12 @@ import re
 from pathlib import Path
 
 import pytest
-import ray
 
 from sp_ray.cli import DEMO_STEPS
 from sp_ray.demo import TINY, DemoLayout, run_demo
 from sp_ray.demo.settings import demo_runs, exported_runs, kernel_checkpoints
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

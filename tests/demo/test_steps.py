@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shlex
 from pathlib import Path
@@ -118,8 +119,11 @@ def test_runs_and_their_overrides(tmp_path):
             assert cfg.train.epochs == 40 and cfg.train.lr_steps == [30, 36]  # the config's own schedule
             assert cfg.data.val_annotations == str(layout.val_json)
             assert (cfg.model.backbone_weights is not None) == (run.variant == "sp")
-    sp = load_config(Run("sp", 0.1).config, finetune_overrides(layout, DemoSettings(), Run("sp", 0.1)))
-    assert sp.model.frozen_stages == 1 and sp.model.norm_eval
+    # From SP, only the initialisation differs from scratch: the same config, everything trained.
+    sp, scratch = (load_config(Run(v, 0.1).config, finetune_overrides(layout, DemoSettings(), Run(v, 0.1)))
+                   for v in ("sp", "scratch"))
+    assert sp.model == dataclasses.replace(scratch.model, backbone_weights=sp.model.backbone_weights)
+    assert sp.train == scratch.train and sp.model.frozen_stages == -1 and not sp.model.norm_eval
 
 
 @pytest.mark.parametrize("settings", [DemoSettings(), TINY], ids=["default", "tiny"])

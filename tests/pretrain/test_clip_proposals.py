@@ -456,20 +456,8 @@ def test_proposer_choice_is_checked_and_fingerprinted(tiny_json: Path, tmp_path:
         propose(folder, tmp_path / "out", _propose_config(tiny_json, f"clip.weights={tmp_path / 'gone.pt'}"))
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    ray = pytest.importorskip("ray")
-    started = not ray.is_initialized()
-    if started:
-        # address="local": a fresh instance, never a cluster that another process started on this machine.
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    if started:
-        ray.shutdown()
-
-
 @pytest.mark.slow
-def test_cli_propose_with_clip_through_ray(tiny_json: Path, tmp_path: Path, ray_local, capsys) -> None:
+def test_cli_propose_with_clip_through_ray(tiny_json: Path, tmp_path: Path, local_ray, capsys) -> None:
     folder = _write_images(tmp_path / "images")
     out = tmp_path / "pseudo"
     args = ["propose", "--images", str(folder), "--out", str(out), "--proposer", "clip",

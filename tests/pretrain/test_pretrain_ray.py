@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import ray
 
 from sp_ray.cli import main
 from sp_ray.data.synthetic import write_synthetic_dataset
@@ -17,13 +16,6 @@ from .test_sp_model import write_pseudo_masks
 pytestmark = pytest.mark.slow
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo" / "knet_tiny_sp_pretrain.yaml"
-
-
-@pytest.fixture
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
 
 
 def test_cli_pretrain_with_two_workers(local_ray, tmp_path):

@@ -288,18 +288,6 @@ def test_shard_fingerprint_follows_results_not_scheduling(label_folder: tuple[Pa
     assert _fingerprint(proposal_identity(_small_config()), items[:2]) != base
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    ray = pytest.importorskip("ray")
-    started = not ray.is_initialized()
-    if started:
-        # address="local": a fresh instance, never a cluster that another process started on this machine.
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    if started:
-        ray.shutdown()
-
-
 def _synthetic_folder(root: Path) -> Path:
     images = write_synthetic_dataset(root / "synthetic", num_images=6, image_size=SIZE, seed=3)["images"]
     (images / "zz_broken.png").write_bytes(b"not an image at all")
@@ -307,7 +295,7 @@ def _synthetic_folder(root: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_propose_end_to_end_with_ray_and_resume(tmp_path: Path, ray_local, capsys) -> None:
+def test_propose_end_to_end_with_ray_and_resume(tmp_path: Path, local_ray, capsys) -> None:
     images = _synthetic_folder(tmp_path)
     out = tmp_path / "pseudo"
     cfg = _small_config()

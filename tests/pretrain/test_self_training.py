@@ -228,19 +228,8 @@ def test_a_mask_rcnn_checkpoint_is_refused(tmp_path: Path) -> None:
         load_model_for_self_training(tmp_path / "maskrcnn")
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    ray = pytest.importorskip("ray")
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    if started:
-        ray.shutdown()
-
-
 @pytest.mark.slow
-def test_cli_propose_from_checkpoint_with_ray_and_rerun(trained: dict[str, Path], tmp_path: Path, ray_local, capsys):
+def test_cli_propose_from_checkpoint_with_ray_and_rerun(trained: dict[str, Path], tmp_path: Path, local_ray, capsys):
     out = tmp_path / "pseudo"
     args = ["propose", "--images", str(trained["images"]), "--out", str(out), "--from-checkpoint",
             str(trained["checkpoint"]), "propose.shard_size=4", "propose.num_actors=1", *LOW]  # fmt: skip

@@ -2,9 +2,12 @@
 
 import json
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -39,11 +42,87 @@ def worker_records(work_dir: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((work_dir / "workers").glob("rank*.json"))]
 
 
-@pytest.fixture
-def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
+# The tests that start clusters of their own come first: the module's `local_ray` (tests/conftest.py) stays
+# up from its first test to the end of the module.
+def test_two_nodes_on_one_machine(tiny_data, tmp_path):
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    cluster.add_node(num_cpus=1)
+    assert not ray.is_initialized(), "this test runs before the local_ray tests of the module"
+    try:
+        ray.init(address=cluster.address)
+        cfg = tiny_config(tiny_data, "train.epochs=1", "train.num_workers=2", "train.placement_strategy=SPREAD")
+        run_training(cfg, tmp_path)
+        records = worker_records(tmp_path)
+        assert len({r["node_id"] for r in records}) == 2
+        assert records[0]["param_checksum"] == pytest.approx(records[1]["param_checksum"], rel=1e-6)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ray_job_submit_against_a_head_on_loopback(tiny_data, tmp_path):
+    bin_dir = Path(sys.executable).parent
+    ray_cli = str(bin_dir / "ray")
+    port, dashboard = free_port(), free_port()
+    # Ray enables token authentication by default; name the mode so that the head and the job client agree.
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_AUTH_MODE": "token"}
+    # `--block` keeps the head's processes children of this one command, in a session of their own: stopping
+    # that session stops this head alone, where `ray stop` would stop every Ray on the machine. Its own temp
+    # dir keeps its address out of /tmp/ray/ray_current_cluster, which a later `ray.init()` here would join
+    # (a short path: Ray's unix sockets live under it).
+    ray_temp = Path(tempfile.mkdtemp(prefix="ray"))
+    head = subprocess.Popen([ray_cli, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+                             f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1", "--num-cpus=2",
+                             f"--temp-dir={ray_temp}", "--disable-usage-stats"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        job_dir = tmp_path / "job"
+        job_dir.mkdir()
+        (job_dir / "tiny.yaml").write_text(dump_config(tiny_config(tiny_data)))
+        overrides = ["train.epochs=1"]
+        work_dir = tmp_path / "work"
+        submit = [ray_cli, "job", "submit", f"--address=http://127.0.0.1:{dashboard}", "--working-dir",
+                  str(job_dir), "--", str(bin_dir / "sp-ray"), "finetune", "--config", "tiny.yaml", "--work-dir",
+                  str(work_dir), *overrides]
+        # The dashboard and then the head's job agent come up some seconds after the head starts (longer on a
+        # busy machine); until then a submission is refused, or answered "No available agent", which Ray itself
+        # says to retry.
+        for _ in range(24):
+            done = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=300)
+            if done.returncode == 0 or not any(refusal in done.stdout + done.stderr for refusal in (
+                    "No available agent", "Connection refused", "Failed to connect")):
+                break
+            assert head.poll() is None, f"the Ray head exited with code {head.returncode}"
+            time.sleep(5)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        assert "succeeded" in done.stdout
+        assert load_checkpoint(work_dir / "final").meta["epoch"] == 1
+    finally:
+        stop_session(head)
+        shutil.rmtree(ray_temp, ignore_errors=True)
+
+
+def stop_session(process: subprocess.Popen, grace_s: float = 60) -> None:
+    """SIGTERM to the process's session (it shuts its Ray processes down), SIGKILL to what is left after grace_s."""
+    group = process.pid  # start_new_session: the process leads its own group
+    os.killpg(group, signal.SIGTERM)
+    try:
+        process.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(group, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait(timeout=30)
 
 
 def test_two_workers_train_in_step(local_ray, tiny_data, tmp_path):
@@ -85,61 +164,6 @@ def test_resume_path_that_is_not_a_checkpoint(tiny_data, tmp_path, capsys):
                  f"data.train_annotations={tiny_data['train']}", f"data.train_images={tiny_data['images']}"])
     assert code == 2
     assert "not a checkpoint directory" in capsys.readouterr().err
-
-
-def test_two_nodes_on_one_machine(tiny_data, tmp_path):
-    from ray.cluster_utils import Cluster
-
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    cluster.add_node(num_cpus=1)
-    try:
-        ray.init(address=cluster.address)
-        cfg = tiny_config(tiny_data, "train.epochs=1", "train.num_workers=2", "train.placement_strategy=SPREAD")
-        run_training(cfg, tmp_path)
-        records = worker_records(tmp_path)
-        assert len({r["node_id"] for r in records}) == 2
-        assert records[0]["param_checksum"] == pytest.approx(records[1]["param_checksum"], rel=1e-6)
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_ray_job_submit_against_a_head_on_loopback(tiny_data, tmp_path):
-    bin_dir = Path(sys.executable).parent
-    ray_cli = str(bin_dir / "ray")
-    port, dashboard = free_port(), free_port()
-    # Ray enables token authentication by default; name the mode so that the head and the job client agree.
-    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_AUTH_MODE": "token"}
-    subprocess.run([ray_cli, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
-                    f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1", "--num-cpus=2",
-                    "--disable-usage-stats"], check=True, env=env, capture_output=True, timeout=120)
-    try:
-        job_dir = tmp_path / "job"
-        job_dir.mkdir()
-        (job_dir / "tiny.yaml").write_text(dump_config(tiny_config(tiny_data)))
-        overrides = ["train.epochs=1"]
-        work_dir = tmp_path / "work"
-        submit = [ray_cli, "job", "submit", f"--address=http://127.0.0.1:{dashboard}", "--working-dir",
-                  str(job_dir), "--", str(bin_dir / "sp-ray"), "finetune", "--config", "tiny.yaml", "--work-dir",
-                  str(work_dir), *overrides]
-        # The head's job agent registers some seconds after `ray start` returns (longer on a busy machine);
-        # until then the dashboard answers "No available agent", which Ray itself says to retry.
-        for _ in range(12):
-            done = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=300)
-            if "No available agent" not in done.stdout + done.stderr:
-                break
-            time.sleep(5)
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        assert "succeeded" in done.stdout
-        assert load_checkpoint(work_dir / "final").meta["epoch"] == 1
-    finally:
-        subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True, timeout=120)
 
 
 def test_ssl_runs_in_two_ray_workers(local_ray, tiny_data, tmp_path):

@@ -12,7 +12,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import ray
 import yaml
 from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
 
@@ -274,13 +273,6 @@ def tiny_data(tmp_path_factory):
 def cache(tmp_path_factory):
     """One proposals / pre-training cache for every sweep here: the first sweep fills it."""
     return tmp_path_factory.mktemp("cache")
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
 
 
 def statuses(outcome) -> dict[str, str]:

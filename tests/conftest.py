@@ -1,0 +1,20 @@
+"""Fixtures shared by every test folder."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A fresh single-machine Ray of 2 CPUs for the module's tests, unless one is running in this process already.
+
+    ``address="local"`` starts a new instance: a test never joins a cluster that another process started here.
+    """
+    ray = pytest.importorskip("ray")
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    if started:
+        ray.shutdown()
