@@ -123,6 +123,10 @@ class TrainConfig:
     lr: float = 1e-4  # for the global batch of the config; see README for the scaling rule
     weight_decay: float = 0.05
     backbone_lr_mult: float = 0.25
+    # Weight-decay factors (mmdet's paramwise_cfg): of normalisation layers (BatchNorm, GroupNorm, LayerNorm)
+    # and of learned embeddings (nn.Embedding tables, parameters named *_embed); Mask2Former sets both to 0.
+    norm_decay_mult: float = 1.0
+    embed_decay_mult: float = 1.0
     grad_clip: float = 4.0  # max gradient norm; 0 disables clipping
     lr_schedule: str = "step"  # "step" (decay by lr_gamma at lr_steps epochs) or "cosine"
     lr_steps: list[int] = field(default_factory=lambda: [36, 44])

@@ -197,6 +197,19 @@ def scaled_lr(cfg: Config, world_size: int) -> Config:
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=lr))
 
 
+
+def check_optimizer_groups(optimizer: torch.optim.Optimizer, saved: dict[str, Any], source: str | Path) -> None:
+    """Raise a clear error, not torch's, when a resumed run's optimizer groups its parameters differently."""
+    own = [len(group["params"]) for group in optimizer.param_groups]
+    theirs = [len(group["params"]) for group in saved["param_groups"]]
+    if own != theirs:
+        raise ValueError(
+            f"{source}: its optimizer holds parameter groups of {theirs} tensors where this config makes {own}; "
+            "train.norm_decay_mult / embed_decay_mult or model.frozen_stages differ from the run's. Resume with "
+            "the run's own config.yaml, or start a new run with --init to keep only the weights"
+        )
+
+
 def fit(
     cfg: Config,
     work_dir: str | Path,
@@ -255,6 +268,7 @@ def fit(
         if source is not None:
             ckpt = load_checkpoint(source, with_training_state=True)
             model.load_state_dict(ckpt.model_state)
+            check_optimizer_groups(optimizer, ckpt.training_state["optimizer"], source)
             optimizer.load_state_dict(ckpt.training_state["optimizer"])
             scheduler.load_state_dict(ckpt.training_state["scheduler"])
             start_epoch, step = ckpt.training_state["epoch"], ckpt.training_state["step"]

@@ -1,4 +1,4 @@
-"""AdamW with a backbone learning-rate multiplier, linear warmup, then step or cosine decay."""
+"""AdamW with a backbone learning-rate multiplier and weight-decay factors, linear warmup, then step or cosine decay."""
 
 from __future__ import annotations
 
@@ -11,24 +11,48 @@ from torch import nn
 from sp_ray.config import TrainConfig
 from sp_ray.train.checkpoint import WRAPPED_MODEL_PREFIX
 
+NORM_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm, nn.LayerNorm,
+               nn.InstanceNorm2d)
+
+
+def _decay_kind(module: nn.Module, name: str) -> str:
+    """"norm", "embed" or "other": which weight-decay factor applies to ``module``'s own parameter ``name``."""
+    if isinstance(module, NORM_LAYERS):
+        return "norm"
+    if isinstance(module, nn.Embedding) or name.endswith("_embed"):
+        return "embed"
+    return "other"
+
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; parameters under ``backbone.`` get ``lr * backbone_lr_mult``.
+    """AdamW over the trainable parameters, grouped by learning rate and weight decay.
 
-    A pre-training wrapper's detector (under ``WRAPPED_MODEL_PREFIX``) is grouped the same way.
-
-    The two groups follow mmdet's ``paramwise_cfg=dict(custom_keys={'backbone': dict(lr_mult=...)})``.
+    Parameters under ``backbone.`` get ``lr * backbone_lr_mult``; those of normalisation layers get
+    ``weight_decay * norm_decay_mult``, learned embeddings ``weight_decay * embed_decay_mult``. A pre-training
+    wrapper's detector (under ``WRAPPED_MODEL_PREFIX``) is grouped the same way. This is mmdet's
+    ``paramwise_cfg=dict(custom_keys={'backbone': dict(lr_mult=...), 'query_embed': dict(decay_mult=...), ...},
+    norm_decay_mult=...)``.
     """
     model = model.module if hasattr(model, "module") else model
-    backbone, rest = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            in_backbone = name.removeprefix(WRAPPED_MODEL_PREFIX).startswith("backbone.")
-            (backbone if in_backbone else rest).append(param)
-    groups = [{"params": rest, "lr": cfg.lr}]
-    if backbone:
-        groups.append({"params": backbone, "lr": cfg.lr * cfg.backbone_lr_mult})
-    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    decay_mult = {"norm": cfg.norm_decay_mult, "embed": cfg.embed_decay_mult, "other": 1.0}
+    # (in the backbone, decay factor) -> parameters; the head group of full decay comes first, as the one whose
+    # lr the logs show, and with every factor 1 the groups are those of earlier checkpoints (head, backbone).
+    groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
+    seen: set[int] = set()
+    for module_name, module in model.named_modules():
+        for name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad or id(param) in seen:  # a tied parameter is optimised once
+                continue
+            seen.add(id(param))
+            full_name = f"{module_name}.{name}" if module_name else name
+            in_backbone = full_name.removeprefix(WRAPPED_MODEL_PREFIX).startswith("backbone.")
+            groups.setdefault((in_backbone, decay_mult[_decay_kind(module, name)]), []).append(param)
+    ordered = sorted(groups.items(), key=lambda item: (item[0][0], -item[0][1]))
+    return torch.optim.AdamW([
+        {"params": params, "lr": cfg.lr * (cfg.backbone_lr_mult if in_backbone else 1.0),
+         "weight_decay": cfg.weight_decay * decay}
+        for (in_backbone, decay), params in ordered
+    ], lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def lr_factor(cfg: TrainConfig, iters_per_epoch: int) -> Callable[[int], float]:

@@ -57,6 +57,10 @@ def test_resume_continues_the_same_run(tiny_data, tmp_path):
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
     ts = load_checkpoint(tmp_path / "stopped" / "last", with_training_state=True).training_state
     assert ts["epoch"] == 2
+    # A config that groups the parameters otherwise cannot continue that optimizer state.
+    regrouped = tiny_config(tiny_data, "train.epochs=3", "model.num_stages=1", "train.norm_decay_mult=0")
+    with pytest.raises(ValueError, match=r"optimizer holds parameter groups of \[\d+, \d+\] tensors where"):
+        fit(regrouped, tmp_path / "stopped", resume=tmp_path / "stopped" / "last")
 
 
 def test_num_classes_must_match_the_data(tiny_data, tmp_path):

@@ -1,4 +1,5 @@
 import pytest
+import torch
 from torch import nn
 
 from sp_ray.config import TrainConfig
@@ -19,6 +20,36 @@ def test_backbone_gets_its_multiplier_and_frozen_params_are_left_out():
     lrs = sorted(g["lr"] for g in opt.param_groups)
     assert lrs == pytest.approx([2.5e-4, 1e-3])
     assert sum(len(g["params"]) for g in opt.param_groups) == 4
+
+
+class WithNormsAndEmbeddings(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+        self.query_feat = nn.Embedding(5, 4)
+        self.level_embed = nn.Parameter(torch.zeros(3, 4))
+        self.class_embed = nn.Linear(4, 2)  # a Linear named *_embed is a layer, not an embedding
+        self.norm = nn.LayerNorm(4)
+
+
+def test_norm_and_embedding_decay_factors_as_mask2former_sets_them():
+    model = WithNormsAndEmbeddings()
+    cfg = TrainConfig(lr=1e-3, weight_decay=0.05, backbone_lr_mult=0.1, norm_decay_mult=0.0, embed_decay_mult=0.0)
+    opt = build_optimizer(model, cfg)
+    decay_of = {id(p): (g["weight_decay"], g["lr"]) for g in opt.param_groups for p in g["params"]}
+    assert len(decay_of) == sum(1 for _ in model.parameters())  # every parameter, once
+    expected = {
+        "backbone.0.weight": (0.05, 1e-4), "backbone.0.bias": (0.05, 1e-4),
+        "backbone.1.weight": (0.0, 1e-4), "backbone.1.bias": (0.0, 1e-4),
+        "query_feat.weight": (0.0, 1e-3), "level_embed": (0.0, 1e-3),
+        "class_embed.weight": (0.05, 1e-3), "class_embed.bias": (0.05, 1e-3),
+        "norm.weight": (0.0, 1e-3), "norm.bias": (0.0, 1e-3),
+    }
+    for name, param in model.named_parameters():
+        assert decay_of[id(param)] == pytest.approx(expected[name]), name
+    assert opt.param_groups[0]["lr"] == 1e-3 and opt.param_groups[0]["weight_decay"] == 0.05  # the logged lr
+    # The default factors keep the two groups of earlier checkpoints (head, backbone), so they resume.
+    assert [len(g["params"]) for g in build_optimizer(model, TrainConfig(backbone_lr_mult=1.0)).param_groups] == [6, 4]
 
 
 def test_warmup_then_step_decay():
