@@ -30,6 +30,22 @@ SIZE_DIVISOR = 32
 MASK_STRIDE = 8
 
 
+def check_query_model_sizes(model: str, feat_channels: int, num_heads: int, **counts: int) -> None:
+    """The size checks every query-based family makes on construction: each of ``counts`` >= 1, ``feat_channels``
+    a multiple of the GroupNorm groups, ``num_heads`` a divisor of ``feat_channels``.
+
+    Raises:
+        ValueError: naming ``model`` and the first size that fails.
+    """
+    for name, value in counts.items():
+        if value < 1:
+            raise ValueError(f"{model}: {name} must be >= 1, got {value}")
+    if feat_channels % GN_GROUPS != 0:
+        raise ValueError(f"{model}: feat_channels must be a multiple of {GN_GROUPS} (GroupNorm), got {feat_channels}")
+    if feat_channels % num_heads != 0:
+        raise ValueError(f"{model}: num_heads ({num_heads}) must divide feat_channels ({feat_channels})")
+
+
 def _conv_gn_relu(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2, bias=False),
@@ -316,19 +332,8 @@ class KNet(nn.Module):
         num_heads: int = 8,
     ) -> None:
         super().__init__()
-        for name, value in (
-            ("num_classes", num_classes),
-            ("num_kernels", num_kernels),
-            ("num_stages", num_stages),
-        ):
-            if value < 1:
-                raise ValueError(f"KNet: {name} must be >= 1, got {value}")
-        if feat_channels % GN_GROUPS != 0:
-            raise ValueError(
-                f"KNet: feat_channels must be a multiple of {GN_GROUPS} (GroupNorm), got {feat_channels}"
-            )
-        if feat_channels % num_heads != 0:
-            raise ValueError(f"KNet: num_heads ({num_heads}) must divide feat_channels ({feat_channels})")
+        check_query_model_sizes("KNet", feat_channels, num_heads, num_classes=num_classes, num_kernels=num_kernels,
+                                num_stages=num_stages)
         self.backbone = backbone
         self.fpn = fpn
         self.localization = LocalizationFPN(channels=feat_channels)

@@ -32,7 +32,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sp_ray.models.backbone import build_resnet
-from sp_ray.models.knet import GN_GROUPS, IMAGENET_MEAN, IMAGENET_STD, SIZE_DIVISOR, sine_positional_encoding
+from sp_ray.models.knet import (
+    GN_GROUPS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    SIZE_DIVISOR,
+    check_query_model_sizes,
+    sine_positional_encoding,
+)
 from sp_ray.types import ModelOutputs, StageOutput
 
 # Stride of the mask features and of ``pred_masks`` (the paper's 1/4 resolution per-pixel embeddings).
@@ -446,22 +453,10 @@ class Mask2Former(nn.Module):
         deform_points: int = 4,
     ) -> None:
         super().__init__()
-        for name, value in (
-            ("num_classes", num_classes),
-            ("num_queries", num_queries),
-            ("num_layers", num_layers),
-            ("deform_points", deform_points),
-        ):
-            if value < 1:
-                raise ValueError(f"Mask2Former: {name} must be >= 1, got {value}")
+        check_query_model_sizes("Mask2Former", feat_channels, num_heads, num_classes=num_classes,
+                                num_queries=num_queries, num_layers=num_layers, deform_points=deform_points)
         if encoder_layers < 0:
             raise ValueError(f"Mask2Former: encoder_layers must be >= 0, got {encoder_layers}")
-        if feat_channels % GN_GROUPS != 0:
-            raise ValueError(
-                f"Mask2Former: feat_channels must be a multiple of {GN_GROUPS} (GroupNorm), got {feat_channels}"
-            )
-        if feat_channels % num_heads != 0:
-            raise ValueError(f"Mask2Former: num_heads ({num_heads}) must divide feat_channels ({feat_channels})")
         d = feat_channels
         self.backbone = backbone
         self.pixel_decoder = PixelDecoder(

@@ -33,7 +33,14 @@ from torch import Tensor, nn
 from torchvision.ops import roi_align
 
 from sp_ray.models.backbone import FPN, build_resnet
-from sp_ray.models.knet import GN_GROUPS, IMAGENET_MEAN, IMAGENET_STD, SIZE_DIVISOR, KernelSelfAttention
+from sp_ray.models.knet import (
+    GN_GROUPS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    SIZE_DIVISOR,
+    KernelSelfAttention,
+    check_query_model_sizes,
+)
 from sp_ray.types import ModelOutputs, StageOutput
 
 # Stride of the pasted image masks ``pred_masks`` (K-Net: 8); the finest FPN level's.
@@ -356,20 +363,8 @@ class QueryInst(nn.Module):
         num_heads: int = 8,
     ) -> None:
         super().__init__()
-        for name, value in (
-            ("num_classes", num_classes),
-            ("num_queries", num_queries),
-            ("num_stages", num_stages),
-            ("dynamic_channels", dynamic_channels),
-        ):
-            if value < 1:
-                raise ValueError(f"QueryInst: {name} must be >= 1, got {value}")
-        if feat_channels % GN_GROUPS != 0:
-            raise ValueError(
-                f"QueryInst: feat_channels must be a multiple of {GN_GROUPS} (GroupNorm), got {feat_channels}"
-            )
-        if feat_channels % num_heads != 0:
-            raise ValueError(f"QueryInst: num_heads ({num_heads}) must divide feat_channels ({feat_channels})")
+        check_query_model_sizes("QueryInst", feat_channels, num_heads, num_classes=num_classes,
+                                num_queries=num_queries, num_stages=num_stages, dynamic_channels=dynamic_channels)
         self.backbone = backbone
         self.fpn = fpn
         # Normalised (cx, cy, w, h), starting as the whole input (``EmbeddingRPNHead``).

@@ -50,7 +50,7 @@ from scipy import ndimage
 from torch import Tensor, nn
 
 from sp_ray.config import ClipConfig, ConfigError
-from sp_ray.pretrain.saliency import Proposals, mask_boxes_from_projections, matrix_nms, upsample_binarise
+from sp_ray.pretrain.saliency import Proposals, nms_top_k_masks
 
 MODES = ("produce", "rescore")
 # The keys of an open_clip config that make the library reach for the Hugging Face hub or timm.
@@ -410,14 +410,10 @@ def produce_proposals(
     maskness = soft.sum(1) / area
     queries = F.normalize(binary.float() @ keys.T, dim=1)  # (M, D): the mean direction inside
 
-    order = maskness.argsort(descending=True, stable=True)
-    binary, soft, maskness, queries = binary[order], soft[order], maskness[order], queries[order]
-    decayed = matrix_nms(binary, maskness, sigma=sigma)
-    order = decayed.argsort(descending=True, stable=True)[:top_k]
-    soft, scores, queries = soft[order].reshape(-1, h, w), decayed[order], queries[order]
-
-    masks = upsample_binarise(soft, (height, width), mask_threshold)
-    boxes = mask_boxes_from_projections(masks)
+    masks, scores, boxes, queries = nms_top_k_masks(
+        soft, binary, maskness, queries, grid=(h, w), image_size=(height, width), sigma=sigma, top_k=top_k,
+        mask_threshold=mask_threshold,
+    )
     keep = masks.flatten(1).any(1) & (boxes[:, 2] - boxes[:, 0] < max_box_width * width) & (scores >= min_score)
     return Proposals(masks=masks[keep], scores=scores[keep], boxes=boxes[keep], queries=queries[keep])
 

@@ -177,25 +177,20 @@ def saliency_proposals(
     low = soft.amin(1, keepdim=True)
     soft = (soft - low) / (soft.amax(1, keepdim=True) - low).clamp_min(1e-12)
 
-    # Steps 6-7: binarise, drop tiny masks, rank by maskness.
+    # Steps 6-7: binarise, drop tiny masks, maskness.
     binary = soft >= mask_threshold
     area = binary.sum(1)
     keep = area >= min_area
     soft, binary, area, queries = soft[keep], binary[keep], area[keep], queries[keep]
     maskness = (soft * binary).sum(1) / area.clamp_min(1)
-    order = maskness.argsort(descending=True, stable=True)
-    soft, binary, maskness, queries = soft[order], binary[order], maskness[order], queries[order]
 
-    # Step 8: Matrix NMS on maskness, re-rank, keep the top k.
-    decayed = matrix_nms(binary, maskness, sigma=sigma)
-    order = decayed.argsort(descending=True, stable=True)[:top_k]
-    soft, scores, queries = soft[order].reshape(-1, h, w), decayed[order], queries[order]
+    # Steps 8-10: Matrix NMS, top k, masks at the image size and their boxes.
+    masks, scores, boxes, queries = nms_top_k_masks(
+        soft, binary, maskness, queries, grid=(h, w), image_size=(height, width), sigma=sigma, top_k=top_k,
+        mask_threshold=mask_threshold,
+    )
 
-    # Step 9: upsample the soft maps to the image, then binarise.
-    masks = upsample_binarise(soft, (height, width), mask_threshold)
-
-    # Steps 10-11: boxes from projections and the filters.
-    boxes = mask_boxes_from_projections(masks)
+    # Step 11: the filters.
     centre_y = (boxes[:, 1] + boxes[:, 3]) / 2
     box_width = boxes[:, 2] - boxes[:, 0]
     keep = (
@@ -205,6 +200,45 @@ def saliency_proposals(
         & (scores >= min_maskness)
     )
     return Proposals(masks=masks[keep], scores=scores[keep], boxes=boxes[keep], queries=queries[keep])
+
+
+def nms_top_k_masks(
+    soft: Tensor,
+    binary: Tensor,
+    maskness: Tensor,
+    queries: Tensor,
+    *,
+    grid: tuple[int, int],
+    image_size: tuple[int, int],
+    sigma: float,
+    top_k: int,
+    mask_threshold: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """METHODS.md 1.1 steps 7-10 for candidate masks of any proposer: rank by maskness, decay it by Matrix NMS,
+    keep the top k by decayed maskness, upsample their soft maps to the image, binarise, take the boxes.
+
+    Args:
+        soft: float [M, h*w] soft maps at feature resolution.
+        binary: bool [M, h*w] candidate masks.
+        maskness: float [M].
+        queries: [M, D] the vector of each candidate, carried along.
+        grid: (h, w) of the feature grid.
+        image_size: (H, W) of the output masks.
+        sigma: Gaussian Matrix NMS strength.
+        top_k: masks kept after NMS.
+        mask_threshold: binarisation threshold of the upsampled soft maps.
+
+    Returns:
+        masks bool [L, H, W], scores (decayed maskness) [L], boxes [L, 4] xyxy, queries [L, D]; L <= top_k,
+        best first.
+    """
+    order = maskness.argsort(descending=True, stable=True)
+    soft, binary, maskness, queries = soft[order], binary[order], maskness[order], queries[order]
+    decayed = matrix_nms(binary, maskness, sigma=sigma)
+    order = decayed.argsort(descending=True, stable=True)[:top_k]
+    soft, scores, queries = soft[order].reshape(-1, *grid), decayed[order], queries[order]
+    masks = upsample_binarise(soft, image_size, mask_threshold)
+    return masks, scores, mask_boxes_from_projections(masks), queries
 
 
 def upsample_binarise(soft: Tensor, size: tuple[int, int], threshold: float) -> Tensor:
