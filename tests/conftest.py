@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 
 @pytest.fixture(scope="module")
@@ -18,3 +19,13 @@ def local_ray():
     yield ray
     if started:
         ray.shutdown()
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: on a shared 2-core machine, intra-op threads spinning against other
+    processes slow the small training loops down by orders of magnitude."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -30,13 +30,7 @@ from sp_ray.train.checkpoint import load_checkpoint
 
 from .conftest import IMAGE_SIZE
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _model(checkpoint):

@@ -37,13 +37,7 @@ FL0 = 0.75 * 0.25 * math.log(2.0)
 FL2 = 1.237558
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Single-threaded: on a shared 2-core machine, spinning intra-op threads slow these loops badly."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # ---- the memory -------------------------------------------------------------------------------------------

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import pytest
 import torch
 
 from sp_ray.models.knet import build_knet
@@ -40,16 +39,6 @@ def _scene() -> tuple[torch.Tensor, list[dict]]:
             }
         )
     return images, targets
-
-
-@pytest.fixture
-def one_thread():
-    """Run single-threaded: on a shared 2-core machine, intra-op threads spinning against other processes
-    slow this loop down by two orders of magnitude."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def test_tiny_knet_fits_two_images(one_thread) -> None:

@@ -32,13 +32,7 @@ B, H, W = 2, 64, 96
 N, C, D, L = 8, 3, 32, 3
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Single-threaded: on a shared 2-core machine, spinning intra-op threads slow these loops badly."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _tiny(**overrides) -> Mask2Former:

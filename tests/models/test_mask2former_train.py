@@ -36,12 +36,7 @@ TINY = [f"data.max_size={SIZE}", f"data.short_size={SIZE}", "data.flip_prob=0.0"
 QUERY_CHANNELS = 24
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -41,14 +41,7 @@ TINY = ["data.max_size=64", "data.short_size=64", "data.flip_prob=0.0", "model.n
         "model.num_stages=2", "train.batch_size=4", "train.warmup_iters=2", "train.lr=1e-3", "train.lr_steps=[100]"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Single-threaded: on a shared 2-core machine intra-op threads spinning against other processes slow
-    these loops down by orders of magnitude."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _tiny(**overrides) -> QueryInst:

@@ -252,11 +252,3 @@ def test_weak_losses_train_a_tiny_knet(one_thread) -> None:
         optimizer.step()
         history.append(total.item())
     assert sum(history[-5:]) / 5 < 0.6 * sum(history[:5]) / 5
-
-
-@pytest.fixture
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)

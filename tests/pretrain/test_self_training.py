@@ -38,13 +38,7 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 SIZE = 64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Single-threaded: on a shared 2-core machine, spinning intra-op threads slow these loops badly."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _logit(p: float) -> float:
