@@ -12,7 +12,8 @@ def local_ray():
 
     ``address="local"`` starts a new instance: a test never joins a cluster that another process started here.
     """
-    ray = pytest.importorskip("ray")
+    import ray  # a pinned dependency: missing, it is an install error, not a skip
+
     started = not ray.is_initialized()
     if started:
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
