@@ -26,7 +26,7 @@ from sp_ray.demo.settings import (
 )
 
 
-def _scaled_steps(config: Path, epochs: int) -> str:
+def scaled_lr_steps(config: Path, epochs: int) -> str:
     """The config's lr_steps scaled from its epochs to ``epochs`` (40 epochs [30, 36] -> 12 epochs [9, 11])."""
     train = load_config(config).train
     steps = [max(1, round(step * epochs / train.epochs)) for step in train.lr_steps]
@@ -51,7 +51,7 @@ def pretrain_overrides(layout: DemoLayout, settings: DemoSettings) -> list[str]:
     return [
         f"data.train_annotations={layout.pseudo / 'annotations.json'}", f"data.train_images={layout.images}",
         f"model.backbone_weights={layout.backbone}", f"train.epochs={settings.pretrain_epochs}",
-        _scaled_steps(PRETRAIN_CONFIG, settings.pretrain_epochs), f"train.num_workers={settings.pretrain_workers}",
+        scaled_lr_steps(PRETRAIN_CONFIG, settings.pretrain_epochs), f"train.num_workers={settings.pretrain_workers}",
         *settings.knet_overrides,
     ]
 
@@ -68,7 +68,7 @@ def finetune_overrides(layout: DemoLayout, settings: DemoSettings, run: Run) -> 
     epochs = settings.maskrcnn_epochs if run.variant == "maskrcnn" else settings.finetune_epochs
     overrides = [
         f"data.train_annotations={layout.split(run.fraction)}", f"data.train_images={layout.images}",
-        f"train.epochs={epochs}", _scaled_steps(run.config, epochs), "train.checkpoint_interval=0",
+        f"train.epochs={epochs}", scaled_lr_steps(run.config, epochs), "train.checkpoint_interval=0",
         f"eval.topk={DETECTIONS_PER_IMAGE}",
     ]
     if run.variant == "maskrcnn":
