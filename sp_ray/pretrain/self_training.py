@@ -149,7 +149,8 @@ def pooled_prompts(c5: Tensor, mask_logits: Tensor, *, threshold: float = 0.5) -
     """
     factor = mask_logits.shape[-1] // c5.shape[-1]
     inside = (mask_logits.float().sigmoid() > threshold).float()
-    weights = F.avg_pool2d(inside[None], kernel_size=factor)[0]  # (L, H/32, W/32): the mask's share of each cell
+    # Masks as the batch dimension, so that an image with no pseudo mask (L = 0) pools to no prompt.
+    weights = F.avg_pool2d(inside[:, None], kernel_size=factor)[:, 0]  # (L, H/32, W/32): the mask's share of each cell
     pooled = torch.einsum("lhw,chw->lc", weights, c5.float()) / weights.sum((1, 2)).clamp(min=1e-6)[:, None]
     return F.normalize(pooled, dim=1)
 

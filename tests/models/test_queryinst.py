@@ -327,7 +327,7 @@ def test_tiny_queryinst_fits_two_images() -> None:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=1e-4)
     model.train()
     history = []
-    for _ in range(60):
+    for _ in range(100):
         loss = sum(criterion(model(images), targets).values())
         optimizer.zero_grad()
         loss.backward()

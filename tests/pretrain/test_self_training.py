@@ -86,6 +86,8 @@ def test_pooled_prompts_by_hand() -> None:
     prompts = pooled_prompts(c5, torch.stack([first_cell, half_two_cells]))
     torch.testing.assert_close(prompts[0], torch.tensor([1.0, 0.0, 0.0]))
     torch.testing.assert_close(prompts[1], torch.tensor([1.0, 1.0, 0.0]) / math.sqrt(2.0))
+    # An image where no pseudo mask survives has no prompt, not an error.
+    assert pooled_prompts(c5, torch.zeros(0, 8, 8)).shape == (0, 3)
 
 
 @pytest.mark.parametrize(
