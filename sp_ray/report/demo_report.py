@@ -19,6 +19,7 @@ from pycocotools import mask as mask_utils
 from sp_ray.data.images import load_image_rgb
 from sp_ray.demo.commands import demo_command
 from sp_ray.demo.settings import (
+    REPO,
     VARIANT_TITLES,
     VARIANTS,
     DemoLayout,
@@ -33,6 +34,9 @@ from sp_ray.report.document import Commands, Figure, Paragraph, Report, Section,
 from sp_ray.report.draw import draw_labels, instance_colors, overlay_masks, save_png, tile, upscale
 from sp_ray.report.write import write_report
 
+# The benchmark's K-Net result (benchmarks/low_data.py --results benchmarks/results/low_data_knet): the
+# paired intervals the demo's one-seed gap is read against.
+BENCHMARK_RESULT = REPO / "benchmarks" / "results" / "low_data_knet.json"
 PANEL_SIDE = 320  # pixels of one image panel in the figures (small images are enlarged, nearest neighbour)
 DRAWN_PREDICTIONS = 5  # highest-scoring predictions drawn per image
 
@@ -132,6 +136,46 @@ def draw_predictions(layout: DemoLayout, runs: Sequence[Run], path: Path) -> Pat
     return save_png(tile(rows, column_titles=titles), path)
 
 
+def sp_gap_sentences(gaps: dict[float, float], benchmark: dict[str, Any] | None) -> list[str]:
+    """What the demo's SP - scratch gaps (one seed per run) say, next to the benchmark's paired intervals.
+
+    Args:
+        gaps: labeled fraction -> this run's K-Net from SP minus K-Net from scratch, val segm AP.
+        benchmark: the JSON that ``benchmarks/low_data.py`` writes (its ``comparisons``), or None.
+
+    Returns:
+        Sentences, each computed from the numbers it names.
+    """
+    def gap_phrase(fraction: float, gap: float) -> str:
+        if gap == 0:
+            return f"at {fraction:.0%} K-Net from SP is level with K-Net from scratch"
+        side = "above" if gap > 0 else "below"
+        return f"at {fraction:.0%} K-Net from SP is {abs(gap):.2f} AP {side} K-Net from scratch"
+
+    lines = ["One seed per run: " + "; ".join(gap_phrase(f, g) for f, g in sorted(gaps.items())) + "."]
+    found = {c["fraction"]: c["AP"] for c in (benchmark or {}).get("comparisons", [])
+             if (c["high"], c["low"]) == ("sp", "scratch")}
+    if not found:
+        return [*lines, "No benchmark result to read it against (`benchmarks/low_data.py` writes one): a "
+                        "one-seed gap alone decides nothing, as another seed or CPU moves it by several AP."]
+    read = []
+    for fraction, gap in sorted(gaps.items()):
+        d = found.get(fraction)
+        if d is None:
+            continue
+        reading = {"above 0": "this run's gap has the sign it establishes" if gap > 0 else
+                   "this run's gap goes against the gain it establishes",
+                   "below 0": "this run's gap has the sign it establishes" if gap < 0 else
+                   "this run's gap goes against the loss it establishes",
+                   "includes 0": "it establishes neither sign"}[d["verdict"]]
+        read.append(f"at {fraction:.0%} SP - scratch is {d['mean']:+.2f} AP [{d['ci_low']:+.2f}, "
+                    f"{d['ci_high']:+.2f}] over {d['n']} paired runs (interval {d['verdict']}): {reading}")
+    if read:
+        lines.append("The benchmark (`benchmarks/results/low_data_knet.json`, its larger unlabeled pool): "
+                     + "; ".join(read) + ".")
+    return lines
+
+
 def _count(number: int, noun: str) -> str:
     return f"{number} {noun}" + ("" if number == 1 else "s")
 
@@ -176,7 +220,8 @@ def write_demo_report(layout: DemoLayout, settings: DemoSettings, commands: dict
     ap_table = Table(("labeled", "model", "epochs", "segm AP", "AP50", "AP75", "bbox AP"), tuple(rows),
                      caption=f"COCO AP (percent) on the {val_size} val images", numeric=(2, 3, 4, 5, 6))
     segm_ap = {run: metrics[run]["segm"]["AP"] for run in runs}
-    gaps = [f"{f:.0%}: {segm_ap[Run('sp', f)] - segm_ap[Run('scratch', f)]:+.2f}" for f in fractions]
+    gaps = {f: segm_ap[Run("sp", f)] - segm_ap[Run("scratch", f)] for f in fractions}
+    benchmark = _read_json(BENCHMARK_RESULT) if BENCHMARK_RESULT.is_file() else None
 
     # Curves.
     loss_panels, ap_panels = [], []
@@ -264,8 +309,7 @@ def write_demo_report(layout: DemoLayout, settings: DemoSettings, commands: dict
         sections=(
             Section("COCO AP after fine-tuning", (
                 ap_table,
-                Paragraph("SP minus scratch, segm AP: " + ", ".join(gaps) + ". One seed per run; "
-                          "`benchmarks/low_data.py` runs several seeds and reports their spread."),
+                *(Paragraph(line) for line in sp_gap_sentences(gaps, benchmark)),
                 Paragraph(f"Mask R-CNN trains {_count(settings.maskrcnn_epochs, 'epoch')} where K-Net trains "
                           f"{settings.finetune_epochs}: it trained at {rates['maskrcnn']:.2f} images/s against "
                           f"K-Net's {rates['scratch']:.1f} here (median over its epochs and runs; its RoI heads "

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from sp_ray.report.charts import DPI, Bar, Line, Panel, plot_bars, plot_panels
+from sp_ray.report.demo_report import sp_gap_sentences
 from sp_ray.report.document import Commands, Figure, Paragraph, Report, Section, Table, missing_links, split_code_spans
 from sp_ray.report.draw import draw_labels, instance_colors, mask_outline, overlay_masks, save_png, tile, upscale
 from sp_ray.report.html import render_html
@@ -153,3 +154,32 @@ def test_plot_panels_and_bars_write_pngs(tmp_path):
         Line("bad", (1, 2, 3), (1.0, 2.0))
     with pytest.raises(ValueError):
         plot_panels([], tmp_path / "none.png")
+
+
+def _benchmark(verdict: str, mean: float, low: float, high: float) -> dict:
+    interval = {"mean": mean, "ci_low": low, "ci_high": high, "n": 6, "verdict": verdict}
+    return {"comparisons": [{"fraction": 0.1, "high": "sp", "low": "scratch", "AP": interval},
+                            {"fraction": 0.1, "high": "sp", "low": "ssl", "AP": {**interval, "mean": -9.0}}]}
+
+
+def test_sp_gap_sentences_follow_the_sign_of_the_numbers():
+    gain = _benchmark("above 0", 2.5, 0.75, 4.25)
+    ahead = sp_gap_sentences({0.05: 1.5, 0.1: 3.25}, gain)
+    assert ahead == [
+        "One seed per run: at 5% K-Net from SP is 1.50 AP above K-Net from scratch; "
+        "at 10% K-Net from SP is 3.25 AP above K-Net from scratch.",
+        "The benchmark (`benchmarks/results/low_data_knet.json`, its larger unlabeled pool): at 10% SP - scratch is "
+        "+2.50 AP [+0.75, +4.25] over 6 paired runs (interval above 0): this run's gap has the sign it establishes.",
+    ]
+    behind = sp_gap_sentences({0.1: -1.44}, gain)
+    assert "at 10% K-Net from SP is 1.44 AP below K-Net from scratch." in behind[0]
+    assert behind[1].endswith("this run's gap goes against the gain it establishes.")
+    loss = sp_gap_sentences({0.1: -1.44}, _benchmark("below 0", -2.0, -3.0, -1.0))
+    assert loss[1].endswith(
+        "[-3.00, -1.00] over 6 paired runs (interval below 0): this run's gap has the sign it establishes.")
+    unsettled = sp_gap_sentences({0.1: 0.0}, _benchmark("includes 0", 0.5, -1.0, 2.0))
+    assert "level with K-Net from scratch" in unsettled[0]
+    assert unsettled[1].endswith("it establishes neither sign.")
+    # No benchmark result: the one-seed gap is reported, and said to decide nothing.
+    alone = sp_gap_sentences({0.1: 3.25}, None)
+    assert len(alone) == 2 and "decides nothing" in alone[1]
