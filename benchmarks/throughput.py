@@ -27,6 +27,17 @@ execution provider: the run stops if onnxruntime falls back to the CPU.
     python benchmarks/throughput.py --families knet queryinst maskrcnn ...     # with QueryInst
 
 writes OUT.json, OUT.md (the table printed at the end) and OUT.png (bar chart of images/s).
+
+``--image-sides 512 2000 4000`` measures something else: what one image of each side costs through
+``Segmenter.predict`` (batch 1) with the graph's work held fixed (every image is resized to ``--size``
+on its long side, as the training resize with ``data.max_size = data.short_size = --size`` does), i.e.
+the pre- and post-processing that grow with the image: resize, mask pasting, RLE with ``--rle``. Each
+side runs in a fresh process that imports numpy and onnxruntime only, after one warm-up image of 512 px;
+the peak is that process's high-water mark (VmHWM). The image is a synthetic one (shapes on textures)
+resized to each side. It writes OUT.json and OUT.md (no chart):
+
+    python benchmarks/throughput.py --image-sides 512 1000 2000 4000 --size 800 --families knet \\
+        --iterations 1 --warmup 0 --threads 1 --out benchmarks/results/cpu_r50_image_sides
 """
 
 from __future__ import annotations
@@ -231,6 +242,110 @@ def run_job(job: dict, in_process: bool) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+# Runs in a fresh interpreter: numpy, PIL and onnxruntime only, so its memory is the runtime's own.
+SIDE_WORKER = """
+import json, sys, time
+import numpy as np
+from export.runtime import Segmenter
+
+job = json.loads(sys.argv[1])
+
+
+def memory_mb(field):
+    # /proc rather than getrusage: ru_maxrss survives exec and would report the parent's peak.
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field + ":")) / 1024
+
+
+segmenter = Segmenter(job["onnx"], providers=job["providers"], threads=job["threads"])
+segmenter.predict(np.load(job["warmup_image"]), rle=job["rle"])
+image = np.load(job["image"])
+rss = memory_mb("VmRSS")
+for _ in range(job["warmup"]):
+    segmenter.predict(image, rle=job["rle"])
+latencies, found = [], None
+for _ in range(job["iterations"]):
+    found = None  # the previous result's masks would double the peak
+    start = time.perf_counter()
+    found = segmenter.predict(image, rle=job["rle"])
+    latencies.append(time.perf_counter() - start)
+boxes = found.boxes
+area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+print(json.dumps({"latencies": latencies, "peak_rss_mb": memory_mb("VmHWM"), "rss_before_mb": rss,
+                  "instances": len(found), "box_fraction": float(area.mean()) / image.shape[0] / image.shape[1]
+                  if len(found) else 0.0}))
+"""
+
+
+def sample_image(side: int) -> np.ndarray:
+    """uint8 [side, side, 3]: a 512 x 512 synthetic image (shapes on textures) resized bilinearly to ``side``."""
+    from PIL import Image
+
+    from sp_ray.data.synthetic import write_synthetic_dataset
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data = write_synthetic_dataset(Path(tmp), num_images=2, image_size=512, seed=0)
+        image = Image.open(sorted(data["images"].iterdir())[0]).convert("RGB")
+        return np.asarray(image.resize((side, side), Image.BILINEAR))
+
+
+def measure_image_sides(args: argparse.Namespace) -> list[dict]:
+    """``Segmenter.predict`` latency and peak memory per image side for random models of ``args.families``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        models = {}
+        for family in args.families:
+            job = _job(args, family, "onnxruntime-e2e", 1)
+            dynamic = FAMILIES[family].dynamo  # Mask R-CNN's TorchScript graph has a fixed input
+            info = model_info(bench_config(job), class_names=[f"class{i}" for i in range(args.num_classes)],
+                              cat_ids=list(range(1, args.num_classes + 1)),
+                              input_size=None if dynamic else (args.size, args.size),
+                              batch_size=None if FAMILIES[family].dynamic_batch else 1)
+            sample = np.random.default_rng(0).integers(0, 256, (1, 3, args.size, args.size), np.uint8)
+            models[family] = str(export_model(build_random_model(job), info, folder / f"{family}.onnx", sample=sample))
+        return run_image_sides(models, args, folder)
+
+
+def run_image_sides(models: dict[str, str], args: argparse.Namespace, folder: Path) -> list[dict]:
+    """Measure each exported model (family -> .onnx) at each of ``args.image_sides``; images go to ``folder``."""
+    np.save(folder / "warmup.npy", sample_image(512))
+    for side in args.image_sides:
+        np.save(folder / f"image_{side}.npy", sample_image(side))
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if args.device == "cuda" else ["CPUExecutionProvider"]
+    results = []
+    for family, onnx in models.items():
+        for side in args.image_sides:
+            worker = {"onnx": onnx, "image": str(folder / f"image_{side}.npy"), "rle": args.rle,
+                      "warmup_image": str(folder / "warmup.npy"), "warmup": args.warmup,
+                      "iterations": args.iterations, "threads": args.threads, "providers": providers}
+            done = subprocess.run([sys.executable, "-c", SIDE_WORKER, json.dumps(worker)], capture_output=True,
+                                  text=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"image-side worker failed for {family} at {side} px:\n{done.stderr[-3000:]}")
+            row = json.loads(done.stdout.strip().splitlines()[-1])
+            latencies = row.pop("latencies")
+            results.append({"family": family, "depth": args.depth, "size": args.size, "side": side,
+                            "rle": args.rle, "latency_p50_ms": float(np.percentile(latencies, 50) * 1000),
+                            "latency_max_ms": float(max(latencies) * 1000), **row})
+            print(f"{TITLES[family]:10} {side:5d} px: {results[-1]['latency_p50_ms']:.0f} ms, "
+                  f"peak RSS {row['peak_rss_mb']:.0f} MB", flush=True)
+    return results
+
+
+def image_sides_table(results: list[dict]) -> str:
+    rows = ["| model | image side (px) | masks | latency p50 (ms) | x first side | peak RSS (MB) | RSS before (MB) "
+            "| detections | mean box / image |",
+            "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    first = {}
+    for r in results:
+        first.setdefault(r["family"], r["latency_p50_ms"])
+        rows.append(f"| {TITLES[r['family']]} R{r['depth']} | {r['side']} | {'RLE' if r['rle'] else 'dense'} | "
+                    f"{r['latency_p50_ms']:.0f} | {r['latency_p50_ms'] / first[r['family']]:.2f} | "
+                    f"{r['peak_rss_mb']:.0f} | {r['rss_before_mb']:.0f} | {r['instances']} | "
+                    f"{r['box_fraction']:.2f} |")
+    return "\n".join(rows)
+
+
 def markdown_table(results: list[dict]) -> str:
     rows = ["| model | runtime | batch | images/s | latency p50 (ms) | latency p95 (ms) | peak RSS (MB) |",
             "|---|---|---:|---:|---:|---:|---:|"]
@@ -310,12 +425,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="intra-op threads of both runtimes")
     p.add_argument("--in-process", action="store_true", help="no subprocess per configuration (for tests)")
     p.add_argument("--out", default="benchmarks/results/throughput", help="output prefix for .json/.md/.png")
+    p.add_argument("--image-sides", type=int, nargs="+", default=None,
+                   help="instead of the throughput grid: Segmenter.predict latency and peak memory per image side")
+    p.add_argument("--rle", action="store_true", help="with --image-sides: RLE masks instead of dense ones")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.size % 32:
         p.error(f"--size must be a multiple of 32, got {args.size}")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: PyTorch sees no CUDA device")
+    if args.image_sides is not None and (min(args.image_sides) < 1 or args.iterations < 1):
+        p.error("--image-sides must be positive and --iterations >= 1")
+    if args.image_sides is not None and not Path("/proc/self/status").is_file():
+        p.error("--image-sides reads peak memory from /proc (Linux only)")
     return args
 
 
@@ -326,6 +448,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.image_sides is not None:
+        return write_image_sides(args, argv, out)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         needs_onnx = any(r.startswith("onnxruntime") for r in args.runtimes)
@@ -350,6 +474,23 @@ def main(argv: list[str] | None = None) -> int:
     plot(results, out.with_suffix(".png"), title)
     print("\n" + text)
     print(f"wrote {out.with_suffix('.json')}, {out.with_suffix('.md')}, {out.with_suffix('.png')}")
+    return 0
+
+
+def write_image_sides(args: argparse.Namespace, argv: list[str] | None, out: Path) -> int:
+    results = measure_image_sides(args)
+    command = "python benchmarks/throughput.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    env = environment(args)
+    threads = f"{args.threads} thread(s)" if args.threads else "default threads"
+    machine = env["cpu"] if args.device == "cpu" else env.get("gpu")
+    title = (f"Segmenter.predict, one image per side, graph input {args.size} px on the long side, "
+             f"ResNet-{args.depth}, {args.device} ({machine}, {threads})")
+    out.with_suffix(".json").write_text(json.dumps({"command": command, "environment": env, "results": results},
+                                                   indent=2))
+    text = f"{title}\n\n{image_sides_table(results)}\n\n`{command}`\n"
+    out.with_suffix(".md").write_text(text)
+    print("\n" + text)
+    print(f"wrote {out.with_suffix('.json')}, {out.with_suffix('.md')}")
     return 0
 
 

@@ -9,6 +9,35 @@ from __future__ import annotations
 
 import math
 
+# Largest image (H x W pixels) that sp-ray reads or segments, unless told otherwise. It is PIL's own
+# decompression-bomb threshold (``PIL.Image.MAX_IMAGE_PIXELS``, 1024**3 // 4 // 3, about 9459 x 9459),
+# so the two guards agree: every image PIL would warn about is refused by sp-ray's limit, and every
+# image within it opens silently. That is 10.8 times a 4K frame; at the limit the runtime holds the
+# image (3 bytes a pixel), one box at a time in float32, and its dense masks (1 byte a pixel per
+# instance), which stays within a 24 GB machine for the usual top-100 detections of objects, where the
+# full-image resampling it replaces needed 12+ bytes a pixel per instance (19 GB at 4000 x 4000).
+MAX_IMAGE_PIXELS = 89_478_485
+
+
+def check_pixel_count(height: int, width: int, *, limit: int, what: str, setting: str) -> None:
+    """Raise ValueError when an image of height x width pixels exceeds ``limit``.
+
+    Args:
+        height: image height in pixels.
+        width: image width in pixels.
+        limit: the largest allowed height * width.
+        what: the image, for the message (a path, "image 3").
+        setting: how the user raises the limit, for the message.
+
+    Raises:
+        ValueError: height * width > limit; the message gives both and says what to do.
+    """
+    if height * width > limit:
+        raise ValueError(
+            f"{what}: {height}x{width} (HxW) is {height * width:,} pixels, more than the limit of {limit:,}; "
+            f"downscale the image, or raise {setting} if this machine has the memory"
+        )
+
 
 def resize_for_inference(h: int, w: int, *, max_size: int, short_size: int) -> tuple[int, int]:
     """Output size of the evaluation resize (mmdet keep-ratio rule with torchvision's truncation).

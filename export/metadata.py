@@ -79,7 +79,8 @@ class ModelInfo:
         """Rebuild from ``metadata_props`` (``InferenceSession.get_modelmeta().custom_metadata_map``).
 
         Raises:
-            ValueError: a field is missing or not JSON, or the format is unknown; the message names them.
+            ValueError: a field is missing, not JSON or of the wrong type or range, or the format is unknown;
+                the message names them.
         """
         if "sp_ray_format" not in props:
             raise ValueError(
@@ -101,9 +102,58 @@ class ModelInfo:
                 values[name] = json.loads(props[name])
             except json.JSONDecodeError as err:
                 raise ValueError(f"{where}: metadata field {name!r} is not JSON: {props[name]!r}") from err
+        _check_field_types(values, where)
         if values["input_size"] is not None:
             values["input_size"] = tuple(values["input_size"])
         if values["output_format"] not in OUTPUT_NAMES:
             raise ValueError(f"{where}: unknown output_format {values['output_format']!r}; "
                              f"this runtime decodes {sorted(OUTPUT_NAMES)}")
         return cls(**values)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value  # not NaN
+
+
+def _positive_int(value: object) -> bool:
+    return _is_int(value) and value > 0
+
+
+# What each metadata field must hold, as a check and its description (a tampered or hand-edited
+# model must fail here with the field's name, not later inside the decoding with a TypeError).
+_FIELD_CHECKS = {
+    "family": (lambda v: isinstance(v, str), "a string"),
+    "output_format": (lambda v: isinstance(v, str), "a string"),
+    "class_names": (lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v), "a list of strings"),
+    "cat_ids": (lambda v: isinstance(v, list) and all(_is_int(i) for i in v), "a list of integers"),
+    "max_size": (_positive_int, "a positive integer"),
+    "short_size": (_positive_int, "a positive integer"),
+    "size_divisor": (_positive_int, "a positive integer"),
+    "input_size": (lambda v: v is None or (isinstance(v, list) and len(v) == 2 and all(map(_positive_int, v))),
+                   "null or [H, W] of positive integers"),
+    "batch_size": (lambda v: v is None or _positive_int(v), "null or a positive integer"),
+    "mask_stride": (_positive_int, "a positive integer"),
+    "topk": (_positive_int, "a positive integer"),
+    "score_threshold": (_is_number, "a number"),
+    "mask_threshold": (lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    "mean": (lambda v: isinstance(v, list) and len(v) == 3 and all(map(_is_number, v)), "a list of 3 numbers"),
+    "std": (lambda v: isinstance(v, list) and len(v) == 3 and all(_is_number(x) and x > 0 for x in v),
+            "a list of 3 positive numbers"),
+    "precision": (lambda v: isinstance(v, str), "a string"),
+    "config_hash": (lambda v: isinstance(v, str), "a string"),
+    "source": (lambda v: isinstance(v, str), "a string"),
+}
+
+
+def _check_field_types(values: dict[str, object], where: str) -> None:
+    for name, (check, expected) in _FIELD_CHECKS.items():
+        if name in values and not check(values[name]):
+            raise ValueError(f"{where}: metadata field {name!r} must be {expected}, got {values[name]!r}; "
+                             "the model was altered after export: re-export it with 'sp-ray export'")
+    if len(values["class_names"]) != len(values["cat_ids"]):
+        raise ValueError(f"{where}: metadata has {len(values['class_names'])} class_names but "
+                         f"{len(values['cat_ids'])} cat_ids; re-export the model with 'sp-ray export'")

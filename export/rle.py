@@ -69,6 +69,42 @@ def encode_rle(mask: np.ndarray) -> dict[str, object]:
     return {"size": [int(mask.shape[0]), int(mask.shape[1])], "counts": _counts_to_string(_runs(mask))}
 
 
+def encode_rle_box(mask: np.ndarray, *, top: int, left: int, size: tuple[int, int]) -> dict[str, object]:
+    """COCO compressed RLE of an H x W mask that is False outside one box, from the box's pixels only.
+
+    COCO reads masks column by column. Within a box column the runs are those of the crop's column;
+    between two box columns lie only False pixels. So each crop column, with one False pixel added
+    above and below, gives the changes of value at their image positions (column-major index
+    (left + c) * H + top + r); a change where one column's run meets the next column's (a box as tall
+    as the image) appears twice at the same position and cancels, and one at the image's end is none.
+
+    Args:
+        mask: bool [h, w], the box's pixels.
+        top: the box's first row in the image.
+        left: the box's first column in the image.
+        size: (H, W) of the image.
+
+    Returns:
+        {"size": [H, W], "counts": str}, equal to ``encode_rle`` of the full mask.
+    """
+    height, width = size
+    h, w = mask.shape
+    if not (0 <= top and top + h <= height and 0 <= left and left + w <= width):
+        raise ValueError(f"encode_rle_box: a {h}x{w} box at row {top}, column {left} lies outside {height}x{width}")
+    padded = np.zeros((w, h + 2), bool)
+    padded[:, 1:-1] = mask.T
+    flat = padded.ravel()
+    index = np.flatnonzero(flat[1:] != flat[:-1]) + 1  # flat position where a new run starts
+    column, row = np.divmod(index, h + 2)
+    changes = (left + column) * height + top + row - 1
+    repeated = np.flatnonzero(changes[1:] == changes[:-1])
+    if len(repeated):
+        changes = np.delete(changes, np.concatenate([repeated, repeated + 1]))
+    changes = changes[changes < height * width]  # a run that ends with the image ends no run
+    runs = np.diff(np.concatenate(([0], changes, [height * width]))).tolist()
+    return {"size": [int(height), int(width)], "counts": _counts_to_string(runs)}
+
+
 def decode_rle(rle: dict[str, object]) -> np.ndarray:
     """Decode a COCO compressed RLE (``counts`` str or bytes) to bool [H, W]."""
     height, width = rle["size"]

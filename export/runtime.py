@@ -7,7 +7,9 @@
 
 Pre-processing is training's evaluation transform (keep-ratio antialiased resize, zero padding to a
 multiple of 32 at the bottom/right); post-processing is PyTorch's (crop the valid region, resample to
-the original size, threshold; boxes from masks for K-Net, pasted RoI masks for Mask R-CNN).
+the original size, threshold; boxes from masks for K-Net, pasted RoI masks for Mask R-CNN), computed
+box by box, so its cost grows with the instances' areas, not with the image times top-k. Images above
+``max_image_pixels`` (default ``export.geometry.MAX_IMAGE_PIXELS``) are refused with a ValueError.
 """
 
 from __future__ import annotations
@@ -23,10 +25,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 
-from export.geometry import fit_within, padded_size, resize_for_inference
+from export.geometry import MAX_IMAGE_PIXELS, check_pixel_count, fit_within, padded_size, resize_for_inference
 from export.metadata import INPUT_NAME, KNET_FORMAT, OUTPUT_NAMES, ModelInfo
-from export.resample import masks_to_boxes, paste_masks, resize_image, resize_mask_logits
-from export.rle import encode_rle
+from export.resample import gather_masks, paste_mask_logits, paste_roi_masks, resize_image
 
 log = logging.getLogger("export.runtime")
 
@@ -65,12 +66,17 @@ class Instances:
         return len(self.scores)
 
 
-def check_image(image: object, *, where: str = "image") -> np.ndarray:
+def check_image(image: object, *, where: str = "image", max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
     """Validate one input image.
 
+    Args:
+        image: the candidate, expected uint8 [H, W, 3] RGB.
+        where: names the image in messages.
+        max_pixels: the largest H * W accepted.
+
     Raises:
-        ValueError: not a numpy uint8 array [H, W, 3] with H, W > 0; the message says what was expected
-            and how to convert common mistakes (grayscale, RGBA, CHW, float images).
+        ValueError: not a numpy uint8 array [H, W, 3] with 0 < H * W <= max_pixels; the message says
+            what was expected and how to convert common mistakes (grayscale, RGBA, CHW, float images).
     """
     if not isinstance(image, np.ndarray):
         raise ValueError(f"{where}: expected a numpy uint8 array [H, W, 3] (RGB), got {type(image).__name__}")
@@ -91,6 +97,8 @@ def check_image(image: object, *, where: str = "image") -> np.ndarray:
             f"{where}: expected dtype uint8 (0..255), got {image.dtype}; for a float image in 0..1 use "
             "(image * 255).round().clip(0, 255).astype(np.uint8)"
         )
+    check_pixel_count(image.shape[0], image.shape[1], limit=max_pixels, what=where,
+                      setting="Segmenter(..., max_image_pixels=N)")
     return image
 
 
@@ -150,14 +158,20 @@ class Segmenter:
             The providers the session really uses are in ``self.providers`` and are logged
             (onnxruntime falls back to CPU when CUDA libraries are missing).
         threads: intra-op threads of the CPU provider; None lets onnxruntime decide (one per core).
+        max_image_pixels: the largest image (H x W) ``predict`` accepts; a larger one is a ValueError
+            before any work. Dense masks take K x H x W bytes, so a deployment that keeps them sets
+            this to what its memory allows.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: unknown provider names, or a model without sp-ray metadata.
+        ValueError: unknown provider names, a limit below 1, or a model without sp-ray metadata.
     """
 
     def __init__(self, path: str | os.PathLike, providers: Sequence[str] | None = None,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, max_image_pixels: int = MAX_IMAGE_PIXELS) -> None:
+        if max_image_pixels < 1:
+            raise ValueError(f"max_image_pixels must be >= 1, got {max_image_pixels}")
+        self.max_image_pixels = max_image_pixels
         self.path = os.fspath(path)
         if not os.path.isfile(self.path):
             raise FileNotFoundError(f"ONNX model {self.path} does not exist; export one with 'sp-ray export'")
@@ -231,7 +245,8 @@ class Segmenter:
         Returns:
             One ``Instances`` per image, in order.
         """
-        checked = [check_image(image, where=f"image {i}") for i, image in enumerate(images)]
+        checked = [check_image(image, where=f"image {i}", max_pixels=self.max_image_pixels)
+                   for i, image in enumerate(images)]
         threshold = self.info.score_threshold if score_threshold is None else score_threshold
         step = self.info.batch_size or batch_size or max(1, len(checked))
         results: list[Instances] = []
@@ -330,20 +345,20 @@ def decode_outputs(
         ``Instances`` in original pixels.
     """
     decode = _decode_topk if info.output_format == KNET_FORMAT else _decode_roi
-    scores, labels, masks, boxes = decode(outputs, index, info, image_size, orig_size, score_threshold)
+    scores, labels, crops, boxes = decode(outputs, index, info, image_size, orig_size, score_threshold)
+    # Each mask is written or encoded as soon as its box is computed: one box in memory at a time.
+    mask_boxes, masks, rles = gather_masks(crops, count=len(scores), size=orig_size, rle=rle)
     cat_ids = np.asarray(info.cat_ids, np.int64)[labels]
-    rles = [encode_rle(mask) for mask in masks] if rle else None
-    return Instances(boxes=boxes, scores=scores, labels=labels, category_ids=cat_ids,
-                     masks=None if rle else masks, rles=rles)
+    return Instances(boxes=mask_boxes if boxes is None else boxes, scores=scores, labels=labels,
+                     category_ids=cat_ids, masks=masks, rles=rles)
 
 
 def _decode_topk(outputs, index, info, image_size, orig_size, score_threshold):
     scores, labels, mask_logits = (o[index] for o in outputs)
     keep = scores > score_threshold
-    logits = resize_mask_logits(mask_logits[keep], image_size=image_size, orig_size=orig_size,
-                                mask_stride=info.mask_stride)
-    masks = logits > _logit(info.mask_threshold)
-    return scores[keep].astype(np.float32), labels[keep].astype(np.int64), masks, masks_to_boxes(masks)
+    crops = paste_mask_logits(mask_logits[keep], image_size=image_size, orig_size=orig_size,
+                              mask_stride=info.mask_stride, threshold=_logit(info.mask_threshold))
+    return scores[keep].astype(np.float32), labels[keep].astype(np.int64), crops, None  # boxes: the masks'
 
 
 def _decode_roi(outputs, index, info, image_size, orig_size, score_threshold):
@@ -354,5 +369,6 @@ def _decode_roi(outputs, index, info, image_size, orig_size, score_threshold):
     limits = np.array([valid_w, valid_h, valid_w, valid_h], np.float32)
     ratios = np.array([out_w / valid_w, out_h / valid_h, out_w / valid_w, out_h / valid_h], np.float32)
     scaled = np.minimum(np.maximum(boxes[keep].astype(np.float32), 0), limits) * ratios
-    probs = paste_masks(mask_probs[keep], scaled, out_size=orig_size, padding=ROI_PASTE_PADDING)
-    return scores[keep].astype(np.float32), labels[keep].astype(np.int64), probs > info.mask_threshold, scaled
+    crops = paste_roi_masks(mask_probs[keep], scaled, out_size=orig_size, threshold=info.mask_threshold,
+                            padding=ROI_PASTE_PADDING)
+    return scores[keep].astype(np.float32), labels[keep].astype(np.int64), crops, scaled

@@ -4,8 +4,10 @@
     sp-ray data split --annotations A.json --fractions 0.01 0.05 0.1 --seed 0 --out DIR
     sp-ray propose --images DIR_OR_JSON --out pseudo/ [--config FILE] [--image-root DIR] [--from-checkpoint CKPT]
                    [--proposer saliency|clip] [KEY=VALUE ...]
-    sp-ray pretrain --config FILE [--work-dir DIR] [--resume [CKPT]] [--num-workers N] [--gpu] [KEY=VALUE ...]
-    sp-ray finetune --config FILE [--init CKPT] [--work-dir DIR] [--resume [CKPT]] [KEY=VALUE ...]
+    sp-ray pretrain --config FILE [--work-dir DIR] [--resume | --resume-from CKPT] [--num-workers N] [--gpu]
+                    [KEY=VALUE ...]
+    sp-ray finetune --config FILE [--init CKPT] [--work-dir DIR] [--resume | --resume-from CKPT] [KEY=VALUE ...]
+    sp-ray ssl --images DIR [--config FILE] [--work-dir DIR] [--resume | --resume-from CKPT] [KEY=VALUE ...]
     sp-ray analyze-kernels --checkpoint CKPT --images DIR_OR_JSON [--out kernels.png] [--num-images N]
     sp-ray evaluate --checkpoint CKPT --annotations A.json --images DIR [--out metrics.json] [KEY=VALUE ...]
     sp-ray evaluate --onnx model.onnx --annotations A.json --images DIR [--out metrics.json]
@@ -13,6 +15,8 @@
                   [--batch N | --dynamic-batch] [--fp16 | --int8]
     sp-ray tune --config SWEEP.yaml [--resume] [KEY=VALUE ...]
     sp-ray demo [--out runs/demo] [--force | --redo STEP ...] [--tiny]
+
+Every command takes --debug (or SP_RAY_DEBUG=1): a traceback instead of the one-line error message.
 """
 
 from __future__ import annotations
@@ -21,11 +25,13 @@ import argparse
 import json
 import logging
 import os
+import shlex
+import signal
 import sys
 from pathlib import Path
 
-from sp_ray.config import ConfigError, dump_config, load_config
-from sp_ray.train.checkpoint import is_checkpoint
+from sp_ray.config import Config, ConfigError, check_config_values, dump_config, load_config
+from sp_ray.errors import UserError
 
 log = logging.getLogger("sp_ray")
 
@@ -46,29 +52,44 @@ def _add_ray_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu", action="store_true", help="one GPU per worker (train.use_gpu=true)")
 
 
+def _add_resume_args(p: argparse.ArgumentParser) -> None:
+    resume = p.add_mutually_exclusive_group()
+    resume.add_argument("--resume", action="store_true", help="continue the run from WORK_DIR/last")
+    resume.add_argument("--resume-from", metavar="CKPT", default=None,
+                        help="continue from this checkpoint directory (a WORK_DIR/last)")
+
+
 def _ray_overrides(args: argparse.Namespace) -> list[str]:
     extra = [f"train.num_workers={args.num_workers}"] if args.num_workers is not None else []
     return extra + (["train.use_gpu=true"] if args.gpu else [])
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sp-ray", description=__doc__.split("\n")[0])
+    # --debug is accepted before and after the command; SUPPRESS keeps a subcommand's default from
+    # overwriting a --debug given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the traceback of an error (also: SP_RAY_DEBUG=1)")
+    parser = argparse.ArgumentParser(prog="sp-ray", description=__doc__.split("\n")[0], parents=[common])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    data = sub.add_parser("data", help="datasets: synthetic data, labeled-fraction splits")
+    def command(subparsers: argparse._SubParsersAction, name: str, **kwargs: str) -> argparse.ArgumentParser:
+        return subparsers.add_parser(name, parents=[common], **kwargs)
+
+    data = command(sub, "data", help="datasets: synthetic data, labeled-fraction splits")
     data_sub = data.add_subparsers(dest="data_command", required=True)
-    syn = data_sub.add_parser("synthetic", help="write the built-in synthetic COCO-format dataset")
+    syn = command(data_sub, "synthetic", help="write the built-in synthetic COCO-format dataset")
     syn.add_argument("--out", required=True)
     syn.add_argument("--num-images", type=int, default=400)
     syn.add_argument("--image-size", type=int, default=160)
     syn.add_argument("--seed", type=int, default=0)
-    split = data_sub.add_parser("split", help="nested labeled fractions of a COCO json")
+    split = command(data_sub, "split", help="nested labeled fractions of a COCO json")
     split.add_argument("--annotations", required=True)
     split.add_argument("--fractions", type=float, nargs="+", required=True)
     split.add_argument("--seed", type=int, default=0)
     split.add_argument("--out", required=True)
 
-    pr = sub.add_parser("propose", help="saliency pseudo masks and prompts for unlabeled images (Ray Data)")
+    pr = command(sub, "propose", help="saliency pseudo masks and prompts for unlabeled images (Ray Data)")
     pr.add_argument("--images", required=True, help="image folder, or a COCO json whose images are used")
     pr.add_argument("--out", required=True, help="output folder: annotations.json, prompts.npy, shards/")
     pr.add_argument("--image-root", default=None, help="folder of a json's file names (default: the json's)")
@@ -78,23 +99,21 @@ def build_parser() -> argparse.ArgumentParser:
                     help="sets propose.proposer; clip = language-vision prompts from a local CLIP model (clip.*)")
     _add_config_args(pr, required=False)
 
-    ft = sub.add_parser("finetune", help="supervised training on a COCO-format set")
+    ft = command(sub, "finetune", help="supervised training on a COCO-format set")
     _add_config_args(ft)
     ft.add_argument("--init", help="checkpoint directory to initialise from (e.g. a pre-training's final/)")
     ft.add_argument("--work-dir", help="output directory (default: work_dirs/<config name>)")
-    ft.add_argument("--resume", nargs="?", const="", default=None,
-                    help="continue from a checkpoint directory (default: WORK_DIR/last)")
+    _add_resume_args(ft)
     _add_ray_args(ft)
 
-    pt = sub.add_parser("pretrain", help="saliency-prompt pre-training of a QEIS model on pseudo masks (Ray Train)")
+    pt = command(sub, "pretrain", help="saliency-prompt pre-training of a QEIS model on pseudo masks (Ray Train)")
     _add_config_args(pt)
     pt.add_argument("--init", help="checkpoint directory to initialise from (self-training: the last round's final/)")
     pt.add_argument("--work-dir", help="output directory (default: work_dirs/<config name>)")
-    pt.add_argument("--resume", nargs="?", const="", default=None,
-                    help="continue from a checkpoint directory (default: WORK_DIR/last)")
+    _add_resume_args(pt)
     _add_ray_args(pt)
 
-    ak = sub.add_parser("analyze-kernels", help="average mask of every kernel (query) over images, as a grid PNG")
+    ak = command(sub, "analyze-kernels", help="average mask of every kernel (query) over images, as a grid PNG")
     ak.add_argument("--checkpoint", required=True, help="checkpoint directory (fine-tuning or pre-training)")
     ak.add_argument("--images", required=True, help="image folder, or a COCO json whose images are used")
     ak.add_argument("--image-root", default=None, help="folder of a json's file names (default: the json's)")
@@ -104,15 +123,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="initial masks m^0 (default) or the last stage's masks")
     ak.add_argument("--gpu", action="store_true", help="run on CUDA")
 
-    ssl = sub.add_parser("ssl", help="DenseCL self-supervised backbone pre-training on unlabeled images")
+    ssl = command(sub, "ssl", help="DenseCL self-supervised backbone pre-training on unlabeled images")
     ssl.add_argument("--images", required=True, help="folder of unlabeled images (searched recursively)")
     _add_config_args(ssl, required=False)
     ssl.add_argument("--work-dir", help="output directory (default: work_dirs/<config name>)")
-    ssl.add_argument("--resume", nargs="?", const="", default=None,
-                     help="continue from a checkpoint directory (default: WORK_DIR/last)")
+    _add_resume_args(ssl)
     _add_ray_args(ssl)
 
-    ev = sub.add_parser("evaluate", help="COCO segm and bbox AP of a checkpoint or of an exported ONNX model")
+    ev = command(sub, "evaluate", help="COCO segm and bbox AP of a checkpoint or of an exported ONNX model")
     source = ev.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="checkpoint directory (PyTorch)")
     source.add_argument("--onnx", help="model exported by 'sp-ray export' (onnxruntime, as deployed)")
@@ -124,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--threads", type=int, default=None, help="onnxruntime CPU threads (--onnx only)")
     ev.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. eval.score_threshold=0.05")
 
-    ex = sub.add_parser("export", help="ONNX export with metadata and a parity check against PyTorch")
+    ex = command(sub, "export", help="ONNX export with metadata and a parity check against PyTorch")
     ex.add_argument("--checkpoint", required=True, help="checkpoint directory")
     ex.add_argument("--out", required=True, help="the .onnx file to write")
     ex.add_argument("--opset", type=int, default=18)
@@ -141,13 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="folder of sample images (default: the config's data.val_images, else generated)")
     ex.add_argument("--parity-count", type=int, default=4, help="number of sample images")
 
-    tn = sub.add_parser("tune", help="Ray Tune sweep of SP pre-training / fine-tuning settings across fractions")
+    tn = command(sub, "tune", help="Ray Tune sweep of SP pre-training / fine-tuning settings across fractions")
     tn.add_argument("--config", required=True, help="sweep YAML (see configs/tune/)")
     tn.add_argument("--resume", action="store_true", help="continue the interrupted sweep (Tuner.restore)")
     tn.add_argument("--print-config", action="store_true", help="print the resolved sweep and exit")
     tn.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="sweep overrides, e.g. search.num_samples=8")
 
-    demo = sub.add_parser("demo", help="the whole pipeline on synthetic data, on a local Ray, with a report")
+    demo = command(sub, "demo", help="the whole pipeline on synthetic data, on a local Ray, with a report")
     demo.add_argument("--out", default="runs/demo", help="output folder (report.html and report.md inside)")
     redo = demo.add_mutually_exclusive_group()
     redo.add_argument("--force", action="store_true", help="redo every step even if its output exists")
@@ -194,16 +212,31 @@ def _run_training_command(args: argparse.Namespace, *, pretrain: bool) -> None:
         return
     if not pretrain and cfg.pretrain.enabled:
         raise ConfigError(f"{args.config} is a pre-training config (pretrain.enabled): run it with 'sp-ray pretrain'")
-    from sp_ray.train.ray_train import run_training
-
     work_dir = Path(args.work_dir or Path("work_dirs") / Path(args.config).stem)
-    what = "the pseudo masks of 'sp-ray propose'" if pretrain else "a COCO-format training set"
-    for key in ("train_annotations", "train_images"):
-        if not getattr(cfg.data, key):
-            raise ConfigError(f"data.{key} is empty: set it ({what}) in {args.config} or as data.{key}=PATH")
-    final = run_training(cfg, work_dir, init=args.init, resume=_resume_dir(args, work_dir))
-    hint = f" (fine-tune it with: sp-ray finetune --config FILE --init {final})" if pretrain else ""
-    print(f"final checkpoint: {final}{hint}")
+    final = _train(args, cfg, work_dir, task="finetune", init=args.init)
+    if final is not None:
+        hint = f" (fine-tune it with: sp-ray finetune --config FILE --init {final})" if pretrain else ""
+        print(f"final checkpoint: {final}{hint}")
+
+
+def _train(
+    args: argparse.Namespace, cfg: Config, work_dir: Path, *, task: str, init: str | None = None,
+    images: str | None = None,
+) -> Path | None:
+    """Check everything on the driver, then train in Ray workers; None when a resumed run was already complete."""
+    check_config_values(cfg, task=task)  # before importing torch: a bad value fails in a second
+    from sp_ray.train.preflight import check_training
+
+    resume = _resume_dir(args, work_dir)
+    plan = check_training(cfg, work_dir, task=task, init=init, resume=resume, images=images)
+    if plan.finished and plan.final.exists():
+        key = "ssl.epochs" if task == "ssl" else "train.epochs"
+        print(f"{resume} is at epoch {plan.start_epoch} of {plan.epochs}: the run is complete and its model is "
+              f"{plan.final}; nothing was changed (set {key} above {plan.start_epoch} to train longer)")
+        return None
+    from sp_ray.train.ray_train import run_training  # Ray is imported (seconds) only once the checks pass
+
+    return run_training(cfg, work_dir, init=init, resume=resume, task=task, images=images, checked=plan)
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
@@ -211,11 +244,19 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
 
 def _resume_dir(args: argparse.Namespace, work_dir: Path) -> Path | None:
-    if args.resume is None:
+    from sp_ray.train.checkpoint import is_checkpoint
+
+    if args.resume_from:
+        resume, flag = Path(args.resume_from), f"--resume-from {args.resume_from}"
+    elif args.resume:
+        resume, flag = work_dir / "last", f"--resume (reads {work_dir / 'last'})"
+    else:
         return None
-    resume = Path(args.resume) if args.resume else work_dir / "last"
     if not is_checkpoint(resume):
-        raise FileNotFoundError(f"--resume {resume} is not a checkpoint directory (no model.pt/config.yaml/meta.json)")
+        raise UserError(
+            f"{flag}: {resume} is not a checkpoint directory (no model.pt/config.yaml/meta.json); "
+            "give the WORK_DIR/last of a run (--work-dir names the run's directory), or start without --resume"
+        )
     return resume
 
 
@@ -239,15 +280,30 @@ def cmd_ssl(args: argparse.Namespace) -> None:
     if args.print_config:
         print(dump_config(cfg), end="")
         return
-    from sp_ray.train.ray_train import run_training
-
     work_dir = Path(args.work_dir or Path("work_dirs") / Path(config).stem)
-    final = run_training(cfg, work_dir, resume=_resume_dir(args, work_dir), task="ssl", images=args.images)
-    print(f"backbone weights: {final / 'backbone.pth'} (use as model.backbone_weights)")
+    final = _train(args, cfg, work_dir, task="ssl", images=args.images)
+    if final is not None:
+        print(f"backbone weights: {final / 'backbone.pth'} (use as model.backbone_weights)")
+
+
+def _check_onnx_file(path: str) -> None:
+    """A clear error for a file that is not an ONNX model, before onnxruntime's own."""
+    import onnx
+
+    if not Path(path).is_file():
+        raise UserError(f"--onnx {path} does not exist; export a model with 'sp-ray export'")
+    try:
+        onnx.load_model(path, load_external_data=False)
+    except Exception as err:  # protobuf's DecodeError and friends: the bytes are not an ONNX model
+        first = (str(err).splitlines() or [type(err).__name__])[0][:120]
+        raise UserError(
+            f"--onnx {path} is not an ONNX model ({first}); pass the .onnx file written by 'sp-ray export'"
+        ) from None
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from sp_ray.evaluation.coco_eval import evaluate_checkpoint, evaluate_onnx, format_metrics
+    from sp_ray.train.preflight import check_coco_data, check_output_file
 
     if args.onnx:
         if args.overrides:
@@ -257,7 +313,12 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         default_out = Path(args.checkpoint) / "eval" / "metrics.json"
     out = Path(args.out) if args.out else default_out
     predictions = Path(args.predictions) if args.predictions else out.with_name("predictions.json")
+    # Everything that can fail on the input fails now, not after the evaluation.
+    check_output_file(out, what="--out")
+    check_output_file(predictions, what="--predictions")
+    check_coco_data(args.annotations, args.images, what="--annotations / --images")
     if args.onnx:
+        _check_onnx_file(args.onnx)
         metrics, results = evaluate_onnx(
             args.onnx, annotations=args.annotations, images=args.images,
             providers=None if args.gpu else ["CPUExecutionProvider"], threads=args.threads,
@@ -284,6 +345,9 @@ def _parse_size(text: str) -> tuple[int, int]:
 
 def cmd_export(args: argparse.Namespace) -> None:
     from export.onnx_export import export_checkpoint
+    from sp_ray.train.preflight import check_output_file
+
+    check_output_file(args.out, what="--out")
 
     precision = "fp16" if args.fp16 else "int8" if args.int8 else "fp32"
     result = export_checkpoint(
@@ -337,18 +401,100 @@ COMMANDS = {
 }
 
 
+# Commands whose interruption can be continued with --resume.
+RESUMABLE = ("finetune", "pretrain", "ssl", "tune")
+
+
+def _resume_hint(argv: list[str], args: argparse.Namespace) -> str:
+    """What to run to continue an interrupted command: the same command line with --resume."""
+    from sp_ray.train.checkpoint import is_checkpoint
+
+    if args.command not in RESUMABLE:
+        return "nothing is resumable; run the command again"
+    kept: list[str] = []
+    skip_next = False
+    for token in argv:
+        if skip_next:
+            skip_next = False
+        elif token == "--resume-from":
+            skip_next = True
+        elif token != "--resume" and not token.startswith("--resume-from="):
+            kept.append(token)
+    command = shlex.join(["sp-ray", *kept, "--resume"])
+    if args.command == "tune":
+        return f"continue it with: {command}"
+    config = getattr(args, "config", None) or str(REPO_CONFIGS / "densecl_r50.yaml")
+    work_dir = Path(args.work_dir or Path("work_dirs") / Path(config).stem)
+    if not is_checkpoint(work_dir / "last"):
+        return f"no checkpoint was written in {work_dir} yet; run the same command again to start over"
+    return f"continue it from {work_dir / 'last'} with: {command}"
+
+
+def _one_line(err: BaseException) -> str:
+    """The message of a known error type, with the path of an OSError."""
+    if isinstance(err, OSError) and err.filename is not None and err.strerror:
+        return f"{err.strerror}: {err.filename}; check the path and its permissions"
+    return str(err)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Parse a command line; KEY=VALUE overrides may also follow options (``--resume model.x=1``).
+
+    argparse reads one run of positionals per subcommand, so overrides after an option would be
+    "unrecognized"; they are appended to ``overrides`` in their order instead.
+    """
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    late = [token for token in unknown if "=" in token and not token.startswith("-")]
+    rest = [token for token in unknown if token not in late]
+    if rest or (late and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(rest or late)}")
+    if late:
+        args.overrides = [*args.overrides, *late]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one ``sp-ray`` command; the return value is the exit status.
+
+    The one error boundary: a known error type (``UserError`` and ``ConfigError``, ``ValueError``,
+    ``FileNotFoundError`` and the other ``OSError`` of a path) is printed as one line naming the thing
+    and what to do, exit 2; ``--debug`` or ``SP_RAY_DEBUG=1`` shows the traceback instead. Ctrl-C
+    (SIGINT) prints the command that continues the run and exits 130.
+    """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    debug = getattr(args, "debug", False) or os.environ.get("SP_RAY_DEBUG", "") not in ("", "0")
+    interrupted = False
+
+    def on_sigint(signum: int, frame: object) -> None:
+        # Ray may turn the KeyboardInterrupt into an error of its own; the flag says what happened.
+        nonlocal interrupted
+        interrupted = True
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_sigint) if _main_thread() else None
     try:
         COMMANDS[args.command](args)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
-        # Bad input is reported as one line; SP_RAY_DEBUG=1 shows the traceback instead.
-        if os.environ.get("SP_RAY_DEBUG"):
+    except BaseException as err:
+        if interrupted or isinstance(err, KeyboardInterrupt):
+            print(f"sp-ray {args.command}: interrupted; {_resume_hint(argv, args)}", file=sys.stderr)
+            return 130
+        if debug or not isinstance(err, (UserError, ValueError, OSError)):
             raise
-        print(f"sp-ray {args.command}: error: {err}", file=sys.stderr)
+        print(f"sp-ray {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
     return 0
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 if __name__ == "__main__":

@@ -12,20 +12,24 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import re
 import types
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
 
+from sp_ray.errors import UserError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
-    """A config file or override that does not fit the schema."""
+class ConfigError(UserError):
+    """A config file or override that does not fit the schema, or a value out of its range."""
 
 
 class _YamlLoader(yaml.SafeLoader):
@@ -114,6 +118,9 @@ class DataConfig:
     train_scale_range: list[float] = field(default_factory=lambda: [1.0, 1.0])  # multi-scale jitter of both sizes
     size_divisor: int = 32
     num_workers: int = 2  # DataLoader worker processes per training process
+    # Images with more pixels (H x W) are skipped and counted by every reader (datasets, evaluate,
+    # propose); PIL's decompression-bomb threshold, export.geometry.MAX_IMAGE_PIXELS (about 9459 x 9459).
+    max_image_pixels: int = 89_478_485
 
 
 @dataclass
@@ -377,7 +384,15 @@ def _parse_override(item: str, schema: type) -> dict[str, Any]:
     key, sep, raw = item.partition("=")
     if not sep or not key:
         raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. model.num_kernels=16")
-    nested: Any = _safe_load(raw) if raw.strip() else ""
+    try:
+        nested: Any = _safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        # A tag such as !!python/object is refused by the safe loader; say so in one line.
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(
+            f"override {item!r}: the value is not a plain YAML scalar or list ({problem}); "
+            "write numbers, strings, true/false, null or [a, b] (quote a string that starts with ! or &)"
+        ) from None
     for part in reversed(key.split(".")):
         nested = {part: nested}
     _check_tree(nested, schema, source=f"override {item!r}")
@@ -511,3 +526,146 @@ def _build(schema: type, data: dict[str, Any], prefix: str) -> Any:
         else:
             kwargs[key] = value
     return schema(**kwargs)
+
+
+# Value ranges of the keys a training command reads, checked on the driver before any worker starts
+# (``check_config_values``). A bound is (lowest, highest, lowest_included); None means unbounded.
+_Bound = tuple[float | None, float | None, bool]
+_POSITIVE: _Bound = (0, None, False)
+_NON_NEGATIVE: _Bound = (0, None, True)
+_AT_LEAST_ONE: _Bound = (1, None, True)
+_PROBABILITY: _Bound = (0, 1, True)
+_COMMON_RANGES: dict[str, _Bound] = {
+    "train.num_workers": _AT_LEAST_ONE,
+    "train.max_failures": (-1, None, True),  # -1: retry without limit, as Ray's FailureConfig
+    "train.checkpoints_to_keep": _AT_LEAST_ONE,
+    "train.checkpoint_interval": _NON_NEGATIVE,
+    "train.log_interval": _NON_NEGATIVE,
+    "data.num_workers": _NON_NEGATIVE,
+    "data.max_image_pixels": _AT_LEAST_ONE,
+    "model.frozen_stages": (-1, 4, True),
+}
+_FIT_RANGES: dict[str, _Bound] = {
+    "train.epochs": _AT_LEAST_ONE,
+    "train.batch_size": _AT_LEAST_ONE,
+    "train.lr": _POSITIVE,
+    "train.weight_decay": _NON_NEGATIVE,
+    "train.backbone_lr_mult": _NON_NEGATIVE,
+    "train.norm_decay_mult": _NON_NEGATIVE,
+    "train.embed_decay_mult": _NON_NEGATIVE,
+    "train.grad_clip": _NON_NEGATIVE,
+    "train.lr_gamma": _POSITIVE,
+    "train.warmup_iters": _NON_NEGATIVE,
+    "train.warmup_ratio": (0, 1, False),
+    "train.eval_interval": _NON_NEGATIVE,
+    "train.base_batch_size": _NON_NEGATIVE,
+    "data.max_size": _AT_LEAST_ONE,
+    "data.short_size": _AT_LEAST_ONE,
+    "data.size_divisor": _AT_LEAST_ONE,
+    "data.flip_prob": _PROBABILITY,
+    "eval.topk": _AT_LEAST_ONE,
+    "eval.batch_size": _AT_LEAST_ONE,
+    "eval.mask_threshold": _PROBABILITY,
+    "eval.score_threshold": _PROBABILITY,
+    "model.num_classes": _NON_NEGATIVE,
+    "model.num_kernels": _AT_LEAST_ONE,
+    "model.num_stages": _AT_LEAST_ONE,
+    "model.feat_channels": _AT_LEAST_ONE,
+    "model.ffn_channels": _AT_LEAST_ONE,
+    "model.num_heads": _AT_LEAST_ONE,
+}
+_SSL_RANGES: dict[str, _Bound] = {
+    "ssl.epochs": _AT_LEAST_ONE,
+    "ssl.batch_size": _AT_LEAST_ONE,
+    "ssl.lr": _POSITIVE,
+    "ssl.base_batch_size": _AT_LEAST_ONE,
+    "ssl.sgd_momentum": _PROBABILITY,
+    "ssl.weight_decay": _NON_NEGATIVE,
+    "ssl.temperature": _POSITIVE,
+    "ssl.loss_lambda": _PROBABILITY,
+    "ssl.queue_size": _AT_LEAST_ONE,
+    "ssl.momentum": _PROBABILITY,
+    "ssl.proj_dim": _AT_LEAST_ONE,
+    "ssl.hidden_dim": _AT_LEAST_ONE,
+    "ssl.image_size": _AT_LEAST_ONE,
+    "ssl.crop_scale_min": (0, 1, False),
+    "ssl.jitter_prob": _PROBABILITY,
+    "ssl.grayscale_prob": _PROBABILITY,
+    "ssl.blur_prob": _PROBABILITY,
+    "ssl.flip_prob": _PROBABILITY,
+}
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "train.placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
+    "train.lr_schedule": ("step", "cosine"),
+    "loss.mask_loss": ("full", "weak"),
+}
+_DEPTHS = (18, 34, 50)
+TRAINING_TASKS = ("finetune", "pretrain", "ssl")
+
+
+def _get_dotted(cfg: Config, dotted: str) -> Any:
+    section, key = dotted.split(".")
+    return getattr(getattr(cfg, section), key)
+
+
+def _non_finite(value: Any, dotted: str) -> Iterator[tuple[str, Any]]:
+    if isinstance(value, float) and not math.isfinite(value):
+        yield dotted, value
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _non_finite(item, f"{dotted}[{index}]")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _non_finite(item, f"{dotted}.{key}")
+
+
+def _range_text(bound: _Bound) -> str:
+    low, high, low_included = bound
+    if high is None:
+        return f"{'>=' if low_included else '>'} {low:g}"
+    return f"in [{low:g}, {high:g}]" if low_included else f"in ({low:g}, {high:g}]"
+
+
+def check_config_values(cfg: Config, *, task: str) -> None:
+    """Check the values a command will use, so that a bad one fails before any Ray worker starts.
+
+    Every float of the config must be finite; the keys of ``task`` must lie in their ranges (sizes and
+    epochs positive, probabilities in [0, 1], ...) and the named choices be known.
+
+    Args:
+        cfg: the resolved config.
+        task: "finetune" or "pretrain" (the ``fit`` loop), or "ssl" (DenseCL).
+
+    Raises:
+        ConfigError: the first bad value, naming the dotted key, its value and the allowed range.
+    """
+    if task not in TRAINING_TASKS:
+        raise ValueError(f"task must be one of {TRAINING_TASKS}, got {task!r}")
+    for section in dataclasses.fields(cfg):
+        for item in dataclasses.fields(getattr(cfg, section.name)):
+            dotted = f"{section.name}.{item.name}"
+            for where, value in _non_finite(_get_dotted(cfg, dotted), dotted):
+                raise ConfigError(f"{where} is {value}: it must be a finite number; set {where}=VALUE")
+    ranges = {**_COMMON_RANGES, **(_SSL_RANGES if task == "ssl" else _FIT_RANGES)}
+    for dotted, bound in ranges.items():
+        value = _get_dotted(cfg, dotted)
+        low, high, low_included = bound
+        below = low is not None and (value < low if low_included else value <= low)
+        if below or (high is not None and value > high):
+            raise ConfigError(f"{dotted} is {value!r}: it must be {_range_text(bound)}; set {dotted}=VALUE")
+    for dotted, choices in _CHOICES.items():
+        if task == "ssl" and not dotted.startswith("train."):
+            continue
+        value = _get_dotted(cfg, dotted)
+        if value not in choices:
+            raise ConfigError(f"{dotted} is {value!r}: it must be one of {', '.join(choices)}")
+    if cfg.model.depth not in _DEPTHS:
+        raise ConfigError(f"model.depth is {cfg.model.depth!r}: ResNet depths are {', '.join(map(str, _DEPTHS))}")
+    if task != "ssl":
+        scale = cfg.data.train_scale_range
+        if len(scale) != 2 or not 0 < scale[0] <= scale[1]:
+            raise ConfigError(
+                f"data.train_scale_range is {scale!r}: it must be [low, high] with 0 < low <= high, e.g. [0.8, 1.2]"
+            )
+        if any(epoch < 0 for epoch in cfg.train.lr_steps):
+            raise ConfigError(f"train.lr_steps is {cfg.train.lr_steps!r}: epochs must be >= 0")

@@ -7,6 +7,7 @@ from sp_ray.config import (
     Config,
     ConfigError,
     apply_overrides,
+    check_config_values,
     config_from_dict,
     config_hash,
     config_to_dict,
@@ -108,7 +109,10 @@ def test_shipped_configs_load(path):
 
         load_sweep(path)  # a sweep file: its own schema, plus the run configs it names
         return
-    load_config(path)
+    cfg = load_config(path)
+    # The driver's range checks accept every shipped config, for either training loop.
+    check_config_values(cfg, task="finetune")
+    check_config_values(cfg, task="ssl")
 
 
 def test_print_config(capsys):
@@ -123,3 +127,24 @@ def test_cli_reports_config_errors(capsys):
     code = main(["finetune", "--config", str(CONFIGS / "demo" / "knet_tiny_synthetic.yaml"), "model.nope=1"])
     assert code == 2
     assert "model.nope" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override, task, match", [
+    ("train.lr=.inf", "finetune", r"train\.lr is inf: it must be a finite number"),
+    ("data.train_scale_range=[1.2, 0.8]", "finetune", r"data\.train_scale_range .* 0 < low <= high"),
+    ("ssl.queue_size=0", "ssl", r"ssl\.queue_size is 0: it must be >= 1"),
+    ("ssl.crop_scale_min=0", "ssl", r"ssl\.crop_scale_min is 0\.0: it must be in \(0, 1\]"),
+    ("model.depth=19", "ssl", r"model\.depth is 19: ResNet depths are 18, 34, 50"),
+    ("loss.mask_loss=weakest", "finetune", r"loss\.mask_loss is 'weakest': it must be one of full, weak"),
+])
+def test_value_checks_name_the_key_and_the_range(override, task, match):
+    with pytest.raises(ConfigError, match=match):
+        check_config_values(apply_overrides(Config(), [override]), task=task)
+
+
+def test_value_checks_are_per_task():
+    # DenseCL does not read train.epochs, so an ssl run does not reject it; fine-tuning does.
+    cfg = apply_overrides(Config(), ["train.epochs=0"])
+    check_config_values(cfg, task="ssl")
+    with pytest.raises(ConfigError, match=r"train\.epochs is 0"):
+        check_config_values(cfg, task="finetune")

@@ -9,7 +9,7 @@ import math
 import re
 import warnings
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +20,15 @@ from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
-from sp_ray.data.images import displayed_size, load_image_rgb
+from export.geometry import MAX_IMAGE_PIXELS
+from sp_ray.data.images import TOO_LARGE, UNREADABLE, UnusableImageError, displayed_size, load_image_rgb
 from sp_ray.data.transforms import mask_boxes
 from sp_ray.types import Target
 
-# Skip reasons: the keys of `CocoInstanceDataset.skipped`.
-MISSING_IMAGE = "missing or unreadable image file"
+# Skip reasons: the keys of `CocoInstanceDataset.skipped`. The two image rules are those of every
+# sp-ray image reader (`sp_ray.data.images`).
+MISSING_IMAGE = UNREADABLE
+IMAGE_TOO_LARGE = TOO_LARGE
 SIZE_MISMATCH = "image size differs from json width/height"
 ON_SKIPPED_IMAGE = "on a skipped image"
 UNKNOWN_IMAGE = "unknown image id"
@@ -119,23 +122,26 @@ class CocoInstanceDataset(Dataset):
     """Images and instance masks of a COCO instance-segmentation json.
 
     Categories sorted by id become contiguous labels 0..C-1. Crowd regions (``iscrowd=1``) are
-    not training targets; COCOeval reads them from the json. Bad input is skipped and counted in
-    ``skipped`` (reason -> count), and one `DatasetSkipWarning` per dataset (Python ``warnings``)
-    lists each reason with its count and examples:
+    not training targets; they are kept for COCOeval as ignore regions (``coco_ground_truth``). Bad
+    input is skipped and counted in ``skipped`` (reason -> count), and one `DatasetSkipWarning` per
+    dataset (Python ``warnings``) lists each reason with its count and examples:
 
-    - an image file that is missing or whose header PIL cannot read, or whose displayed size
-      (after EXIF orientation) differs from the json width/height: the image is removed, with
-      its annotations (counted as "on a skipped image");
-    - an annotation whose image id or category id is unknown, whose segmentation is empty,
-      degenerate (no polygon with >= 3 points, area 0) or malformed, or whose json bbox has a
-      non-positive width/height or lies outside the image.
+    - an image file that is missing or whose header PIL cannot read, that is larger than
+      ``max_image_pixels`` (PIL's decompression-bomb case included), or whose displayed size (after
+      EXIF orientation) differs from the json width/height: the image is removed, with its
+      annotations (counted as "on a skipped image");
+    - an annotation (crowd regions included) whose image id or category id is unknown, whose
+      segmentation is empty, degenerate (no polygon with >= 3 points, area 0) or malformed, or whose
+      json bbox has a non-positive width/height or lies outside the image.
 
     With ``extra_per_annotation`` (SP pre-training: ``prompts.npy`` of ``sp-ray propose``), row
     ``id - 1`` belongs to annotation ``id`` and rides along with its instance as ``target["queries"]``,
     dropped with it when the instance is skipped or vanishes in the transforms.
 
-    An image that passes the header check but fails to decode in ``__getitem__`` raises an
-    error naming the file.
+    An image that passes the header check but does not decode (a truncated JPEG) is found only when
+    it is read: ``load`` / ``read_image`` raise `UnusableImageError` and record it in ``unreadable``
+    (counted in ``skipped`` once, with a `DatasetSkipWarning`); ``__getitem__``, which training's
+    loader calls, then returns the next image that decodes instead, so an epoch goes on.
 
     Attributes:
         class_names: category names by label.
@@ -144,7 +150,11 @@ class CocoInstanceDataset(Dataset):
         image_ids: COCO image ids of the kept images, ascending; item i is ``image_ids[i]``.
         coco: the pycocotools ``COCO`` index of the whole json.
         skipped: Counter of skip reasons (``"instance empty after resize"`` is counted per
-            ``__getitem__`` call, in the process that runs it).
+            ``__getitem__`` call, images that fail to decode once, in the process that reads them).
+        skipped_images: the image reasons of ``skipped``, Counter.
+        skipped_annotations: the annotation reasons of ``skipped``, Counter.
+        unreadable: image id -> reason of each kept image that failed to decode when read.
+        max_image_pixels: images with more pixels (H x W) are skipped.
     """
 
     def __init__(
@@ -154,10 +164,14 @@ class CocoInstanceDataset(Dataset):
         *,
         transforms: Callable[[tv_tensors.Image, Target], tuple[tv_tensors.Image, Target]] | None = None,
         extra_per_annotation: np.ndarray | None = None,
+        max_image_pixels: int = MAX_IMAGE_PIXELS,
     ) -> None:
         self.annotations_path = Path(annotations)
         self.image_dir = Path(images)
         self.transforms = transforms
+        if max_image_pixels < 1:
+            raise ValueError(f"max_image_pixels (data.max_image_pixels) must be >= 1, got {max_image_pixels}")
+        self.max_image_pixels = max_image_pixels
         data = read_coco_json(self.annotations_path)
         self.coco = COCO()
         self.coco.dataset = data
@@ -189,26 +203,32 @@ class CocoInstanceDataset(Dataset):
         self.image_ids: list[int] = sorted(kept)
 
         self._instances: dict[int, list[dict[str, Any]]] = {image_id: [] for image_id in self.image_ids}
+        self._crowd: dict[int, list[dict[str, Any]]] = {image_id: [] for image_id in self.image_ids}
+        self._annotation_counts: Counter[int] = Counter()
         for ann in data["annotations"]:
             image = self.coco.imgs.get(ann["image_id"])
             if image is None:
                 skip(annotation_skips, UNKNOWN_IMAGE, f"annotation id {ann['id']}")
-            elif ann["image_id"] not in kept:
-                skip(annotation_skips, ON_SKIPPED_IMAGE, f"annotation id {ann['id']}")
-            elif ann.get("iscrowd", 0):
                 continue
+            if ann["image_id"] not in kept:
+                skip(annotation_skips, ON_SKIPPED_IMAGE, f"annotation id {ann['id']}")
+                continue
+            self._annotation_counts[ann["image_id"]] += 1
+            reason = self._annotation_problem(ann, image)
+            if reason is not None:
+                skip(annotation_skips, reason, f"annotation id {ann['id']}")
+            elif ann.get("iscrowd", 0):
+                self._crowd[ann["image_id"]].append(ann)
             else:
-                reason = self._annotation_problem(ann, image)
-                if reason is None:
-                    self._instances[ann["image_id"]].append(ann)
-                else:
-                    skip(annotation_skips, reason, f"annotation id {ann['id']}")
+                self._instances[ann["image_id"]].append(ann)
 
         self.extra_per_annotation = extra_per_annotation
         if extra_per_annotation is not None:
             self._check_extra(extra_per_annotation)
         self.skipped.update(image_skips)
         self.skipped.update(annotation_skips)
+        self.skipped_images, self.skipped_annotations = image_skips, annotation_skips
+        self.unreadable: dict[int, str] = {}
         if self.skipped:
             warnings.warn(
                 f"{self.annotations_path.name}: skipped "
@@ -224,6 +244,61 @@ class CocoInstanceDataset(Dataset):
         return len(self.image_ids)
 
     def __getitem__(self, index: int) -> tuple[tv_tensors.Image, Target]:
+        """``load(index)``, or the next item that decodes when this image does not (training goes on).
+
+        Raises:
+            UnusableImageError: none of the images decodes.
+        """
+        for offset in range(len(self)):
+            try:
+                return self.load((index + offset) % len(self))
+            except UnusableImageError:
+                continue  # recorded, counted and warned about by read_image
+        raise UnusableImageError(
+            self.image_dir, UNREADABLE,
+            f"none of the {len(self)} images of {self.annotations_path} under {self.image_dir} decodes "
+            f"(e.g. {self.image_dir / self.coco.imgs[self.image_ids[index]]['file_name']})",
+        )  # fmt: skip
+
+    def read_image(self, index: int) -> np.ndarray:
+        """The decoded pixels of item ``index``: uint8 [H0, W0, 3] as displayed.
+
+        Raises:
+            UnusableImageError: the file no longer reads or does not decode; the image is recorded in
+                ``unreadable`` and, the first time, counted in ``skipped`` with its annotations and
+                reported with a `DatasetSkipWarning`.
+            ValueError: the decoded size differs from the json's height / width.
+        """
+        image_id = self.image_ids[index]
+        info = self.coco.imgs[image_id]
+        path = self.image_dir / info["file_name"]
+        try:
+            pixels = load_image_rgb(path, max_pixels=self.max_image_pixels)
+        except UnusableImageError as err:
+            if image_id not in self.unreadable:
+                self.unreadable[image_id] = err.reason
+                self.skipped_images[err.reason] += 1
+                self.skipped[err.reason] += 1
+                lost = self._annotation_counts[image_id]
+                if lost:
+                    self.skipped_annotations[ON_SKIPPED_IMAGE] += lost
+                    self.skipped[ON_SKIPPED_IMAGE] += lost
+                warnings.warn(
+                    f"{self.annotations_path.name}: skipped image id {image_id} ({err.reason}: {err}) with its "
+                    f"{lost} annotations; {len(self.unreadable)} image(s) failed to decode so far",
+                    DatasetSkipWarning,
+                    stacklevel=2,
+                )
+            raise
+        height, width = info["height"], info["width"]
+        if pixels.shape[:2] != (height, width):
+            raise ValueError(
+                f"{path}: decoded image is {pixels.shape[0]}x{pixels.shape[1]} (HxW, after EXIF orientation) "
+                f"but {self.annotations_path} says {height}x{width}; fix the json height/width or the image"
+            )
+        return pixels
+
+    def load(self, index: int) -> tuple[tv_tensors.Image, Target]:
         """One image and its instances.
 
         Args:
@@ -236,26 +311,18 @@ class CocoInstanceDataset(Dataset):
             orig_size (H0, W0) as in the json, image_size (H, W) after ``transforms``; with
             ``extra_per_annotation`` also queries float32 [K, C]. Instances whose mask the
             transforms emptied are dropped.
+
+        Raises:
+            UnusableImageError: the image does not decode (see ``read_image``).
         """
+        pixels = self.read_image(index)
         image_id = self.image_ids[index]
         info = self.coco.imgs[image_id]
         path = self.image_dir / info["file_name"]
-        pixels = load_image_rgb(path)
         height, width = info["height"], info["width"]
-        if pixels.shape[:2] != (height, width):
-            raise ValueError(
-                f"{path}: decoded image is {pixels.shape[0]}x{pixels.shape[1]} (HxW, after EXIF orientation) "
-                f"but {self.annotations_path} says {height}x{width}; fix the json height/width or the image"
-            )
         anns = self._instances[image_id]
         if anns:
-            rles = [_segmentation_rle(ann["segmentation"], height, width) for ann in anns]
-            for ann, rle in zip(anns, rles, strict=True):
-                if isinstance(rle["counts"], str) and _rle_string_total(rle["counts"]) != height * width:
-                    raise ValueError(
-                        f"{self.annotations_path}: annotation id {ann['id']} (image {path}) has a compressed "
-                        f"RLE whose runs do not cover the {height}x{width} image; fix or remove it"
-                    )
+            rles = [self._checked_rle(ann, height, width, path) for ann in anns]
             decoded = mask_utils.decode(rles)  # (H, W, K)
             masks = torch.from_numpy(np.ascontiguousarray(decoded.transpose(2, 0, 1)) > 0)
         else:
@@ -290,6 +357,66 @@ class CocoInstanceDataset(Dataset):
                 target["queries"] = target["queries"][nonempty]
         return image, target
 
+    def coco_ground_truth(self, image_ids: Sequence[int] | None = None) -> COCO:
+        """The ground truth COCOeval scores against, by this dataset's rules (one rule, not two).
+
+        Holds the images ``image_ids`` (default: every kept image that has not failed to decode), their
+        annotations that are training targets and their valid crowd regions (ignore regions), each
+        segmentation replaced by the RLE this dataset decodes (an annotation's degenerate polygons
+        dropped, as for training), with ``area``, ``bbox`` and ``iscrowd`` taken from the json when
+        valid and from the mask otherwise. What the dataset skips is not ground truth either: COCOeval
+        on the raw json fails on a 2-point polygon (``TypeError: Argument 'bb'``), and an image that is
+        not predicted must not count its objects as missed.
+
+        Args:
+            image_ids: COCO image ids, a subset of ``image_ids``.
+
+        Returns:
+            a pycocotools ``COCO`` index with ``images``, ``annotations`` and ``categories``.
+
+        Raises:
+            ValueError: an id that is not a kept image, or a compressed RLE whose runs do not cover its
+                image (the error ``load`` gives for it).
+        """
+        ids = [i for i in self.image_ids if i not in self.unreadable] if image_ids is None else list(image_ids)
+        unknown = sorted(set(ids) - set(self._instances))
+        if unknown:
+            raise ValueError(f"coco_ground_truth: image ids {unknown[:5]} are not kept images of this dataset")
+        annotations = []
+        for image_id in ids:
+            info = self.coco.imgs[image_id]
+            height, width = info["height"], info["width"]
+            for ann in self._instances[image_id] + self._crowd[image_id]:
+                rle = self._checked_rle(ann, height, width, self.image_dir / info["file_name"])
+                area = ann.get("area")
+                if not (_is_finite_number(area) and area >= 0):
+                    area = float(mask_utils.area(rle))
+                bbox = ann.get("bbox")
+                if bbox is None:
+                    bbox = [float(v) for v in mask_utils.toBbox(rle)]
+                annotations.append({**ann, "segmentation": rle, "area": area, "bbox": bbox,
+                                    "iscrowd": int(bool(ann.get("iscrowd", 0)))})
+        coco = COCO()
+        coco.dataset = {
+            "images": [self.coco.imgs[image_id] for image_id in ids],
+            "annotations": annotations,
+            "categories": self.coco.dataset["categories"],
+        }
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco.createIndex()
+        return coco
+
+    def _checked_rle(self, ann: dict[str, Any], height: int, width: int, path: Path) -> dict[str, Any]:
+        """The RLE of an annotation that passed ``_annotation_problem``, with its runs' total checked."""
+        rle = _segmentation_rle(ann["segmentation"], height, width)
+        # Checked here, not for every annotation at start-up: summing the runs of a string is slow.
+        if isinstance(rle["counts"], str) and _rle_string_total(rle["counts"]) != height * width:
+            raise ValueError(
+                f"{self.annotations_path}: annotation id {ann['id']} (image {path}) has a compressed "
+                f"RLE whose runs do not cover the {height}x{width} image; fix or remove it"
+            )
+        return rle
+
     def _check_extra(self, extra: np.ndarray) -> None:
         if extra.ndim != 2:
             raise ValueError(
@@ -307,9 +434,9 @@ class CocoInstanceDataset(Dataset):
 
     def _image_problem(self, image: dict[str, Any]) -> str | None:
         try:
-            size = displayed_size(self.image_dir / image["file_name"])
-        except OSError:
-            return MISSING_IMAGE
+            size = displayed_size(self.image_dir / image["file_name"], max_pixels=self.max_image_pixels)
+        except UnusableImageError as err:
+            return err.reason
         if size != (image["height"], image["width"]):
             return SIZE_MISMATCH
         return None

@@ -1,11 +1,25 @@
-"""Image decoding: any file PIL reads -> RGB uint8 as displayed (EXIF orientation applied)."""
+"""Image decoding: any file PIL reads -> RGB uint8 as displayed (EXIF orientation applied).
+
+One rule decides which image files sp-ray skips rather than fails on, in every reader (the
+training and evaluation datasets, ``sp-ray evaluate --onnx``, ``sp-ray propose``, the DenseCL
+images): ``load_image_rgb`` and ``displayed_size`` raise ``UnusableImageError``, whose ``reason`` is
+the key the caller counts under, when a file is missing or does not decode (``UNREADABLE``: a
+truncated JPEG, a text file named .png) or holds more pixels than the limit (``TOO_LARGE``). PIL's
+decompression-bomb guard is the same limit seen from PIL: its error becomes ``TOO_LARGE`` and its
+warning is not raised, since the limit (``export.geometry.MAX_IMAGE_PIXELS`` by default, PIL's own
+threshold) is checked on the header before any pixel is decoded.
+"""
 
 from __future__ import annotations
 
+import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps
+
+from export.geometry import MAX_IMAGE_PIXELS
 
 # Orientations 5..8 swap width and height (the image is transposed or rotated by 90 degrees).
 _TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}
@@ -13,8 +27,71 @@ _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
+# Skip reasons: the ``reason`` of an `UnusableImageError`, counted under these names by every reader.
+UNREADABLE = "missing or unreadable image file"
+TOO_LARGE = "image larger than max_image_pixels"
 
-def load_image_rgb(path: str | Path) -> np.ndarray:
+# warnings.catch_warnings swaps the process-wide filter list; reader threads (propose decodes in a
+# pool) must not interleave their swaps, or a filter is restored wrongly. Only the header is read
+# under the lock: decoding runs in parallel.
+_OPEN_LOCK = threading.Lock()
+
+
+class UnusableImageError(OSError):
+    """An image file that readers skip and count instead of failing on.
+
+    Attributes:
+        path: the file.
+        reason: ``UNREADABLE`` or ``TOO_LARGE``, the key the caller counts the skip under.
+    """
+
+    def __init__(self, path: str | Path, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.path = Path(path)
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[type, tuple[Path, str, str]]:
+        # Crosses process boundaries (DataLoader workers, Ray actors) with all three arguments.
+        return type(self), (self.path, self.reason, str(self))
+
+
+def _too_large(path: Path, height: int, width: int, max_pixels: int) -> UnusableImageError:
+    return UnusableImageError(
+        path, TOO_LARGE,
+        f"image {path} is {height}x{width} (HxW), {height * width:,} pixels, more than max_image_pixels = "
+        f"{max_pixels:,}; downscale it, or raise the limit (data.max_image_pixels) if the machine has the memory",
+    )  # fmt: skip
+
+
+def _pil_refused(path: Path, err: Exception, max_pixels: int) -> UnusableImageError:
+    # PIL refuses images above twice its MAX_IMAGE_PIXELS; below our limit only if the limit was raised.
+    pil_limit = 2 * (Image.MAX_IMAGE_PIXELS or 0)
+    hint = "; to read images this large raise PIL.Image.MAX_IMAGE_PIXELS too" if max_pixels >= pil_limit else ""
+    return UnusableImageError(
+        path, TOO_LARGE,
+        f"image {path} is larger than max_image_pixels = {max_pixels:,} (PIL: {err}); downscale it{hint}",
+    )  # fmt: skip
+
+
+def _open(path: Path, max_pixels: int) -> Image.Image:
+    """Open an image (header only) and apply the pixel limit; raises `UnusableImageError`."""
+    try:
+        with _OPEN_LOCK, warnings.catch_warnings():
+            # The limit below decides; PIL's warning for the same images would only repeat it.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
+    except Image.DecompressionBombError as err:
+        raise _pil_refused(path, err, max_pixels) from err
+    except (OSError, ValueError, SyntaxError) as err:
+        raise UnusableImageError(path, UNREADABLE, f"cannot read image {path}: {err}") from err
+    width, height = image.size
+    if width * height > max_pixels:
+        image.close()
+        raise _too_large(path, height, width, max_pixels)
+    return image
+
+
+def load_image_rgb(path: str | Path, *, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
     """Decode an image file to RGB uint8 in display orientation.
 
     Grayscale, palette, RGBA (alpha dropped), CMYK and YCbCr go through PIL's conversion.
@@ -25,23 +102,27 @@ def load_image_rgb(path: str | Path) -> np.ndarray:
 
     Args:
         path: the image file.
+        max_pixels: images with more pixels (H x W) are refused before decoding.
 
     Returns:
         uint8 array [H, W, 3].
 
     Raises:
-        OSError: the file is missing or PIL cannot decode it (the message names the file).
+        UnusableImageError (an OSError): the file is missing or PIL cannot decode it (reason
+            ``UNREADABLE``), or it is larger than ``max_pixels`` (``TOO_LARGE``); the message names the file.
     """
     path = Path(path)
+    image = _open(path, max_pixels)
     try:
-        with Image.open(path) as opened:
-            image = ImageOps.exif_transpose(opened)
+        with image:
+            return _to_rgb_uint8(ImageOps.exif_transpose(image))
+    except Image.DecompressionBombError as err:  # raised by a few formats while decoding frames
+        raise _pil_refused(path, err, max_pixels) from err
     except (OSError, ValueError, SyntaxError) as err:
-        raise OSError(f"cannot decode image {path}: {err}") from err
-    return _to_rgb_uint8(image)
+        raise UnusableImageError(path, UNREADABLE, f"cannot decode image {path}: {err}") from err
 
 
-def displayed_size(path: str | Path) -> tuple[int, int]:
+def displayed_size(path: str | Path, *, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[int, int]:
     """Size of an image as displayed, read from the file header without decoding the pixels.
 
     PNG files keep EXIF either before or after the pixel data; only the former is visible from the
@@ -50,16 +131,19 @@ def displayed_size(path: str | Path) -> tuple[int, int]:
 
     Args:
         path: the image file.
+        max_pixels: images with more pixels (H x W) are refused.
 
     Returns:
         (H, W) after applying the EXIF orientation.
 
     Raises:
-        OSError: the file is missing or its header is not an image PIL reads.
+        UnusableImageError (an OSError): the file is missing, its header is not an image PIL reads
+            (reason ``UNREADABLE``), or it is larger than ``max_pixels`` (``TOO_LARGE``).
     """
     path = Path(path)
+    image = _open(path, max_pixels)
     try:
-        with Image.open(path) as image:
+        with image:
             width, height = image.size
             if image.format == "PNG" and "exif" not in image.info:
                 # PngImageFile.getexif() decodes the whole image to look for a late eXIf chunk.
@@ -67,7 +151,7 @@ def displayed_size(path: str | Path) -> tuple[int, int]:
             else:
                 orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
     except (OSError, ValueError, SyntaxError) as err:
-        raise OSError(f"cannot read image header of {path}: {err}") from err
+        raise UnusableImageError(path, UNREADABLE, f"cannot read image header of {path}: {err}") from err
     if orientation in _TRANSPOSING_ORIENTATIONS:
         return width, height
     return height, width

@@ -1,10 +1,18 @@
-"""COCO AP (segm and bbox) of a model's predictions with pycocotools COCOeval."""
+"""COCO AP (segm and bbox) of a model's predictions with pycocotools COCOeval.
+
+What is evaluated follows the dataset's rules (``CocoInstanceDataset``): images it skips (missing,
+unreadable, truncated, larger than ``data.max_image_pixels``, a size that differs from the json) are
+left out of the evaluated set, with their ground truth, instead of counting their objects as missed;
+annotations it skips (a 2-point polygon, an empty mask, a box outside the image, ...) are not ground
+truth. The metrics carry the counts (``metrics["skipped"]``) and a `DatasetSkipWarning` the reasons.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import io
 import logging
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -14,10 +22,10 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import nn
-from torch.utils.data import DataLoader
 
 from sp_ray.config import Config, apply_overrides
-from sp_ray.data.coco import CocoInstanceDataset
+from sp_ray.data.coco import CocoInstanceDataset, DatasetSkipWarning
+from sp_ray.data.images import UnusableImageError
 from sp_ray.data.transforms import build_transforms, collate
 from sp_ray.models import build_model, model_family
 from sp_ray.train.checkpoint import load_checkpoint
@@ -32,28 +40,37 @@ def instances_to_coco(
     image_id: int,
     scores: np.ndarray,
     labels: np.ndarray,
-    masks: np.ndarray,
+    masks: np.ndarray | None,
     boxes: np.ndarray,
     cat_ids: Sequence[int],
+    *,
+    rles: Sequence[dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """One image's instances as COCO result dicts with compressed-RLE masks.
 
     Args:
         image_id: COCO image id.
-        scores: float [k]. labels: int [k], contiguous. masks: bool [k, H0, W0]. boxes: float [k, 4] xyxy.
+        scores: float [k]. labels: int [k], contiguous. boxes: float [k, 4] xyxy.
+        masks: bool [k, H0, W0], encoded one at a time; or None with ``rles``.
         cat_ids: contiguous label -> COCO category id.
+        rles: k COCO RLEs ({"size", "counts"}) already encoded (the runtime's ``rle=True``).
     """
     if len(scores) == 0:
         return []
-    rles = mask_util.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
+    if rles is None:
+        if masks is None:
+            raise ValueError("instances_to_coco needs masks or rles")
+        # One mask at a time: a stacked Fortran-order uint8 copy would be another K x H0 x W0 bytes.
+        rles = [mask_util.encode(np.asfortranarray(mask[:, :, None].astype(np.uint8)))[0] for mask in masks]
     results = []
     for score, label, rle, box in zip(scores, labels, rles, boxes, strict=True):
-        rle["counts"] = rle["counts"].decode("ascii")
+        counts = rle["counts"]
         x0, y0, x1, y1 = (float(v) for v in box)
         results.append({
             "image_id": int(image_id),
             "category_id": int(cat_ids[int(label)]),
-            "segmentation": rle,
+            "segmentation": {"size": [int(v) for v in rle["size"]],
+                             "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts},
             "bbox": [x0, y0, x1 - x0, y1 - y0],
             "score": float(score),
         })
@@ -68,33 +85,74 @@ def predict_coco(
     *,
     device: torch.device,
 ) -> list[dict[str, Any]]:
-    """Run ``model`` over ``dataset`` (built with eval transforms) and return COCO results for every image."""
+    """Run ``model`` over ``dataset`` (built with eval transforms) and return COCO results for every image.
+
+    An image that does not decode is skipped (``dataset.load`` records it in ``dataset.unreadable``);
+    ``evaluation_ground_truth`` then leaves it out of the evaluated set.
+    """
     model.eval()
-    loader = DataLoader(
-        dataset, batch_size=cfg.eval.batch_size, shuffle=False, num_workers=0,
-        collate_fn=lambda batch: collate(batch, size_divisor=cfg.data.size_divisor),
-    )
+    family = model_family(cfg.model.name)
     results: list[dict[str, Any]] = []
-    for images, targets in loader:
-        outputs = model(images.to(device).float())
-        instances = model_family(cfg.model.name).postprocess(
-            outputs,
-            image_sizes=[t["image_size"] for t in targets],
-            orig_sizes=[t["orig_size"] for t in targets],
-            k=cfg.eval.topk,
-            mask_threshold=cfg.eval.mask_threshold,
-            score_threshold=cfg.eval.score_threshold,
-        )
-        for target, inst in zip(targets, instances, strict=True):
-            results.extend(instances_to_coco(
-                target["image_id"],
-                inst["scores"].float().cpu().numpy(),
-                inst["labels"].cpu().numpy(),
-                inst["masks"].cpu().numpy(),
-                inst["boxes"].float().cpu().numpy(),
-                dataset.cat_ids,
-            ))
+    batch: list[tuple[Any, Any]] = []
+    for index in range(len(dataset)):
+        try:
+            batch.append(dataset.load(index))
+        except UnusableImageError:
+            pass
+        if batch and (len(batch) == cfg.eval.batch_size or index == len(dataset) - 1):
+            images, targets = collate(batch, size_divisor=cfg.data.size_divisor)
+            batch = []
+            outputs = model(images.to(device).float())
+            instances = family.postprocess(
+                outputs,
+                image_sizes=[t["image_size"] for t in targets],
+                orig_sizes=[t["orig_size"] for t in targets],
+                k=cfg.eval.topk,
+                mask_threshold=cfg.eval.mask_threshold,
+                score_threshold=cfg.eval.score_threshold,
+            )
+            for target, inst in zip(targets, instances, strict=True):
+                results.extend(instances_to_coco(
+                    target["image_id"],
+                    inst["scores"].float().cpu().numpy(),
+                    inst["labels"].cpu().numpy(),
+                    inst["masks"].cpu().numpy(),
+                    inst["boxes"].float().cpu().numpy(),
+                    dataset.cat_ids,
+                ))
     return results
+
+
+def evaluation_ground_truth(dataset: CocoInstanceDataset) -> tuple[COCO, list[int], dict[str, int]]:
+    """What COCOeval scores against once the predictions are made, and what was left out.
+
+    The evaluated images are the dataset's kept images minus those that failed to decode while
+    predicting; their ground truth is ``dataset.coco_ground_truth`` (the dataset's rules). Images the
+    dataset skipped are not evaluated at all, so their objects are not counted as missed: AP is that
+    of the images the model saw. The counts go into the metrics and the reasons into one
+    `DatasetSkipWarning`.
+
+    Args:
+        dataset: the dataset the predictions were made on, after ``predict_coco`` (or the runtime loop).
+
+    Returns:
+        (ground truth ``COCO``, evaluated image ids, {"images": images left out, "annotations":
+        annotations left out, those of left-out images included}).
+    """
+    image_ids = [i for i in dataset.image_ids if i not in dataset.unreadable]
+    skipped = {"images": sum(dataset.skipped_images.values()),
+               "annotations": sum(dataset.skipped_annotations.values())}
+    if skipped["images"] or skipped["annotations"]:
+        reasons = "; ".join(f"{reason}: {count}" for reason, count in
+                            (dataset.skipped_images + dataset.skipped_annotations).most_common())
+        warnings.warn(
+            f"evaluation on {dataset.annotations_path.name}: {len(image_ids)} images evaluated; left out "
+            f"{skipped['images']} images (with their ground truth) and {skipped['annotations']} annotations "
+            f"({reasons})",
+            DatasetSkipWarning,
+            stacklevel=2,
+        )
+    return dataset.coco_ground_truth(image_ids), image_ids, skipped
 
 
 def coco_metrics(
@@ -140,21 +198,32 @@ def evaluate_model(
     images: str,
     device: torch.device,
 ) -> tuple[dict[str, dict[str, float]], list[dict[str, Any]]]:
-    """Predict on a COCO-format set and score it: returns ``(metrics, coco_results)``."""
+    """Predict on a COCO-format set and score it: returns ``(metrics, coco_results)``.
+
+    ``metrics`` holds ``segm`` and ``bbox`` (``coco_metrics``) and ``skipped`` ({"images": n,
+    "annotations": m}, what the dataset's rules left out of the evaluation; ``evaluation_ground_truth``).
+    """
     dataset = CocoInstanceDataset(
         annotations, images,
         transforms=build_transforms(train=False, max_size=cfg.data.max_size, short_size=cfg.data.short_size),
+        max_image_pixels=cfg.data.max_image_pixels,
     )
     results = predict_coco(model, dataset, cfg, device=device)
-    return coco_metrics(dataset.coco, results, image_ids=dataset.image_ids), results
+    ground_truth, image_ids, skipped = evaluation_ground_truth(dataset)
+    return {**coco_metrics(ground_truth, results, image_ids=image_ids), "skipped": skipped}, results
 
 
 def format_metrics(metrics: dict[str, dict[str, float]]) -> str:
-    """A fixed-width table: one row per IoU type, one column per metric."""
+    """A fixed-width table: one row per IoU type, one column per metric; then what was left out, if anything."""
     header = f"{'':6}" + "".join(f"{name:>8}" for name in METRIC_NAMES)
     rows = [header]
     for iou_type, values in metrics.items():
-        rows.append(f"{iou_type:6}" + "".join(f"{values[name]:8.2f}" for name in METRIC_NAMES))
+        if iou_type != "skipped":
+            rows.append(f"{iou_type:6}" + "".join(f"{values[name]:8.2f}" for name in METRIC_NAMES))
+    skipped = metrics.get("skipped", {})
+    if any(skipped.values()):
+        rows.append(f"not evaluated (bad data, skipped as in training): {skipped['images']} images with their "
+                    f"ground truth, {skipped['annotations']} annotations")
     return "\n".join(rows)
 
 
@@ -183,12 +252,15 @@ def evaluate_onnx(
     images: str,
     providers: Sequence[str] | None = None,
     threads: int | None = None,
+    max_image_pixels: int | None = None,
 ) -> tuple[dict[str, dict[str, float]], list[dict[str, Any]]]:
     """COCO AP of an exported model through the onnxruntime runtime (``export.runtime.Segmenter``).
 
-    Images are decoded as for training (``load_image_rgb``, EXIF orientation applied) and given to the
-    runtime at their original size; resizing, padding, thresholds and category ids come from the
-    model's metadata, so this measures exactly what a deployment computes.
+    Images are decoded as for training (``CocoInstanceDataset.read_image``, EXIF orientation applied)
+    and given to the runtime at their original size; resizing, padding, thresholds and category ids
+    come from the model's metadata, so this measures exactly what a deployment computes. Masks come
+    back as RLE, encoded box by box. Images and annotations the dataset skips are left out as in
+    ``evaluate_model``.
 
     Args:
         onnx_path: the .onnx file written by ``sp-ray export``.
@@ -196,26 +268,37 @@ def evaluate_onnx(
         images: image folder.
         providers: onnxruntime execution providers (None: CUDA when present, else CPU).
         threads: CPU intra-op threads (None: onnxruntime's default).
+        max_image_pixels: larger images are skipped (None: ``export.geometry.MAX_IMAGE_PIXELS``).
 
     Returns:
         ``(metrics, coco_results)`` as ``evaluate_checkpoint``.
     """
+    from export.geometry import MAX_IMAGE_PIXELS
     from export.runtime import Segmenter
-    from sp_ray.data.images import load_image_rgb
 
-    segmenter = Segmenter(onnx_path, providers=providers, threads=threads)
-    dataset = CocoInstanceDataset(annotations, images)
+    limit = MAX_IMAGE_PIXELS if max_image_pixels is None else max_image_pixels
+    segmenter = Segmenter(onnx_path, providers=providers, threads=threads, max_image_pixels=limit)
+    dataset = CocoInstanceDataset(annotations, images, max_image_pixels=limit)
     unknown = sorted(set(segmenter.info.cat_ids) - set(dataset.cat_ids))
     if unknown:
         raise ValueError(f"{onnx_path} predicts category ids {unknown} that {annotations} does not define; "
                          "evaluate on annotations with the categories the model was trained on")
     batch = segmenter.info.batch_size or 1
     results: list[dict[str, Any]] = []
-    for start in range(0, len(dataset.image_ids), batch):
-        ids = dataset.image_ids[start : start + batch]
-        pixels = [load_image_rgb(dataset.image_dir / dataset.coco.imgs[i]["file_name"]) for i in ids]
-        for image_id, found in zip(ids, segmenter.predict_batch(pixels), strict=True):
+    indices = list(range(len(dataset)))
+    for start in range(0, len(indices), batch):
+        ids, pixels = [], []
+        for index in indices[start : start + batch]:
+            try:
+                pixels.append(dataset.read_image(index))
+            except UnusableImageError:
+                continue  # recorded in dataset.unreadable, left out by evaluation_ground_truth
+            ids.append(dataset.image_ids[index])
+        if not pixels:
+            continue
+        for image_id, found in zip(ids, segmenter.predict_batch(pixels, rle=True), strict=True):
             results.extend(instances_to_coco(
-                image_id, found.scores, found.labels, found.masks, found.boxes, segmenter.info.cat_ids,
+                image_id, found.scores, found.labels, None, found.boxes, segmenter.info.cat_ids, rles=found.rles,
             ))
-    return coco_metrics(dataset.coco, results, image_ids=dataset.image_ids), results
+    ground_truth, image_ids, skipped = evaluation_ground_truth(dataset)
+    return {**coco_metrics(ground_truth, results, image_ids=image_ids), "skipped": skipped}, results

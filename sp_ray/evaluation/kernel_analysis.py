@@ -184,8 +184,8 @@ def analyze_kernels(
         use_gpu: run on CUDA.
 
     Returns:
-        Summary: out, images (averaged), skipped (undecodable files, counted and left out), kernels,
-        grid [rows, columns], stage.
+        Summary: out, images (averaged), skipped (unreadable files or images above data.max_image_pixels,
+        counted and left out), kernels, grid [rows, columns], stage.
     """
     if num_images < 1:
         raise ValueError(f"--num-images must be >= 1, got {num_images}")
@@ -197,7 +197,7 @@ def analyze_kernels(
     def decoded() -> Iterable[np.ndarray]:
         for entry in entries:
             try:
-                yield load_image_rgb(entry["path"])
+                yield load_image_rgb(entry["path"], max_pixels=cfg.data.max_image_pixels)
             except OSError as err:
                 skipped.append(entry["path"])
                 log.warning("analyze-kernels: skipping %s", err)

@@ -30,11 +30,11 @@ from torch import Tensor, nn
 from torchvision.models.detection import MaskRCNN as TorchvisionMaskRCNN
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.models.detection.image_list import ImageList
-from torchvision.models.detection.roi_heads import paste_masks_in_image
 from torchvision.ops import FrozenBatchNorm2d
 
 from sp_ray.models.backbone import load_backbone_weights
 from sp_ray.models.knet import IMAGENET_MEAN, IMAGENET_STD, SIZE_DIVISOR
+from sp_ray.models.postprocess import paste_crops, paste_roi_masks
 from sp_ray.types import Target
 
 # torchvision pastes each 28 x 28 mask into its box enlarged by one mask cell on every side.
@@ -211,7 +211,7 @@ def postprocess_maskrcnn(
 
     Boxes are clipped to the valid region and scaled by (W0 / W, H0 / H); each 28 x 28 mask is pasted
     into its scaled box at the original size (torchvision's ``paste_masks_in_image``, one cell of
-    padding) and thresholded.
+    padding) and thresholded, box by box (``sp_ray.models.postprocess.paste_roi_masks``).
 
     Args:
         outputs: ``MaskRCNNDetections`` of a batch of B images.
@@ -239,15 +239,13 @@ def postprocess_maskrcnn(
             [out_w / valid_w, out_h / valid_h, out_w / valid_w, out_h / valid_h]
         )
         probs = outputs["masks"][keep][:k].float()
-        if len(scores):
-            pasted = paste_masks_in_image(probs[:, None], boxes, (out_h, out_w), padding=PASTE_PADDING)[:, 0]
-        else:
-            pasted = probs.new_zeros((0, out_h, out_w))
+        mask_boxes, crops = paste_roi_masks(probs, boxes, orig_size=(out_h, out_w), mask_threshold=mask_threshold,
+                                            padding=PASTE_PADDING)
         results.append(
             {
                 "scores": scores,
                 "labels": outputs["labels"][keep][:k],
-                "masks": pasted > mask_threshold,
+                "masks": paste_crops(mask_boxes, crops, (out_h, out_w)),
                 "boxes": boxes,
             }
         )

@@ -43,9 +43,10 @@ import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 from torch import Tensor, nn
 
+from export.geometry import MAX_IMAGE_PIXELS
 from sp_ray.config import Config, ConfigError, ProposeConfig
 from sp_ray.data.coco import SIZE_MISMATCH, DatasetSkipWarning
-from sp_ray.data.images import list_image_files, load_image_rgb
+from sp_ray.data.images import UNREADABLE, UnusableImageError, list_image_files, load_image_rgb
 from sp_ray.data.transforms import resize_for_inference
 from sp_ray.models.backbone import build_resnet
 from sp_ray.models.knet import IMAGENET_MEAN, IMAGENET_STD, SIZE_DIVISOR
@@ -55,7 +56,7 @@ from sp_ray.pretrain.self_training import CheckpointProposer, check_selftrain_co
 
 log = logging.getLogger(__name__)
 
-UNDECODABLE = "cannot decode image"
+UNDECODABLE = UNREADABLE  # the reason every image reader counts (sp_ray.data.images); TOO_LARGE too
 TOO_ELONGATED = "too elongated for the keep-ratio resize"
 CATEGORY = {"id": 1, "name": "object"}
 _MAX_EXAMPLES = 3
@@ -213,6 +214,7 @@ def propose_images(
     *,
     device: torch.device,
     propose_batch: Callable[[list[tuple[dict[str, Any], np.ndarray]]], list[Proposals]] | None = None,
+    max_image_pixels: int = MAX_IMAGE_PIXELS,
 ) -> ShardResult:
     """Saliency proposals of a list of images: decode, resize, C5 of the frozen backbone, Free Mask.
 
@@ -226,11 +228,13 @@ def propose_images(
         device: where the backbone lives.
         propose_batch: replaces the saliency proposals of a batch of decoded (item, pixels) pairs, e.g. a
             ``CheckpointProposer``; ``backbone`` then only gives the prompt width.
+        max_image_pixels: larger images are skipped (``data.max_image_pixels``).
 
     Returns:
         The shard's images, annotations (category 1, RLE, bbox of the mask, area, iscrowd 0, score),
-        prompts and failures (undecodable files, json height/width that differ from the file, images
-        too elongated for the keep-ratio resize).
+        prompts and failures (missing or undecodable files and images above the pixel limit, by the
+        rule of every reader, `sp_ray.data.images.UnusableImageError`; json height/width that differ
+        from the file; images too elongated for the keep-ratio resize).
     """
     images: list[dict[str, Any]] = []
     annotations: list[dict[str, Any]] = []
@@ -239,11 +243,11 @@ def propose_images(
     batches = [items[start : start + cfg.batch_size] for start in range(0, len(items), cfg.batch_size)]
     workers = max(1, int(cfg.cpus_per_actor))
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        pending = [pool.submit(_decode, item, cfg) for item in batches[0]] if batches else []
+        pending = [pool.submit(_decode, item, cfg, max_image_pixels) for item in batches[0]] if batches else []
         for index in range(len(batches)):
             decoded = [future.result() for future in pending]
             following = batches[index + 1] if index + 1 < len(batches) else []
-            pending = [pool.submit(_decode, item, cfg) for item in following]
+            pending = [pool.submit(_decode, item, cfg, max_image_pixels) for item in following]
             ready = []
             for item, pixels, problem in decoded:
                 if problem is None:
@@ -266,12 +270,12 @@ def propose_images(
 
 
 def _decode(
-    item: dict[str, Any], cfg: ProposeConfig
+    item: dict[str, Any], cfg: ProposeConfig, max_image_pixels: int
 ) -> tuple[dict[str, Any], np.ndarray | None, tuple[str, str] | None]:
     try:
-        pixels = load_image_rgb(item["path"])
-    except OSError as err:
-        return item, None, (UNDECODABLE, str(err))
+        pixels = load_image_rgb(item["path"], max_pixels=max_image_pixels)
+    except UnusableImageError as err:
+        return item, None, (err.reason, str(err))
     expected = (item.get("height"), item.get("width"))
     found = f"{pixels.shape[0]}x{pixels.shape[1]}"
     if expected[0] is not None and expected != pixels.shape[:2]:
@@ -366,6 +370,7 @@ class _ShardActor:
                 self.cfg, keep_ratio=True, max_size=data.max_size, short_size=data.short_size
             )
         self.shard_dir = Path(shard_dir)
+        self.max_image_pixels = cfg.data.max_image_pixels
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows: dict[str, list[Any]] = {
@@ -380,7 +385,8 @@ class _ShardActor:
         ):
             start = time.perf_counter()
             result = propose_images(
-                json.loads(str(items)), self.backbone, self.cfg, device=self.device, propose_batch=self.propose_batch
+                json.loads(str(items)), self.backbone, self.cfg, device=self.device, propose_batch=self.propose_batch,
+                max_image_pixels=self.max_image_pixels,
             )
             write_shard(self.shard_dir, int(shard), result, fingerprint=str(fingerprint))
             rows["shard"].append(int(shard))
@@ -433,7 +439,10 @@ def proposal_identity(cfg: Config, from_checkpoint: str | Path | None = None) ->
     """What a shard's result depends on besides its images: the proposal settings and the backbone, or the
     self-training settings and the checkpoint's weights."""
     if from_checkpoint is not None:
-        return {"selftrain": dataclasses.asdict(cfg.selftrain), **checkpoint_identity(from_checkpoint)}
+        identity = {"selftrain": dataclasses.asdict(cfg.selftrain), **checkpoint_identity(from_checkpoint)}
+        if cfg.data.max_image_pixels != MAX_IMAGE_PIXELS:
+            identity["max_image_pixels"] = cfg.data.max_image_pixels
+        return identity
     propose = dataclasses.asdict(cfg.propose)
     for unrelated in ("batch_size", "shard_size", "num_actors", "cpus_per_actor"):
         propose.pop(unrelated)
@@ -453,6 +462,8 @@ def proposal_identity(cfg: Config, from_checkpoint: str | Path | None = None) ->
     }
     if proposer == "clip":
         identity["clip"] = clip_identity(cfg.clip, seed=cfg.train.seed)
+    if cfg.data.max_image_pixels != MAX_IMAGE_PIXELS:  # shards of the default keep their fingerprints
+        identity["max_image_pixels"] = cfg.data.max_image_pixels
     return identity
 
 
@@ -497,8 +508,9 @@ def propose(
     one GPU per actor where the cluster has GPUs, else ``propose.cpus_per_actor`` CPUs each). When Ray
     is not initialised, ``ray.init()`` connects to ``RAY_ADDRESS`` or a cluster started with ``ray start``
     on this machine, else starts a local instance (left running for later calls). Skipped images
-    (undecodable, or a size that differs from the json) are counted in the summary and listed in one
-    `DatasetSkipWarning`; an image without proposals is kept in annotations.json with no annotation.
+    (missing, undecodable or above ``data.max_image_pixels``, the rule of every reader; a size that
+    differs from the json) are counted in the summary and listed in one `DatasetSkipWarning`; an
+    image without proposals is kept in annotations.json with no annotation.
 
     Args:
         images: an image folder or a COCO json (only its ``images`` are used), see `list_images`.
@@ -524,6 +536,8 @@ def propose(
             checkpoint that is not a query-based model's.
     """
     check_propose_config(cfg.propose)
+    if cfg.data.max_image_pixels < 1:
+        raise ConfigError(f"data.max_image_pixels must be >= 1, got {cfg.data.max_image_pixels}")
     clip = cfg.propose.proposer == "clip"
     saliency_used = from_checkpoint is None and (not clip or cfg.clip.mode == "rescore")
     if clip and from_checkpoint is not None:

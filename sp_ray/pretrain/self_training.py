@@ -32,10 +32,10 @@ from torch import Tensor, nn
 from torchvision.transforms.v2 import functional as TF
 
 from sp_ray.config import Config, ConfigError, InstanceUniqueConfig, SelfTrainConfig
-from sp_ray.data.transforms import mask_boxes, resize_for_inference
+from sp_ray.data.transforms import resize_for_inference
 from sp_ray.models import build_model
 from sp_ray.models.knet import SIZE_DIVISOR
-from sp_ray.models.postprocess import resize_mask_logits
+from sp_ray.models.postprocess import paste_crops, paste_mask_logits
 from sp_ray.pretrain.saliency import Proposals, matrix_nms
 from sp_ray.train.checkpoint import MODEL_FILE, load_checkpoint, load_init_weights
 
@@ -228,9 +228,10 @@ class CheckpointProposer:
         orig_size: tuple[int, int],
         stride: int,
     ) -> Proposals:
-        logits = resize_mask_logits(mask_logits, image_size=image_size, orig_size=orig_size, mask_stride=stride)
-        masks = logits.sigmoid() > self.cfg.mask_threshold  # (L, H0, W0)
-        boxes = mask_boxes(masks)
+        boxes, crops = paste_mask_logits(mask_logits, image_size=image_size, orig_size=orig_size,
+                                         mask_stride=stride, mask_threshold=self.cfg.mask_threshold)
+        masks = paste_crops(boxes, crops, orig_size)  # (L, H0, W0)
+        boxes = boxes.float()
         keep = masks.flatten(1).any(1) & (boxes[:, 2] - boxes[:, 0] < self.cfg.max_box_width * orig_size[1])
         return Proposals(
             masks=masks[keep].cpu(),

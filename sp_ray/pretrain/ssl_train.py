@@ -22,11 +22,12 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from sp_ray.config import Config, SSLConfig
+from sp_ray.errors import NonFiniteLossError, UserError
 from sp_ray.pretrain.densecl import DenseCL, export_backbone_weights
 from sp_ray.pretrain.ssl_data import UnlabeledImageFolder, build_two_view_transform
-from sp_ray.train.checkpoint import load_checkpoint, save_checkpoint
+from sp_ray.train.checkpoint import copy_as_final, load_checkpoint, save_checkpoint
 from sp_ray.train.device import select_device
-from sp_ray.train.loop import seed_everything
+from sp_ray.train.loop import keep_metrics_through, seed_everything
 
 log = logging.getLogger("sp_ray")
 
@@ -44,10 +45,10 @@ def build_densecl(cfg: Config) -> DenseCL:
 
 
 def check_batch_fits_queue(cfg: SSLConfig, world_size: int) -> None:
-    """Raise a ValueError unless ``queue_size`` is a multiple of the global batch (batch_size x workers)."""
+    """Raise a UserError unless ``queue_size`` is a multiple of the global batch (batch_size x workers)."""
     global_batch = cfg.batch_size * world_size
     if cfg.batch_size < 1 or cfg.queue_size % global_batch != 0:
-        raise ValueError(
+        raise UserError(
             f"ssl.queue_size ({cfg.queue_size}) must be a multiple of the global batch "
             f"ssl.batch_size x workers = {cfg.batch_size} x {world_size} = {global_batch}; "
             "change ssl.queue_size, ssl.batch_size or the number of workers"
@@ -63,7 +64,7 @@ def build_ssl_loader(cfg: Config, images: str | Path, *, rank: int = 0, world_si
     dataset = UnlabeledImageFolder(images, transform=build_two_view_transform(cfg.ssl))
     global_batch = cfg.ssl.batch_size * world_size
     if len(dataset) < global_batch:
-        raise ValueError(
+        raise UserError(
             f"{images} holds {len(dataset)} images, fewer than one global batch "
             f"(ssl.batch_size x workers = {global_batch}); lower ssl.batch_size or add images"
         )
@@ -81,7 +82,7 @@ def build_ssl_loader(cfg: Config, images: str | Path, *, rank: int = 0, world_si
 def scaled_ssl_lr(cfg: SSLConfig, world_size: int) -> float:
     """Linear scaling rule: ``ssl.lr x global batch / ssl.base_batch_size``."""
     if cfg.base_batch_size < 1:
-        raise ValueError(f"ssl.base_batch_size must be positive, got {cfg.base_batch_size}")
+        raise UserError(f"ssl.base_batch_size must be positive, got {cfg.base_batch_size}")
     return cfg.lr * cfg.batch_size * world_size / cfg.base_batch_size
 
 
@@ -121,7 +122,7 @@ def ssl_train_step(
         The float value of ``loss_global``, ``loss_dense`` and their sum ``loss``.
 
     Raises:
-        FloatingPointError: the loss is not finite (the step is not applied).
+        NonFiniteLossError: the loss is not finite (the step is not applied); a FloatingPointError.
     """
     model.train()
     use_amp = amp and views.device.type == "cuda"
@@ -131,7 +132,7 @@ def ssl_train_step(
     values = {name: value.detach().item() for name, value in losses.items()}
     values["loss"] = total.detach().item()
     if not math.isfinite(values["loss"]):
-        raise FloatingPointError(f"DenseCL loss is not finite: {values}; lower ssl.lr or check the images")
+        raise NonFiniteLossError(f"DenseCL loss is not finite: {values}; lower ssl.lr or check the images")
     optimizer.zero_grad(set_to_none=True)
     total.backward()
     optimizer.step()
@@ -194,7 +195,7 @@ def train_densecl(
         try:
             model.load_state_dict(ckpt.model_state)
         except RuntimeError as err:
-            raise ValueError(
+            raise UserError(
                 f"{resume} does not fit this DenseCL model (model.depth, ssl.queue_size, ssl.proj_dim and "
                 f"ssl.hidden_dim must match the run that wrote it): {err}"
             ) from err
@@ -202,6 +203,15 @@ def train_densecl(
         scheduler.load_state_dict(ckpt.training_state["scheduler"])
         start_epoch, step = ckpt.training_state["epoch"], ckpt.training_state["step"]
         log.info("resumed from %s at epoch %d, step %d", resume, start_epoch, step)
+    if start_epoch > cfg.ssl.epochs:
+        raise UserError(f"ssl.epochs={cfg.ssl.epochs} is below the epoch of {resume} ({start_epoch})")
+    final = work_dir / "final"
+    if rank == 0:
+        # Epochs after the resumed one are trained again: their old rows go, so each epoch is logged once.
+        keep_metrics_through(work_dir / "metrics.jsonl", start_epoch)
+        if resume is not None and start_epoch == cfg.ssl.epochs and not final.exists():
+            copy_as_final(resume, final)  # stopped between writing `last` and `final`
+            _write_backbone(model, final / BACKBONE_FILE)
     train_model: nn.Module = model
     if world_size > 1:
         # Buffers are synced once at construction, not at every forward: the queues receive the same
@@ -253,8 +263,7 @@ def train_densecl(
                                 "epoch": epoch + 1, "step": step},
             )
 
-    final = work_dir / "final"
-    if rank == 0:
+    if rank == 0 and start_epoch < cfg.ssl.epochs:
         save_checkpoint(final, model=model, config=cfg, meta={"kind": "densecl", **metrics})
         _write_backbone(model, final / BACKBONE_FILE)
         log.info("DenseCL backbone written to %s (use it as model.backbone_weights)", final / BACKBONE_FILE)

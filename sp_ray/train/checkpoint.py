@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import platform
+import re
 import shutil
 import tempfile
 import time
@@ -22,6 +24,7 @@ from torch import nn
 
 from sp_ray import __version__
 from sp_ray.config import Config, config_from_dict, config_hash, dump_config
+from sp_ray.errors import UserError
 
 MODEL_FILE = "model.pt"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -117,11 +120,49 @@ def is_checkpoint(path: str | Path) -> bool:
     return all((path / name).is_file() for name in (MODEL_FILE, CONFIG_FILE, META_FILE))
 
 
+def load_tensor_file(path: str | Path, *, what: str) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU, with one clear error for a file it cannot read.
+
+    Args:
+        path: a file written by ``torch.save``.
+        what: what the file is for, for the message (e.g. "the model of checkpoint X").
+
+    Raises:
+        UserError: the file is truncated, corrupt, not a torch file, or holds objects other than
+            tensors and plain containers (which are never unpickled: no code in a file is run).
+    """
+    path = Path(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        # torch's own text suggests weights_only=False, i.e. running the file's code: name the object instead.
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        detail = f"it references {found.group(1)}" if found else "it holds objects other than tensors"
+        raise UserError(
+            f"{path} ({what}) cannot be loaded safely: {detail}. sp-ray reads tensors only and never runs code "
+            "from a file; use a file written by sp-ray or torch.save of a state dict"
+        ) from None
+    except Exception as err:  # torch raises RuntimeError, KeyError, EOFError, ... for a damaged file
+        # The first sentence only: torch's damaged-zip text runs on for several lines.
+        first_line = (str(err).splitlines() or [type(err).__name__])[0].split(". ")[0][:160]
+        raise UserError(
+            f"{path} ({what}) is truncated or not a PyTorch file ({type(err).__name__}: {first_line}); "
+            "use an intact copy, or the checkpoint of an earlier epoch"
+        ) from None
+
+
 def load_checkpoint(path: str | Path, *, with_training_state: bool = False) -> Checkpoint:
     """Read a checkpoint directory written by ``save_checkpoint``.
 
+    Args:
+        path: the checkpoint directory.
+        with_training_state: also read ``optimizer.pt`` (optimizer, scheduler, epoch, step): a resumable
+            checkpoint (``WORK_DIR/last``), not a final model.
+
     Raises:
         FileNotFoundError: ``path`` is not a checkpoint directory (names the missing files).
+        UserError: a file of it is damaged or not what sp-ray writes, or ``with_training_state`` and it
+            has no training state (a final model).
     """
     path = Path(path)
     missing = [name for name in (MODEL_FILE, CONFIG_FILE, META_FILE) if not (path / name).is_file()]
@@ -130,15 +171,56 @@ def load_checkpoint(path: str | Path, *, with_training_state: bool = False) -> C
             f"{path} is not an sp-ray checkpoint directory (missing {', '.join(missing)}); "
             "pass a directory written by 'sp-ray finetune' or 'sp-ray pretrain', e.g. WORK_DIR/final"
         )
-    model_state = torch.load(path / MODEL_FILE, map_location="cpu", weights_only=True)
-    config = config_from_dict(yaml.safe_load((path / CONFIG_FILE).read_text()), source=str(path / CONFIG_FILE))
-    meta = json.loads((path / META_FILE).read_text())
+    if with_training_state and not (path / OPTIMIZER_FILE).is_file():
+        raise UserError(
+            f"{path} has no {OPTIMIZER_FILE}: it is a final model, not a resumable run. Resume from the run's "
+            "WORK_DIR/last (sp-ray ... --resume), or start a new run from its weights with --init " + str(path)
+        )
+    model_state = load_tensor_file(path / MODEL_FILE, what=f"the model of checkpoint {path}")
+    if not isinstance(model_state, dict) or not all(isinstance(v, torch.Tensor) for v in model_state.values()):
+        raise UserError(f"{path / MODEL_FILE} is not a state dict (a dict of tensors); it was not written by sp-ray")
+    try:
+        raw_config = yaml.safe_load((path / CONFIG_FILE).read_text())
+        meta = json.loads((path / META_FILE).read_text())
+    except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        first_line = str(err).splitlines()[0][:160]
+        raise UserError(f"{path}: {CONFIG_FILE} or {META_FILE} is damaged ({first_line}); use an intact copy") from None
+    if not isinstance(raw_config, dict) or not isinstance(meta, dict):
+        raise UserError(f"{path}: {CONFIG_FILE} and {META_FILE} must each hold a mapping; use an intact copy")
+    config = config_from_dict(raw_config, source=str(path / CONFIG_FILE))
     training_state = None
     if with_training_state:
-        if not (path / OPTIMIZER_FILE).is_file():
-            raise FileNotFoundError(f"{path} has no {OPTIMIZER_FILE}: it is a final model, not a resumable run")
-        training_state = torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+        training_state = load_tensor_file(path / OPTIMIZER_FILE, what=f"the training state of checkpoint {path}")
+        needed = ("optimizer", "epoch", "step")
+        if not isinstance(training_state, dict) or any(key not in training_state for key in needed):
+            raise UserError(
+                f"{path / OPTIMIZER_FILE} lacks the training state ({', '.join(needed)}); "
+                "resume from a WORK_DIR/last written by sp-ray"
+            )
     return Checkpoint(path=path, model_state=model_state, config=config, meta=meta, training_state=training_state)
+
+
+def update_meta(path: str | Path, extra: dict[str, Any]) -> None:
+    """Add ``extra`` to a checkpoint's meta.json, atomically (a crash leaves the old or the new file)."""
+    meta_path = Path(path) / META_FILE
+    meta = {**json.loads(meta_path.read_text()), **extra}
+    tmp = meta_path.with_name(f".{META_FILE}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(meta, indent=2))
+    os.replace(tmp, meta_path)
+
+
+def copy_as_final(source: str | Path, destination: str | Path) -> Path:
+    """Publish the model of a resumable checkpoint as a final model (no optimizer.pt), atomically."""
+    source, destination = Path(source), Path(destination)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{destination.name}.tmp-", dir=destination.parent))
+    try:
+        for name in (MODEL_FILE, CONFIG_FILE, META_FILE):
+            shutil.copy2(source / name, tmp / name)
+        os.replace(tmp, destination)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return destination
 
 
 def load_init_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> InitReport:

@@ -21,11 +21,12 @@ from torch.utils.data import DataLoader, DistributedSampler
 from sp_ray.config import Config
 from sp_ray.data.coco import CocoInstanceDataset
 from sp_ray.data.transforms import build_transforms, collate
+from sp_ray.errors import EvaluationError, NonFiniteLossError, UserError
 from sp_ray.evaluation.coco_eval import evaluate_model, format_metrics
 from sp_ray.models import build_model
 from sp_ray.models.losses import ModelLosses
 from sp_ray.pretrain.sp_model import load_saliency_queries
-from sp_ray.train.checkpoint import load_checkpoint, load_init_weights, save_checkpoint
+from sp_ray.train.checkpoint import copy_as_final, load_checkpoint, load_init_weights, save_checkpoint, update_meta
 from sp_ray.train.device import select_device
 from sp_ray.train.optim import build_optimizer, build_scheduler
 from sp_ray.train.session import LocalSession
@@ -57,6 +58,16 @@ def _to_float32(tree: Any) -> Any:
     return tree
 
 
+def _all_finite(tree: Any) -> bool:
+    if isinstance(tree, torch.Tensor):
+        return not tree.is_floating_point() or bool(torch.isfinite(tree).all())
+    if isinstance(tree, dict):
+        return all(_all_finite(v) for v in tree.values())
+    if isinstance(tree, (list, tuple)):
+        return all(_all_finite(v) for v in tree)
+    return True
+
+
 def train_step(
     model: nn.Module,
     criterion: nn.Module,
@@ -80,7 +91,7 @@ def train_step(
         The float value of every loss term and of their sum under ``loss``.
 
     Raises:
-        FloatingPointError: a loss is not finite (the step is not applied).
+        NonFiniteLossError: a loss or an output is not finite (the step is not applied); a FloatingPointError.
     """
     model.train()
     use_amp = amp and images.device.type == "cuda"
@@ -88,12 +99,21 @@ def train_step(
         # Models that compute their own losses (torchvision Mask R-CNN) take the targets in forward.
         own_losses = isinstance(criterion, ModelLosses)
         outputs = model(images.float(), targets) if own_losses else model(images.float())
-    losses = criterion(_to_float32(outputs), targets)
+    try:
+        losses = criterion(_to_float32(outputs), targets)
+    except ValueError as err:
+        # The matcher refuses NaN/inf predictions; diverged weights give them again on every retry.
+        if not _all_finite(outputs):
+            raise NonFiniteLossError(
+                f"the model's outputs are not finite ({err}); training diverged: lower train.lr "
+                "(or set train.grad_clip) and start again"
+            ) from err
+        raise
     total = sum(losses.values())
     values = {name: value.detach().item() for name, value in losses.items()}
     values["loss"] = total.detach().item()
     if not math.isfinite(values["loss"]):
-        raise FloatingPointError(f"loss is not finite: {values}; lower train.lr or check the inputs")
+        raise NonFiniteLossError(f"loss is not finite: {values}; lower train.lr or check the inputs")
     optimizer.zero_grad(set_to_none=True)
     total.backward()
     if grad_clip > 0:
@@ -155,7 +175,7 @@ def resolve_num_classes(cfg: Config, dataset: CocoInstanceDataset) -> Config:
     """Return ``cfg`` with ``model.num_classes`` set from the dataset (an explicit value must agree)."""
     found = len(dataset.class_names)
     if cfg.model.num_classes not in (0, found):
-        raise ValueError(
+        raise UserError(
             f"model.num_classes is {cfg.model.num_classes} but {cfg.data.train_annotations} has {found} "
             "categories; set model.num_classes=0 to take it from the data"
         )
@@ -187,7 +207,6 @@ class _Collate:
     def __call__(self, batch):
         return collate(batch, size_divisor=self.size_divisor)
 
-
 def scaled_lr(cfg: Config, world_size: int) -> Config:
     """Apply the linear scaling rule: ``lr x global batch / base_batch_size`` (no change when 0)."""
     if cfg.train.base_batch_size <= 0:
@@ -197,13 +216,35 @@ def scaled_lr(cfg: Config, world_size: int) -> Config:
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=lr))
 
 
+def keep_metrics_through(path: Path, epoch: int) -> None:
+    """Rewrite ``metrics.jsonl`` with one row per epoch up to ``epoch`` (the last row of each wins).
+
+    A run continued from the checkpoint of ``epoch`` (``--resume``, or Ray after a worker failure with
+    ``train.checkpoint_interval`` > 1) trains the later epochs again, so their old rows go. Written
+    beside the file and renamed into place.
+    """
+    if not path.is_file():
+        return
+    rows: dict[int, str] = {}
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a crash
+        if isinstance(row, dict) and isinstance(row.get("epoch"), int) and row["epoch"] <= epoch:
+            rows[row["epoch"]] = line
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(rows[e] + "\n" for e in sorted(rows)))
+    tmp.replace(path)
+
+
 
 def check_optimizer_groups(optimizer: torch.optim.Optimizer, saved: dict[str, Any], source: str | Path) -> None:
     """Raise a clear error, not torch's, when a resumed run's optimizer groups its parameters differently."""
     own = [len(group["params"]) for group in optimizer.param_groups]
     theirs = [len(group["params"]) for group in saved["param_groups"]]
     if own != theirs:
-        raise ValueError(
+        raise UserError(
             f"{source}: its optimizer holds parameter groups of {theirs} tensors where this config makes {own}; "
             "train.norm_decay_mult / embed_decay_mult or model.frozen_stages differ from the run's. Resume with "
             "the run's own config.yaml, or start a new run with --init to keep only the weights"
@@ -221,11 +262,14 @@ def fit(
     """Train ``cfg`` on ``data.train_*``; checkpoints to ``work_dir/last``, the final model to ``work_dir/final``.
 
     Every process of a distributed run calls this with its own ``session``; rank 0 alone writes
-    files, evaluates and hands checkpoints to the session.
+    files, evaluates and hands checkpoints to the session. In the last epoch ``final`` (and ``last``)
+    are written before the validation run, whose AP is then added to their meta.json: an evaluation
+    that fails cannot cost the trained model. A failed validation is logged with the checkpoint path
+    and training goes on; if the last one failed, ``EvaluationError`` is raised once ``final`` exists.
 
     Args:
         cfg: the resolved config (``model.num_classes`` 0 is filled in from the data).
-        work_dir: output directory; ``metrics.jsonl`` gets one line per epoch.
+        work_dir: output directory; ``metrics.jsonl`` holds one line per epoch trained, each epoch once.
         init: a checkpoint directory whose matching tensors initialise the model (``finetune --init``).
         resume: a checkpoint directory with training state to continue from (same run, same config).
             A checkpoint restored by the session (after a worker failure) takes precedence.
@@ -233,6 +277,10 @@ def fit(
 
     Returns:
         The final checkpoint directory.
+
+    Raises:
+        UserError: bad data, a checkpoint that does not fit, a loss that is not finite.
+        EvaluationError: the last validation run failed (the model is in ``final``, the message says so).
     """
     session = session or LocalSession()
     rank, world_size = session.rank, session.world_size
@@ -248,6 +296,11 @@ def fit(
         # Pre-training: each pseudo mask carries its saliency query (target "queries") for L_ker.
         extra_per_annotation=load_saliency_queries(cfg) if cfg.pretrain.enabled else None,
     )
+    if len(train_set) == 0:
+        raise UserError(
+            f"no usable training image in {cfg.data.train_images} for {cfg.data.train_annotations} "
+            f"(skipped: {dict(train_set.skipped)}); check that the folder holds the json's images"
+        )
     cfg = scaled_lr(resolve_num_classes(cfg, train_set), world_size)
     seed_everything(cfg.train.seed)
     model, criterion = build_model(cfg)
@@ -263,22 +316,33 @@ def fit(
     optimizer = build_optimizer(model, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train, iters_per_epoch=len(loader))
     start_epoch, step = 0, 0
+    final = work_dir / "final"
     with session.restored_checkpoint() as restored:
         source = restored or resume
         if source is not None:
             ckpt = load_checkpoint(source, with_training_state=True)
-            model.load_state_dict(ckpt.model_state)
+            try:
+                model.load_state_dict(ckpt.model_state)
+            except RuntimeError as err:
+                raise UserError(f"{source} does not fit the model of this config: {str(err).splitlines()[0]}") from None
             check_optimizer_groups(optimizer, ckpt.training_state["optimizer"], source)
             optimizer.load_state_dict(ckpt.training_state["optimizer"])
             scheduler.load_state_dict(ckpt.training_state["scheduler"])
             start_epoch, step = ckpt.training_state["epoch"], ckpt.training_state["step"]
             if rank == 0:
                 log.info("resumed from %s at epoch %d, step %d", source, start_epoch, step)
+                if start_epoch >= cfg.train.epochs and not final.exists():
+                    # Stopped between writing `last` and `final`: the schedule is done, publish its model.
+                    copy_as_final(source, final)
+    if start_epoch > cfg.train.epochs:
+        raise UserError(f"train.epochs={cfg.train.epochs} is below the epoch of {source} ({start_epoch})")
+    if rank == 0:
+        keep_metrics_through(work_dir / "metrics.jsonl", start_epoch)
     plain_model = model
     model = session.wrap_model(model)
 
     meta_base = {"class_names": train_set.class_names, "cat_ids": train_set.cat_ids}
-    metrics: dict[str, Any] = {}
+    failed_evaluation: str | None = None
     for epoch in range(start_epoch, cfg.train.epochs):
         # Seeding per epoch (and rank) makes data order and augmentation a function of (seed, epoch,
         # rank), so a resumed run sees exactly the batches the uninterrupted run would have seen.
@@ -294,34 +358,60 @@ def fit(
         totals = session.all_reduce_sum([stats.images, stats.seconds, *(stats.losses[n] for n in names)])
         seconds = max(totals[1] / world_size, 1e-9)
         mean_losses = {n: v / world_size for n, v in zip(names, totals[2:], strict=True)}
-        metrics = {"epoch": epoch + 1, "step": step, **mean_losses,
-                   "images_per_second": totals[0] / seconds, "lr": optimizer.param_groups[0]["lr"],
-                   "images": int(totals[0]), "time": time.time()}
+        metrics: dict[str, Any] = {
+            "epoch": epoch + 1, "step": step, **mean_losses, "images_per_second": totals[0] / seconds,
+            "lr": optimizer.param_groups[0]["lr"], "images": int(totals[0]), "time": time.time(),
+        }
         last = epoch + 1 == cfg.train.epochs
         checkpoint = None
         if rank == 0:
-            if cfg.data.val_annotations and (
-                last or (cfg.train.eval_interval and (epoch + 1) % cfg.train.eval_interval == 0)
-            ):
-                ap, _ = evaluate_model(
-                    plain_model, cfg, annotations=cfg.data.val_annotations, images=cfg.data.val_images,
-                    device=device,
-                )
-                metrics.update({f"{t}_{k}": v for t, values in ap.items() for k, v in values.items()})
-                log.info("epoch %d validation\n%s", epoch + 1, format_metrics(ap))
-            log.info("epoch %d/%d done: loss %.4f, %.1f img/s", epoch + 1, cfg.train.epochs,
-                     metrics.get("loss", float("nan")), metrics["images_per_second"])
-            with open(work_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(metrics) + "\n")
+            written: list[Path] = []
             if last or (cfg.train.checkpoint_interval and (epoch + 1) % cfg.train.checkpoint_interval == 0):
                 checkpoint = save_checkpoint(
                     work_dir / "last", model=plain_model, config=cfg, meta={**meta_base, **metrics},
                     training_state={"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                     "epoch": epoch + 1, "step": step},
                 )
+                written.append(checkpoint)
+            if last:
+                written.append(save_checkpoint(final, model=plain_model, config=cfg, meta={**meta_base, **metrics}))
+            if cfg.data.val_annotations and (
+                last or (cfg.train.eval_interval and (epoch + 1) % cfg.train.eval_interval == 0)
+            ):
+                ap, failed_evaluation = _validate(plain_model, cfg, device, epoch=epoch + 1, written=written)
+                metrics.update(ap)
+                for path in written:
+                    update_meta(path, ap)
+            log.info("epoch %d/%d done: loss %.4f, %.1f img/s", epoch + 1, cfg.train.epochs,
+                     metrics.get("loss", float("nan")), metrics["images_per_second"])
+            with open(work_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(metrics) + "\n")
         session.report(metrics, checkpoint)
     session.finish(plain_model)
-    final = work_dir / "final"
-    if rank == 0:
-        save_checkpoint(final, model=plain_model, config=cfg, meta={**meta_base, **metrics})
+    if failed_evaluation is not None and start_epoch < cfg.train.epochs:
+        raise EvaluationError(failed_evaluation)
     return final
+
+
+def _validate(
+    model: nn.Module, cfg: Config, device: torch.device, *, epoch: int, written: list[Path]
+) -> tuple[dict[str, float], str | None]:
+    """COCO AP on ``data.val_*`` as flat metrics (``segm_AP``, ...), or ({}, the error) when evaluation fails.
+
+    Any exception of the evaluation is caught: the model is already saved in ``written`` (or is still
+    training), and retrying the training would not make the validation data evaluable.
+    """
+    try:
+        ap, _ = evaluate_model(
+            model, cfg, annotations=cfg.data.val_annotations, images=cfg.data.val_images, device=device,
+        )
+    except Exception as err:  # whatever fails in evaluation must not fail the training
+        saved = (f"the model is saved in {written[-1]}; evaluate it once the data are fixed with: sp-ray evaluate "
+                 f"--checkpoint {written[-1]} --annotations {cfg.data.val_annotations} --images {cfg.data.val_images}"
+                 if written else "no checkpoint was written this epoch; training goes on")
+        message = (f"the evaluation of epoch {epoch} on {cfg.data.val_annotations} failed "
+                   f"({type(err).__name__}: {err}); {saved}")
+        log.error("%s", message, exc_info=True)
+        return {}, message
+    log.info("epoch %d validation\n%s", epoch, format_metrics(ap))
+    return {f"{t}_{k}": v for t, values in ap.items() for k, v in values.items()}, None

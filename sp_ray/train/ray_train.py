@@ -1,10 +1,11 @@
 """Ray Train wiring: the epoch loop of ``sp_ray.train.loop.fit`` inside ``TorchTrainer`` workers.
 
-The driver (``run_training``) connects to a Ray cluster (``RAY_ADDRESS``, as set by ``ray job
-submit``) or starts a local one, checks that the resources asked for exist, and builds the trainer.
+The driver (``run_training``) first checks config, data and checkpoints (``sp_ray.train.preflight``),
+then connects to a Ray cluster (``RAY_ADDRESS``, as set by ``ray job submit``) or starts a local one,
+checks that the resources asked for exist, and builds the trainer.
 Each worker runs ``fit`` with a ``RaySession``: DDP through Ray's ``prepare_model``, metrics and
 rank-0 checkpoints through ``ray.train.report``, and the last reported checkpoint restored after a
-worker failure.
+worker failure. A ``UserError`` in a worker ends the run without a retry (``sp_ray.train.failures``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -25,7 +27,10 @@ import torch
 from torch import nn
 
 from sp_ray.config import Config, config_from_dict, config_to_dict
+from sp_ray.errors import UserError
+from sp_ray.train.failures import StopOnUserError, raise_user_error
 from sp_ray.train.loop import fit
+from sp_ray.train.preflight import TrainingPlan, check_training
 from sp_ray.train.session import all_reduce_sum
 
 log = logging.getLogger("sp_ray")
@@ -111,6 +116,24 @@ def _ssl_worker(loop_config: dict[str, Any]) -> None:
 WORKERS = {"finetune": _finetune_worker, "ssl": _ssl_worker}
 
 
+class _InterruptibleTrainer(ray.train.torch.TorchTrainer):
+    """A TorchTrainer that remembers a Ctrl-C: Ray's own SIGINT handler aborts the run gracefully and then
+    exits through ``sys.exit(0)`` or a dead-controller error, neither of which says that it was an interrupt."""
+
+    interrupted = False
+
+    def _register_sigint_handler(self, controller: Any) -> None:
+        super()._register_sigint_handler(controller)
+        ray_handler = signal.getsignal(signal.SIGINT)
+
+        def on_sigint(signum: int, frame: Any) -> None:
+            self.interrupted = True
+            if callable(ray_handler):
+                ray_handler(signum, frame)
+
+        signal.signal(signal.SIGINT, on_sigint)
+
+
 def init_ray() -> None:
     """Connect to the cluster named by ``RAY_ADDRESS`` (``ray job submit`` sets it) or start a local Ray."""
     if ray.is_initialized():
@@ -130,7 +153,7 @@ def check_resources(cfg: Config) -> dict[str, float]:
     for name, amount in resources.items():
         needed = amount * cfg.train.num_workers
         if available.get(name, 0.0) < needed:
-            raise ValueError(
+            raise UserError(
                 f"{cfg.train.num_workers} workers x {name}={amount:g} need {needed:g} {name}, but the Ray cluster "
                 f"has {available.get(name, 0.0):g}; lower train.num_workers / train.resources_per_worker"
                 + (" or drop --gpu" if name == "GPU" else "")
@@ -149,6 +172,7 @@ def run_training(
     images: str | Path | None = None,
     metric: str = "segm_AP",
     callbacks: Sequence[Any] = (),
+    checked: TrainingPlan | None = None,
 ) -> Path:
     """Run a training task (``WORKERS``) in ``train.num_workers`` Ray Train workers; returns ``work_dir/final``.
 
@@ -163,20 +187,35 @@ def run_training(
         images: the unlabeled image folder of the "ssl" task.
         metric: the reported value that ranks the kept checkpoints when every checkpoint is evaluated.
         callbacks: Ray ``RunConfig`` callbacks (a Tune trial passes ``TuneReportCallback``).
+        checked: the plan of ``sp_ray.train.preflight.check_training`` when the caller ran it already;
+            otherwise it runs here, before Ray starts.
+
+    Returns:
+        ``work_dir/final``. A resumed run already at its last epoch (``checked.finished``) returns it
+        without starting Ray or writing anything.
 
     Raises:
-        RuntimeError: the run failed (more worker failures than ``train.max_failures``).
+        UserError: bad config, data or checkpoint, found on the driver or in a worker (never retried);
+            ``EvaluationError`` when the final validation failed (the model is in ``final``).
+        RuntimeError: the run failed for another reason (more worker failures than ``train.max_failures``).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
+    plan = checked or check_training(cfg, work_dir, task=task, init=init, resume=resume, images=images)
+    if plan.finished and plan.final.exists():
+        log.info("%s is at epoch %d of %d: the run is complete, nothing to train", resume, plan.start_epoch,
+                 plan.epochs)
+        return plan.final
+    # A finished run without `final` (stopped between writing `last` and `final`) goes on: the workers
+    # train no epoch and publish the final model of `last`.
     work_dir = Path(work_dir).resolve()
     work_dir.mkdir(parents=True, exist_ok=True)
     init_ray()
     resources = check_resources(cfg)
     scored = bool(cfg.data.val_annotations) and cfg.train.eval_interval == cfg.train.checkpoint_interval
     storage = cfg.train.storage_path or str(work_dir / "ray")
-    trainer = TorchTrainer(
+    trainer = _InterruptibleTrainer(
         WORKERS[task],
         train_loop_config={
             "config": config_to_dict(cfg), "work_dir": str(work_dir),
@@ -198,10 +237,21 @@ def run_training(
                 checkpoint_score_order="max",
             ),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-            callbacks=list(callbacks),
+            callbacks=[StopOnUserError(), *callbacks],
         ),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except BaseException as err:  # Ray Train raises TrainingFailedError; a user error inside is the message
+        if trainer.interrupted:
+            raise KeyboardInterrupt(f"training in {work_dir} was interrupted") from None
+        if not isinstance(err, Exception):
+            raise
+        raise_user_error(err)
+        raise RuntimeError(f"training failed: {err}") from err
+    if trainer.interrupted:
+        raise KeyboardInterrupt(f"training in {work_dir} was interrupted")
     if result.error is not None:
+        raise_user_error(result.error)
         raise RuntimeError(f"training failed: {result.error}") from result.error
     return work_dir / "final"

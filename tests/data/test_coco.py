@@ -12,8 +12,8 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from torchvision import tv_tensors
 
-from sp_ray.data.coco import CocoInstanceDataset, DatasetSkipWarning
-from sp_ray.data.images import load_image_rgb
+from sp_ray.data.coco import IMAGE_TOO_LARGE, CocoInstanceDataset, DatasetSkipWarning
+from sp_ray.data.images import UNREADABLE, UnusableImageError, load_image_rgb
 from sp_ray.data.transforms import build_transforms
 
 H, W = 12, 14
@@ -192,8 +192,51 @@ def test_image_that_fails_to_decode_later_names_the_file(tmp_path: Path) -> None
     path = _write_json(tmp_path / "a.json", [_image(1, "cut.png", 64, 64)], [])
     dataset = CocoInstanceDataset(path, tmp_path)
     assert len(dataset) == 1
-    with pytest.raises(OSError, match="cut.png"):
+    with pytest.warns(DatasetSkipWarning, match="cut.png"), pytest.raises(UnusableImageError, match="cut.png") as info:
+        dataset.load(0)
+    assert info.value.reason == UNREADABLE
+    # __getitem__ has no other image to give: it says so, naming the file.
+    with pytest.raises(OSError, match=r"none of the 1 images .* decodes \(e.g. .*cut.png\)"):
         dataset[0]
+
+
+def test_truncated_jpeg_is_counted_once_and_replaced_by_the_next_image(tmp_path: Path, write_bad_image) -> None:
+    """Training goes on (no retried crash): the loader gets the next image; the skip is counted with its
+    annotations, once however often the image is drawn."""
+    write_bad_image(tmp_path / "cut.jpg", "truncated_jpeg")
+    _write_png(tmp_path / "good.png")
+    square = [[2, 2, 10, 2, 10, 8, 2, 8]]
+    path = _write_json(
+        tmp_path / "a.json", [_image(1, "cut.jpg", 64, 64), _image(2, "good.png")],
+        [_ann(1, square, image_id=1), _ann(2, square, image_id=1), _ann(3, square, image_id=2)],
+    )  # fmt: skip
+    dataset = CocoInstanceDataset(path, tmp_path)
+    assert dataset.image_ids == [1, 2]  # the header reads: found only when decoding
+    warned = r"skipped image id 1 \(missing or unreadable image file.*with its 2 annotations"
+    with pytest.warns(DatasetSkipWarning, match=warned):
+        _, target = dataset[0]
+    assert target["image_id"] == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DatasetSkipWarning)  # no second warning for the same image
+        assert dataset[0][1]["image_id"] == 2 and dataset[1][1]["image_id"] == 2
+    assert dataset.unreadable == {1: UNREADABLE}
+    assert dataset.skipped == Counter({UNREADABLE: 1, "on a skipped image": 2})
+    assert dataset.skipped_images == Counter({UNREADABLE: 1})
+
+
+def test_images_above_the_pixel_limit_are_skipped_and_counted(tmp_path: Path, write_bad_image) -> None:
+    _write_png(tmp_path / "small.png", height=8, width=8)
+    _write_png(tmp_path / "big.png")  # 12 x 14 = 168 pixels
+    write_bad_image(tmp_path / "bomb.png", "bomb_error")  # PIL's decompression-bomb error, the same rule
+    square = [[1, 1, 6, 1, 6, 6, 1, 6]]
+    images = [_image(1, "small.png", 8, 8), _image(2, "big.png"), _image(3, "bomb.png", 20_000, 20_000)]
+    path = _write_json(tmp_path / "a.json", images, [_ann(1, square, image_id=2)])
+    with pytest.warns(DatasetSkipWarning, match=r"skipped 2 of 3 images \(image larger than max_image_pixels: 2"):
+        dataset = CocoInstanceDataset(path, tmp_path, max_image_pixels=100)
+    assert dataset.image_ids == [1]
+    assert dataset.skipped == Counter({IMAGE_TOO_LARGE: 2, "on a skipped image": 1})
+    with pytest.raises(ValueError, match="data.max_image_pixels"):
+        CocoInstanceDataset(path, tmp_path, max_image_pixels=0)
 
 
 def test_instances_emptied_by_resize_are_dropped_and_counted(tmp_path: Path, no_skip_warning) -> None:

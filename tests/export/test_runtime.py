@@ -6,6 +6,7 @@ import json
 import logging
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -176,3 +177,59 @@ def test_gpu_providers_are_only_proposed_when_a_gpu_is_usable(monkeypatch) -> No
 
 def test_repr_names_the_provider(segmenter) -> None:
     assert "provider=CPUExecutionProvider" in repr(segmenter) and "family=knet" in repr(segmenter)
+
+
+def test_images_above_the_pixel_limit_are_refused_before_any_work(knet_export) -> None:
+    small = Segmenter(knet_export.path, providers=["CPUExecutionProvider"], threads=1, max_image_pixels=40 * 50 - 1)
+    with pytest.raises(ValueError, match=r"image 0: 40x50 \(HxW\) is 2,000 pixels, more than the limit of 1,999; "
+                                         r"downscale the image, or raise Segmenter\(\.\.\., max_image_pixels=N\)"):
+        small.predict(np.zeros((40, 50, 3), np.uint8))
+    assert len(small.predict(np.zeros((40, 49, 3), np.uint8)).scores) >= 0
+    with pytest.raises(ValueError, match="max_image_pixels must be >= 1"):
+        Segmenter(knet_export.path, max_image_pixels=0)
+
+
+_LARGE_IMAGE_RUN = """
+import json, sys
+import numpy as np
+from PIL import Image
+from export.runtime import Segmenter
+
+
+def memory_mb(field):
+    # /proc, not getrusage: ru_maxrss survives exec, so a child would report pytest's own peak.
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field + ":")) / 1024
+
+
+segmenter = Segmenter(sys.argv[1], providers=["CPUExecutionProvider"], threads=1)
+tile = np.asarray(Image.open(sys.argv[2]).convert("RGB"))
+segmenter.predict(tile)
+image = np.repeat(np.repeat(tile, 63, axis=0), 63, axis=1)[:4000, :4000]  # the shapes, 62.5 times larger
+before = memory_mb("VmRSS")
+coded = segmenter.predict(image, rle=True)
+after_rle = memory_mb("VmHWM")
+dense = segmenter.predict(image)
+peak = memory_mb("VmHWM")
+area = float(((dense.boxes[:, 2] - dense.boxes[:, 0]) * (dense.boxes[:, 3] - dense.boxes[:, 1])).sum())
+print(json.dumps({"before_mb": before, "rle_peak_mb": after_rle, "peak_mb": peak, "instances": len(dense),
+                  "rles": len(coded.rles), "mask_pixels": int(dense.masks.sum()), "box_area": area,
+                  "shape": list(dense.masks.shape)}))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="peak memory is read from /proc (Linux)")
+def test_masks_of_a_4000_pixel_image_are_pasted_per_box_under_a_memory_cap(knet_export, synthetic) -> None:
+    """A 4000 x 4000 image through the runtime in a fresh process (numpy + onnxruntime only). Resampling
+    every top-k mask at image size took 4 x 16M bytes per detection (1.3 GB for these 20) plus as much
+    again in temporaries; per box, the run holds the image (48 MB, and a transposed copy while resizing),
+    the returned dense masks (16 MB each) and one box at a time."""
+    tile = sorted(synthetic["images"].iterdir())[0]
+    done = subprocess.run([sys.executable, "-c", _LARGE_IMAGE_RUN, str(knet_export.path), str(tile)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert found["shape"] == [found["instances"], 4000, 4000] and found["rles"] == found["instances"] > 0
+    assert 0 < found["mask_pixels"] <= found["box_area"]
+    assert found["rle_peak_mb"] - found["before_mb"] < 300, found
+    assert found["peak_mb"] - found["before_mb"] < 300 + 16 * found["instances"], found

@@ -49,3 +49,17 @@ def test_requesting_cuda_without_a_gpu_is_refused(throughput, capsys) -> None:
     with pytest.raises(SystemExit):
         throughput.main(["--device", "cuda"])
     assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_image_sides_report_latency_and_peak_memory_per_side(throughput, knet_export, tmp_path) -> None:
+    """The --image-sides measurement on the tiny exported K-Net (the random R50 export is the slow part)."""
+    args = throughput.parse_args(["--image-sides", "64", "600", "--iterations", "2", "--warmup", "0", "--threads",
+                                  "1", "--device", "cpu", "--families", "knet", "--rle", "--depth", "18"])
+    rows = throughput.run_image_sides({"knet": str(knet_export.path)}, args, tmp_path)
+    assert [(r["family"], r["side"], r["rle"]) for r in rows] == [("knet", 64, True), ("knet", 600, True)]
+    for row in rows:
+        assert 0 < row["latency_p50_ms"] <= row["latency_max_ms"]
+        assert row["peak_rss_mb"] >= row["rss_before_mb"] > 30
+        assert 1 <= row["instances"] <= knet_export.info.topk and 0 < row["box_fraction"] <= 1
+    table = throughput.image_sides_table(rows)
+    assert "| K-Net R18 | 600 | RLE |" in table and "| 1.00 |" in table

@@ -374,6 +374,6 @@ def test_fit_with_iuq_then_evaluate_and_export_like_a_plain_checkpoint(tmp_path:
     metrics = (tmp_path / "work" / "metrics.jsonl").read_text().splitlines()
     assert '"loss_inter_scene"' in metrics[-1] and '"loss_equi_feat"' in metrics[-1]
     ap, results = evaluate_checkpoint(str(final), annotations=str(data["val"]), images=str(data["images"]))
-    assert set(ap) == {"segm", "bbox"}
+    assert set(ap) == {"segm", "bbox", "skipped"} and ap["skipped"] == {"images": 0, "annotations": 0}
     result = export_checkpoint(final, tmp_path / "model.onnx", input_size=(64, 64), parity_count=2)
     assert result.parity.passed and result.path.is_file()

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from sp_ray.data.transforms import mask_boxes
-from sp_ray.models.postprocess import postprocess, resize_mask_logits, select_topk
+from sp_ray.models.postprocess import paste_crops, paste_mask_logits, paste_roi_masks, postprocess, select_topk
 from sp_ray.types import ModelOutputs
 
 
@@ -57,23 +57,74 @@ def test_masks_to_boxes_exclusive_corners_and_empty() -> None:
     assert boxes.tolist() == [[3, 2, 9, 5], [0, 9, 1, 10], [0, 0, 0, 0]]
 
 
-def test_resize_mask_logits_without_padding_equals_interpolate() -> None:
-    torch.manual_seed(0)
-    logits = torch.randn(3, 4, 6)
-    out = resize_mask_logits(logits, image_size=(32, 48), orig_size=(20, 30))
-    expected = F.interpolate(logits[None], size=(20, 30), mode="bilinear", align_corners=False)[0]
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+def _dense(boxes: torch.Tensor, crops: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+    """The crops written into empty images, independently of ``paste_crops``."""
+    out = torch.zeros((len(crops), *size), dtype=torch.bool)
+    for k, (box, crop) in enumerate(zip(boxes.tolist(), crops, strict=True)):
+        out[k, box[1] : box[3], box[0] : box[2]] = crop
+    return out
 
 
-def test_resize_mask_logits_crops_the_padded_region() -> None:
+def test_pasted_masks_without_padding_equal_thresholded_interpolate() -> None:
     torch.manual_seed(0)
-    logits = torch.randn(2, 8, 8)
+    logits = torch.randn(3, 4, 6) * 3
+    boxes, crops = paste_mask_logits(logits, image_size=(32, 48), orig_size=(20, 30))
+    expected = F.interpolate(logits[None], size=(20, 30), mode="bilinear", align_corners=False)[0].sigmoid() > 0.5
+    assert torch.equal(_dense(boxes, crops, (20, 30)), expected)
+    assert torch.equal(paste_crops(boxes, crops, (20, 30)), expected)
+    assert torch.equal(boxes.float(), mask_boxes(expected))
+
+
+def test_pasted_masks_crop_the_padded_region() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(2, 8, 8) * 3
     # Valid input region 32 x 40 of a 64 x 64 padded input = the first 4 x 5 cells of the stride-8 map.
-    out = resize_mask_logits(logits, image_size=(32, 40), orig_size=(48, 60))
+    boxes, crops = paste_mask_logits(logits, image_size=(32, 40), orig_size=(48, 60))
     expected = F.interpolate(logits[None, :, :4, :5], size=(48, 60), mode="bilinear", align_corners=False)[0]
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(_dense(boxes, crops, (48, 60)), expected.sigmoid() > 0.5)
     with pytest.raises(ValueError, match="inside the padded input"):
-        resize_mask_logits(logits, image_size=(72, 40), orig_size=(48, 60))
+        paste_mask_logits(logits, image_size=(72, 40), orig_size=(48, 60))
+
+
+@pytest.mark.parametrize(
+    "image_size,orig_size", [((61, 90), (123, 181)), ((40, 17), (400, 170)), ((8, 8), (3, 5)), ((64, 96), (64, 96))]
+)
+def test_pasting_box_by_box_equals_full_image_resampling(image_size, orig_size) -> None:
+    """Reference: every pixel of the image sampled at once (the pre-box post-processing), written here."""
+    torch.manual_seed(1)
+    logits = torch.randn(6, 8, 12) * 4 - 3  # mostly below the threshold: small masks in big images
+    logits[0] = -20.0  # an empty mask
+    h, w = logits.shape[-2:]
+
+    def grid(out_size: int, valid: int, cells: int) -> torch.Tensor:
+        cell = ((torch.arange(out_size) + 0.5) * (valid / out_size) / 8 - 0.5).clamp(0, -(-valid // 8) - 1)
+        return (2 * cell + 1) / cells - 1
+
+    full = torch.stack(torch.meshgrid(grid(orig_size[1], image_size[1], w), grid(orig_size[0], image_size[0], h),
+                                      indexing="xy"), dim=-1)[None].expand(6, -1, -1, -1)
+    expected = F.grid_sample(logits[:, None], full, mode="bilinear", align_corners=False)[:, 0].sigmoid() > 0.5
+    boxes, crops = paste_mask_logits(logits, image_size=image_size, orig_size=orig_size)
+    assert torch.equal(_dense(boxes, crops, orig_size), expected)
+    assert boxes[0].tolist() == [0, 0, 0, 0] and crops[0].numel() == 0
+    # Each crop is its mask's tight box: no empty border row or column.
+    for crop in crops[1:]:
+        if crop.numel():
+            assert crop[0].any() and crop[-1].any() and crop[:, 0].any() and crop[:, -1].any()
+
+
+def test_roi_masks_pasted_per_box_equal_torchvision_thresholded() -> None:
+    from torchvision.models.detection.roi_heads import paste_masks_in_image
+
+    torch.manual_seed(0)
+    probs = torch.rand(5, 28, 28)
+    boxes = torch.tensor([[10.3, 5.7, 60.2, 40.9], [0.0, 0.0, 99.9, 79.9], [-5.0, 70.0, 20.0, 95.0],
+                          [50.5, 50.5, 51.0, 51.0], [90.0, 2.0, 140.0, 30.0]])
+    expected = paste_masks_in_image(probs[:, None], boxes, (80, 100), padding=1)[:, 0] > 0.5
+    tight, crops = paste_roi_masks(probs, boxes, orig_size=(80, 100), mask_threshold=0.5)
+    assert torch.equal(_dense(tight, crops, (80, 100)), expected)
+    assert torch.equal(tight.float(), mask_boxes(expected))
+    none, no_crops = paste_roi_masks(torch.zeros(0, 28, 28), torch.zeros(0, 4), orig_size=(8, 9))
+    assert none.shape == (0, 4) and no_crops == [] and paste_crops(none, no_crops, (8, 9)).shape == (0, 8, 9)
 
 
 def _outputs(pred_logits: torch.Tensor, pred_masks: torch.Tensor) -> ModelOutputs:

@@ -409,7 +409,7 @@ def test_shard_actor_writes_the_propose_format_and_pretraining_loads_it(
     assert rows["images"].tolist() == [2, 0] and rows["failed"].tolist() == [0, 1]
     summary = merge_shards(out, fingerprints)
     assert summary["images"] == 2 and summary["failed"] == 1 and summary["images_without_proposals"] == 1
-    assert summary["failed_examples"] == {"cannot decode image": ["c_broken.png"]}
+    assert summary["failed_examples"] == {"missing or unreadable image file": ["c_broken.png"]}
 
     with contextlib.redirect_stdout(io.StringIO()):
         coco = COCO(str(out / "annotations.json"))
@@ -463,7 +463,7 @@ def test_cli_propose_with_clip_through_ray(tiny_json: Path, tmp_path: Path, loca
     args = ["propose", "--images", str(folder), "--out", str(out), "--proposer", "clip",
             "propose.batch_size=2", "propose.shard_size=2", "propose.num_actors=1", f"clip.model={tiny_json}",
             "clip.allow_random=true", f"clip.image_size={INPUT}", "clip.min_score=0.0", "clip.background_words=[]"]
-    with pytest.warns(DatasetSkipWarning, match=r"skipped 1 of 3 images \(cannot decode image: 1"):
+    with pytest.warns(DatasetSkipWarning, match=r"skipped 1 of 3 images \(missing or unreadable image file: 1"):
         assert main(args) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["images"] == 2 and summary["shards_computed"] == 2 and summary["images_per_s"] > 0

@@ -18,6 +18,7 @@ from torch import nn
 from sp_ray.cli import main
 from sp_ray.config import Config, ConfigError, load_config
 from sp_ray.data.coco import SIZE_MISMATCH, DatasetSkipWarning
+from sp_ray.data.images import TOO_LARGE, UNREADABLE
 from sp_ray.data.synthetic import write_synthetic_dataset
 from sp_ray.models.knet import IMAGENET_MEAN, IMAGENET_STD
 from sp_ray.pretrain.propose import (
@@ -150,6 +151,36 @@ def test_batched_equals_single_image(label_folder: tuple[Path, dict[str, np.ndar
     )
     assert one.images == three.images and one.annotations == three.annotations and one.failed == three.failed
     np.testing.assert_allclose(one.prompts, three.prompts, atol=1e-6)
+
+
+def test_truncated_jpegs_and_images_above_the_pixel_limit_are_counted_skips(
+    label_folder: tuple[Path, dict[str, np.ndarray]], write_bad_image
+) -> None:
+    """The rule of every reader: one bad file (a decompression bomb included) is a counted skip, not an
+    aborted run."""
+    folder, _ = label_folder
+    write_bad_image(folder / "e_cut.jpg", "truncated_jpeg")
+    write_bad_image(folder / "f_bomb.png", "bomb_error")
+    write_bad_image(folder / "g_bomb.png", "bomb_warning")
+    items = list_images(folder)
+    cfg = _small_config().propose
+    result = propose_images(items, _LabelBackbone(), cfg, device=torch.device("cpu"))
+    reasons = {entry["file_name"]: entry["reason"] for entry in result.failed}
+    assert reasons == {"d_broken.png": UNREADABLE, "e_cut.jpg": UNREADABLE, "f_bomb.png": TOO_LARGE,
+                       "g_bomb.png": TOO_LARGE}
+    assert [image["file_name"] for image in result.images] == ["a_two_objects.png", "b_uniform.png",
+                                                               "c_one_object.png"]
+    # A limit below the 128 x 128 images skips them too, with the size in the detail.
+    small = propose_images(
+        items[:1], _LabelBackbone(), cfg, device=torch.device("cpu"), max_image_pixels=SIZE * SIZE - 1
+    )
+    assert small.images == [] and small.failed[0]["reason"] == TOO_LARGE
+    assert "128x128 (HxW), 16,384 pixels" in small.failed[0]["detail"]
+    # The limit changes which images are skipped, so it is part of a shard's fingerprint (the default is not).
+    base = _fingerprint(proposal_identity(_small_config()), items)
+    assert _fingerprint(proposal_identity(_small_config("data.max_image_pixels=1000")), items) != base
+    with pytest.raises(ConfigError, match="data.max_image_pixels"):
+        propose(folder, folder.parent / "out", _small_config("data.max_image_pixels=0"))
 
 
 def test_merge_keeps_images_without_proposals(tmp_path: Path, label_folder: tuple[Path, dict]) -> None:
@@ -300,7 +331,7 @@ def test_propose_end_to_end_with_ray_and_resume(tmp_path: Path, local_ray, capsy
     out = tmp_path / "pseudo"
     cfg = _small_config()
     with pytest.warns(
-        DatasetSkipWarning, match=r"skipped 1 of 7 images \(cannot decode image: 1, e.g. zz_broken"
+        DatasetSkipWarning, match=r"skipped 1 of 7 images \(missing or unreadable image file: 1, e.g. zz_broken"
     ):
         first = propose(images, out, cfg)
     assert first["images_listed"] == 7 and first["images"] == 6 and first["failed"] == 1

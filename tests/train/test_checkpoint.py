@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from sp_ray.config import Config, apply_overrides
+from sp_ray.errors import UserError
 from sp_ray.train.checkpoint import (
     is_checkpoint,
     load_checkpoint,
@@ -60,8 +61,39 @@ def test_not_a_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match="not an sp-ray checkpoint"):
         load_checkpoint(tmp_path)
     save_checkpoint(tmp_path / "final", model=net(), config=Config(), meta={})
-    with pytest.raises(FileNotFoundError, match="not a resumable run"):
+    with pytest.raises(UserError, match=r"final has no optimizer\.pt: it is a final model, not a resumable run"):
         load_checkpoint(tmp_path / "final", with_training_state=True)
+
+
+class _RunsCode:
+    """Pickles to a call of os.mkdir: a checkpoint that would run code if loaded without weights_only."""
+
+    def __init__(self, target) -> None:
+        self.target = str(target)
+
+    def __reduce__(self):
+        import os
+
+        return (os.mkdir, (self.target,))
+
+
+def test_damaged_or_hostile_model_file_is_a_clear_error(tmp_path):
+    path = save_checkpoint(tmp_path / "ckpt", model=net(), config=Config(), meta={})
+    intact = (path / "model.pt").read_bytes()
+    (path / "model.pt").write_bytes(intact[: len(intact) // 2])
+    with pytest.raises(UserError, match=r"model\.pt \(the model of checkpoint .*\) is truncated") as truncated:
+        load_checkpoint(path)
+    marker = tmp_path / "code_ran"
+    torch.save({"weight": _RunsCode(marker)}, path / "model.pt")
+    with pytest.raises(UserError, match=r"cannot be loaded safely: it references posix\.mkdir") as hostile:
+        load_checkpoint(path)
+    assert not marker.exists()
+    for error in (truncated.value, hostile.value):
+        assert "weights_only=False" not in str(error) and "weights_only` set to `False`" not in str(error)
+    (path / "model.pt").write_bytes(intact)
+    (path / "meta.json").write_text('{"epoch": ')
+    with pytest.raises(UserError, match=r"config\.yaml or meta\.json is damaged"):
+        load_checkpoint(path)
 
 
 def test_init_weights_report():

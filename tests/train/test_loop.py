@@ -1,6 +1,7 @@
 """The training loop end to end on tiny synthetic data: it learns, it checkpoints, it resumes exactly."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -8,9 +9,11 @@ import torch
 
 from sp_ray.config import load_config
 from sp_ray.data.synthetic import write_synthetic_dataset
-from sp_ray.evaluation.coco_eval import evaluate_checkpoint
+from sp_ray.errors import EvaluationError, NonFiniteLossError, UserError
+from sp_ray.evaluation.coco_eval import METRIC_NAMES, evaluate_checkpoint
 from sp_ray.train.checkpoint import load_checkpoint
 from sp_ray.train.loop import fit
+from sp_ray.train.session import LocalSession
 
 DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo" / "knet_tiny_synthetic.yaml"
 
@@ -66,3 +69,94 @@ def test_resume_continues_the_same_run(tiny_data, tmp_path):
 def test_num_classes_must_match_the_data(tiny_data, tmp_path):
     with pytest.raises(ValueError, match="num_classes"):
         fit(tiny_config(tiny_data, "model.num_classes=3", "train.epochs=1"), tmp_path)
+
+
+class StopAtStep(LocalSession):
+    """A process that dies at one global step, as a killed worker or a stopped driver would."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step(self, step: int) -> None:
+        if step == self.step:
+            raise RuntimeError(f"stopped at step {step}")
+
+
+def metrics_epochs(work_dir: Path) -> list[int]:
+    return [json.loads(line)["epoch"] for line in (work_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_metrics_hold_each_epoch_once_after_a_stop_and_resume(tiny_data, tmp_path, one_thread):
+    # 8 train images, batch 4: 2 steps per epoch. Checkpoints every 2 epochs; the stop in epoch 4 comes after
+    # epoch 3 was logged but only epoch 2 was checkpointed, so epoch 3 is trained twice.
+    cfg = tiny_config(tiny_data, "train.epochs=4", "model.num_stages=1", "train.checkpoint_interval=2")
+    with pytest.raises(RuntimeError, match="stopped at step 7"):
+        fit(cfg, tmp_path, session=StopAtStep(7))
+    assert metrics_epochs(tmp_path) == [1, 2, 3]
+    assert load_checkpoint(tmp_path / "last", with_training_state=True).training_state["epoch"] == 2
+    fit(cfg, tmp_path, resume=tmp_path / "last")
+    assert metrics_epochs(tmp_path) == [1, 2, 3, 4]
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [2, 4, 6, 8]
+    # A fresh run in the same directory starts the log over.
+    fit(tiny_config(tiny_data, "train.epochs=1", "model.num_stages=1"), tmp_path)
+    assert metrics_epochs(tmp_path) == [1]
+
+
+def test_resume_at_the_last_epoch_keeps_final_as_it_is(tiny_data, tmp_path, one_thread):
+    cfg = tiny_config(tiny_data, "train.epochs=1", "model.num_stages=1")
+    fit(cfg, tmp_path)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "final").iterdir()}
+    fit(cfg, tmp_path, resume=tmp_path / "last")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "final").iterdir()} == before
+    assert metrics_epochs(tmp_path) == [1]
+    # Stopped between writing last/ and final/: the resumed run publishes last's model with its epoch and step.
+    shutil.rmtree(tmp_path / "final")
+    fit(cfg, tmp_path, resume=tmp_path / "last")
+    meta = load_checkpoint(tmp_path / "final").meta
+    assert meta["epoch"] == 1 and meta["step"] == 2
+    assert not (tmp_path / "final" / "optimizer.pt").exists()
+
+
+def test_a_failing_evaluation_keeps_the_trained_model(tiny_data, tmp_path, one_thread, monkeypatch):
+    import sp_ray.train.loop as loop
+
+    final_existed = []
+
+    def broken_evaluation(model, cfg, **kwargs):
+        final_existed.append((tmp_path / "final").is_dir())
+        raise TypeError("Argument 'bb' has incorrect type")
+
+    monkeypatch.setattr(loop, "evaluate_model", broken_evaluation)
+    cfg = tiny_config(tiny_data, "train.epochs=2", "model.num_stages=1", "train.eval_interval=1",
+                      f"data.val_annotations={tiny_data['val']}", f"data.val_images={tiny_data['images']}")
+    with pytest.raises(EvaluationError, match=r"evaluation of epoch 2 on .*val\.json failed \(TypeError: Argument "
+                                              r"'bb'.*the model is saved in .*final; evaluate it") as failed:
+        fit(cfg, tmp_path)
+    assert str(tmp_path / "final") in str(failed.value)
+    # Epoch 1's evaluation failed too and training went on; final/ existed when the last evaluation ran.
+    assert final_existed == [False, True]
+    meta = load_checkpoint(tmp_path / "final").meta
+    assert meta["epoch"] == 2 and "segm_AP" not in meta
+    assert metrics_epochs(tmp_path) == [1, 2]
+    assert isinstance(failed.value, UserError)  # not retried by Ray Train (sp_ray.train.failures)
+
+
+def test_evaluation_results_reach_final_and_last(tiny_data, tmp_path, one_thread, monkeypatch):
+    import sp_ray.train.loop as loop
+
+    scores = {"segm": {name: 12.5 + i for i, name in enumerate(METRIC_NAMES)}}
+    monkeypatch.setattr(loop, "evaluate_model", lambda model, cfg, **kwargs: (scores, []))
+    cfg = tiny_config(tiny_data, "train.epochs=1", "model.num_stages=1",
+                      f"data.val_annotations={tiny_data['val']}", f"data.val_images={tiny_data['images']}")
+    fit(cfg, tmp_path)
+    for name in ("final", "last"):
+        meta = load_checkpoint(tmp_path / name).meta
+        assert meta["segm_AP"] == 12.5 and meta["segm_AP50"] == 13.5 and meta["epoch"] == 1, name
+    assert json.loads((tmp_path / "metrics.jsonl").read_text())["segm_AP"] == 12.5
+
+
+def test_diverged_training_is_a_user_error(tiny_data, tmp_path, one_thread):
+    cfg = tiny_config(tiny_data, "train.epochs=1", "model.num_stages=1", "train.lr=1e30", "train.grad_clip=0",
+                      "train.warmup_iters=0")
+    with pytest.raises(NonFiniteLossError, match="lower train.lr"):
+        fit(cfg, tmp_path)

@@ -140,16 +140,17 @@ def test_two_workers_train_in_step(local_ray, tiny_data, tmp_path):
 
 
 def test_worker_failure_resumes_from_last_checkpoint(local_ray, tiny_data, tmp_path):
-    cfg = tiny_config(tiny_data, "train.epochs=3", "train.num_workers=2", "train.inject_failure_at_step=5",
-                      "train.max_failures=1")
+    cfg = tiny_config(tiny_data, "train.epochs=4", "train.num_workers=2", "train.inject_failure_at_step=7",
+                      "train.max_failures=1", "train.checkpoint_interval=2")
     final = run_training(cfg, tmp_path)
     assert (tmp_path / ".injected_failure_done").exists()
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    # Epochs 1 and 2 were checkpointed before the failure at step 5 (in epoch 3); the restarted
-    # workers continue from epoch 2's checkpoint, so the log reads 1, 2, 3 with no epoch lost or repeated.
-    assert [m["epoch"] for m in lines] == [1, 2, 3]
-    assert [m["step"] for m in lines] == [2, 4, 6]
-    assert load_checkpoint(final).meta["step"] == 6
+    # Epoch 2 was the last checkpoint before the failure at step 7 (in epoch 4), epoch 3 was logged; the
+    # restarted workers continue from epoch 2's checkpoint and log epoch 3 again in place of the old row,
+    # so the log reads 1, 2, 3, 4 with no epoch lost or repeated.
+    assert [m["epoch"] for m in lines] == [1, 2, 3, 4]
+    assert [m["step"] for m in lines] == [2, 4, 6, 8]
+    assert load_checkpoint(final).meta["step"] == 8
 
 
 def test_gpu_request_without_gpus_is_an_error(local_ray, tiny_data, tmp_path):
@@ -160,10 +161,11 @@ def test_gpu_request_without_gpus_is_an_error(local_ray, tiny_data, tmp_path):
 def test_resume_path_that_is_not_a_checkpoint(tiny_data, tmp_path, capsys):
     from sp_ray.cli import main
 
-    code = main(["finetune", "--config", str(DEMO_CONFIG), "--work-dir", str(tmp_path), "--resume", str(tmp_path),
-                 f"data.train_annotations={tiny_data['train']}", f"data.train_images={tiny_data['images']}"])
+    code = main(["finetune", "--config", str(DEMO_CONFIG), "--work-dir", str(tmp_path), "--resume-from",
+                 str(tmp_path), f"data.train_annotations={tiny_data['train']}",
+                 f"data.train_images={tiny_data['images']}"])
     assert code == 2
-    assert "not a checkpoint directory" in capsys.readouterr().err
+    assert f"--resume-from {tmp_path}: {tmp_path} is not a checkpoint directory" in capsys.readouterr().err
 
 
 def test_ssl_runs_in_two_ray_workers(local_ray, tiny_data, tmp_path):
