@@ -60,6 +60,9 @@ def _add_resume_args(p: argparse.ArgumentParser) -> None:
 
 
 def _ray_overrides(args: argparse.Namespace) -> list[str]:
+    if args.num_workers is not None and args.num_workers < 1:
+        raise ConfigError(f"--num-workers {args.num_workers}: it must be >= 1 (the Ray Train workers, "
+                          "train.num_workers)")
     extra = [f"train.num_workers={args.num_workers}"] if args.num_workers is not None else []
     return extra + (["train.use_gpu=true"] if args.gpu else [])
 
@@ -316,7 +319,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     # Everything that can fail on the input fails now, not after the evaluation.
     check_output_file(out, what="--out")
     check_output_file(predictions, what="--predictions")
-    check_coco_data(args.annotations, args.images, what="--annotations / --images")
+    check_coco_data(args.annotations, args.images, what="--annotations / --images", images_what="--images")
     if args.onnx:
         _check_onnx_file(args.onnx)
         metrics, results = evaluate_onnx(

@@ -409,6 +409,29 @@ def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
     return _build(Config, data, prefix="")
 
 
+# The settings that name a local file or folder. Ray workers do not run in the driver's directory, so a
+# relative path is made absolute on the driver (``absolute_paths``), against the directory the checks used.
+PATH_KEYS = (
+    "model.backbone_weights", "data.train_annotations", "data.train_images", "data.val_annotations",
+    "data.val_images", "train.storage_path", "pretrain.prompts", "clip.weights",
+)
+
+
+def absolute_paths(cfg: Config, base: str | Path | None = None) -> Config:
+    """``cfg`` with every relative path of ``PATH_KEYS`` made absolute against ``base`` (default: the current
+    directory); empty, None and URI (``s3://...``) values are left as they are."""
+    base = Path(base or Path.cwd()).absolute()
+    sections: dict[str, dict[str, Any]] = {}
+    for dotted in PATH_KEYS:
+        section, key = dotted.split(".")
+        value = getattr(getattr(cfg, section), key)
+        if value and "://" not in value and not Path(value).is_absolute():
+            sections.setdefault(section, {})[key] = str(base / value)
+    return dataclasses.replace(
+        cfg, **{name: dataclasses.replace(getattr(cfg, name), **keys) for name, keys in sections.items()}
+    )
+
+
 def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
 

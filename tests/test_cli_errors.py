@@ -103,6 +103,8 @@ def test_bad_config_value_fails_on_the_driver(override, names, data, tmp_path, c
 
 def test_zero_workers_is_a_config_error_not_a_ray_assertion(data, tmp_path, capsys):
     code, text, seconds = run(finetune(tmp_path / "run", data, "--num-workers", "0"), capsys)
+    assert_one_line_error(code, text, seconds, "--num-workers 0", "train.num_workers", ">= 1")
+    code, text, seconds = run(finetune(tmp_path / "run", data, "train.num_workers=0"), capsys)
     assert_one_line_error(code, text, seconds, "train.num_workers", ">= 1")
 
 
@@ -145,7 +147,7 @@ def test_annotation_file_that_is_not_json(data, tmp_path, capsys):
 def test_image_folder_that_does_not_exist(data, tmp_path, capsys):
     missing = tmp_path / "no_such_folder"
     code, text, seconds = run(finetune(tmp_path / "run", data, f"data.train_images={missing}"), capsys)
-    assert_one_line_error(code, text, seconds, str(missing), "does not exist")
+    assert_one_line_error(code, text, seconds, "data.train_images", str(missing), "does not exist")
 
 
 def test_image_folder_without_the_json_images(data, tmp_path, capsys):
@@ -279,7 +281,7 @@ def evaluate(finished: Path, data, tmp_path: Path, *extra: str, images: Path | N
 def test_evaluate_images_folder_that_does_not_exist(finished, data, tmp_path, capsys):
     missing = tmp_path / "val2017"
     code, text, seconds = run(evaluate(finished, data, tmp_path, images=missing), capsys)
-    assert_one_line_error(code, text, seconds, str(missing), "does not exist")
+    assert_one_line_error(code, text, seconds, "--images", str(missing), "does not exist")
     assert not (tmp_path / "eval" / "metrics.json").exists()
 
 

@@ -6,6 +6,7 @@ from sp_ray.cli import main
 from sp_ray.config import (
     Config,
     ConfigError,
+    absolute_paths,
     apply_overrides,
     check_config_values,
     config_from_dict,
@@ -148,3 +149,19 @@ def test_value_checks_are_per_task():
     check_config_values(cfg, task="ssl")
     with pytest.raises(ConfigError, match=r"train\.epochs is 0"):
         check_config_values(cfg, task="finetune")
+
+
+def test_absolute_paths_resolve_relative_files_against_the_driver_directory(tmp_path):
+    # Ray workers do not run in the driver's directory: run_training hands them absolute paths.
+    cfg = apply_overrides(Config(), [
+        "data.train_annotations=data/train.json", "data.train_images=data/images", f"data.val_images={tmp_path}",
+        "train.storage_path=s3://bucket/runs", "pretrain.prompts=p/prompts.npy",
+    ])
+    resolved = absolute_paths(cfg, base=tmp_path)
+    assert resolved.data.train_annotations == str(tmp_path / "data" / "train.json")
+    assert resolved.data.train_images == str(tmp_path / "data" / "images")
+    assert resolved.pretrain.prompts == str(tmp_path / "p" / "prompts.npy")
+    assert resolved.data.val_images == str(tmp_path)  # already absolute
+    assert resolved.train.storage_path == "s3://bucket/runs"  # a URI
+    assert resolved.data.val_annotations == "" and resolved.model.backbone_weights is None  # unset
+    assert resolved.model == cfg.model and resolved.train.lr == cfg.train.lr

@@ -106,7 +106,8 @@ def check_image_folder(path: str | Path, *, what: str) -> Path:
 
 
 def check_coco_data(
-    annotations: str | Path, images: str | Path, *, what: str, max_pixels: int | None = None
+    annotations: str | Path, images: str | Path, *, what: str, images_what: str | None = None,
+    max_pixels: int | None = None,
 ) -> dict[str, Any]:
     """Check a COCO json and its image folder as the dataset will read them; returns the parsed json.
 
@@ -118,6 +119,7 @@ def check_coco_data(
         annotations: the json file.
         images: the folder of its ``file_name`` entries.
         what: the setting both came from, for the messages (e.g. "data.train_annotations").
+        images_what: the setting of the folder, when it has its own (e.g. "data.train_images").
         max_pixels: the image size limit of the readers (``data.max_image_pixels``); None: their default.
 
     Raises:
@@ -137,7 +139,7 @@ def check_coco_data(
         )
     if not data["images"]:
         raise UserError(f"{what}: {annotations} lists no images")
-    folder = check_image_folder(images, what=f"{what} ({annotations})")
+    folder = check_image_folder(images, what=f"{images_what or what} (the images of {annotations})")
     names = [image["file_name"] for image in data["images"]]
     flat = set(os.listdir(folder))  # one listing instead of a stat per image of a large folder
     present = sum(1 for name in names if (name in flat if "/" not in name else (folder / name).is_file()))
@@ -186,12 +188,12 @@ def _check_fit_data(cfg: Config) -> int:
             raise UserError(f"data.{key} is empty: set it ({what}) in the config or as data.{key}=PATH")
     limit = cfg.data.max_image_pixels
     train = check_coco_data(cfg.data.train_annotations, cfg.data.train_images, what="data.train_annotations",
-                            max_pixels=limit)
+                            images_what="data.train_images", max_pixels=limit)
     if cfg.data.val_annotations:
         if not cfg.data.val_images:
             raise UserError("data.val_annotations is set but data.val_images is empty: set data.val_images=DIR")
         check_coco_data(cfg.data.val_annotations, cfg.data.val_images, what="data.val_annotations",
-                        max_pixels=limit)
+                        images_what="data.val_images", max_pixels=limit)
     if cfg.pretrain.enabled:
         from sp_ray.pretrain.sp_model import load_saliency_queries, prompts_path
 

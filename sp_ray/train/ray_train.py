@@ -26,7 +26,7 @@ import ray.train.torch
 import torch
 from torch import nn
 
-from sp_ray.config import Config, config_from_dict, config_to_dict
+from sp_ray.config import Config, absolute_paths, config_from_dict, config_to_dict
 from sp_ray.errors import UserError
 from sp_ray.train.failures import StopOnUserError, raise_user_error
 from sp_ray.train.loop import fit
@@ -211,6 +211,7 @@ def run_training(
     # train no epoch and publish the final model of `last`.
     work_dir = Path(work_dir).resolve()
     work_dir.mkdir(parents=True, exist_ok=True)
+    cfg = absolute_paths(cfg)  # the workers' directory is not the driver's: the paths the checks read, absolute
     init_ray()
     resources = check_resources(cfg)
     scored = bool(cfg.data.val_annotations) and cfg.train.eval_interval == cfg.train.checkpoint_interval

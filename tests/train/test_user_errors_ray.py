@@ -53,6 +53,17 @@ def test_a_user_error_in_a_worker_is_not_retried(local_ray, data, tmp_path, caps
     assert not (tmp_path / "final").exists()
 
 
+def test_relative_data_paths_reach_the_workers(local_ray, data, tmp_path, monkeypatch, capsys):
+    # The driver's checks read data/train.json from its directory; the Ray workers run elsewhere and
+    # once failed on the same relative path as a fault (retried, exit 1 after a minute).
+    monkeypatch.chdir(data["train"].parent)
+    argv = ["finetune", "--config", str(CONFIG), "--work-dir", str(tmp_path / "run"),
+            f"data.train_annotations={data['train'].name}", f"data.train_images={data['images'].name}",
+            *TINY, "train.epochs=1", "train.max_failures=0"]
+    assert main(argv) == 0, capsys.readouterr().err[-2000:]
+    assert (tmp_path / "run" / "final" / "model.pt").is_file()
+
+
 def test_sigint_prints_the_resume_command_and_resuming_logs_each_epoch_once(local_ray, data, tmp_path, capsys):
     work_dir = tmp_path / "run"
     # Checkpoints every 2 epochs, so the interrupted run has usually logged epochs past its last checkpoint.
