@@ -250,4 +250,3 @@ def postprocess_maskrcnn(
             }
         )
     return results
-

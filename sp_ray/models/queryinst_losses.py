@@ -308,4 +308,3 @@ class QueryInstCriterion(nn.Module):
         losses[f"loss_mask_s{i}"] = mask_bce_loss(pred_masks, flat_targets) * self.mask_weight
         losses[f"loss_dice_s{i}"] = dice_loss(pred_masks, flat_targets, eps=DICE_EPS).sum() / num_pos * self.dice_weight
         return losses
-

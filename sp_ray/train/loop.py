@@ -207,6 +207,7 @@ class _Collate:
     def __call__(self, batch):
         return collate(batch, size_divisor=self.size_divisor)
 
+
 def scaled_lr(cfg: Config, world_size: int) -> Config:
     """Apply the linear scaling rule: ``lr x global batch / base_batch_size`` (no change when 0)."""
     if cfg.train.base_batch_size <= 0:
@@ -236,7 +237,6 @@ def keep_metrics_through(path: Path, epoch: int) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("".join(rows[e] + "\n" for e in sorted(rows)))
     tmp.replace(path)
-
 
 
 def check_optimizer_groups(optimizer: torch.optim.Optimizer, saved: dict[str, Any], source: str | Path) -> None:

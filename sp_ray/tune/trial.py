@@ -247,4 +247,3 @@ def _file_stamp(path: str | None) -> list[int] | None:
         return None
     stat = Path(path).stat()
     return [stat.st_size, stat.st_mtime_ns]
-

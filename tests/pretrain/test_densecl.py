@@ -219,6 +219,7 @@ def test_export_matches_encoder_and_unwraps() -> None:
 def test_resume_restores_queues_and_key_encoder(trained: Path, tiny_cfg, images: Path, tmp_path) -> None:
     ckpt = load_checkpoint(trained / "last", with_training_state=True)
     assert ckpt.training_state["epoch"] == 1 and ckpt.training_state["step"] == 2
+
     def build() -> DenseCL:
         return DenseCL(depth=18, init_weights=None, hidden_dim=32, proj_dim=16, queue_size=8,
                        momentum=0.99, temperature=0.2, loss_lambda=0.5)
