@@ -11,12 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from sp_ray.demo.settings import TINY
+
 REPO = Path(__file__).resolve().parents[2]
-# The tiny sizes of `sp-ray demo --tiny` (sp_ray/demo/settings.py): seconds per run on a CPU.
-TINY_SSL = ("ssl.batch_size=4", "ssl.queue_size=16", "ssl.hidden_dim=32", "ssl.image_size=32")
-TINY_KNET = ("data.max_size=64", "data.short_size=64", "model.num_kernels=8", "model.feat_channels=32",
-             "model.ffn_channels=64", "model.num_heads=2", "model.num_stages=1", "train.batch_size=2",
-             "train.warmup_iters=2", "eval.batch_size=4")
+# The tiny sizes of `sp-ray demo --tiny`: seconds per run on a CPU.
+TINY_SSL, TINY_KNET = TINY.ssl_overrides, TINY.knet_overrides
 
 
 @pytest.mark.slow
