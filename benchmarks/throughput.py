@@ -34,7 +34,8 @@ on its long side, as the training resize with ``data.max_size = data.short_size 
 the pre- and post-processing that grow with the image: resize, mask pasting, RLE with ``--rle``. Each
 side runs in a fresh process that imports numpy and onnxruntime only, after one warm-up image of 512 px;
 the peak is that process's high-water mark (VmHWM). The image is a synthetic one (shapes on textures)
-resized to each side. It writes OUT.json and OUT.md (no chart):
+resized to each side. ``--runtime-from CHECKOUT`` runs the same model through another checkout's runtime
+(before / after a change). It writes OUT.json and OUT.md (no chart):
 
     python benchmarks/throughput.py --image-sides 512 1000 2000 4000 --size 800 --families knet \\
         --iterations 1 --warmup 0 --threads 1 --out benchmarks/results/cpu_r50_image_sides
@@ -319,7 +320,7 @@ def run_image_sides(models: dict[str, str], args: argparse.Namespace, folder: Pa
                       "warmup_image": str(folder / "warmup.npy"), "warmup": args.warmup,
                       "iterations": args.iterations, "threads": args.threads, "providers": providers}
             done = subprocess.run([sys.executable, "-c", SIDE_WORKER, json.dumps(worker)], capture_output=True,
-                                  text=True)
+                                  text=True, **runtime_from(args.runtime_from))
             if done.returncode != 0:
                 raise RuntimeError(f"image-side worker failed for {family} at {side} px:\n{done.stderr[-3000:]}")
             row = json.loads(done.stdout.strip().splitlines()[-1])
@@ -330,6 +331,17 @@ def run_image_sides(models: dict[str, str], args: argparse.Namespace, folder: Pa
             print(f"{TITLES[family]:10} {side:5d} px: {results[-1]['latency_p50_ms']:.0f} ms, "
                   f"peak RSS {row['peak_rss_mb']:.0f} MB", flush=True)
     return results
+
+
+def runtime_from(checkout: str | None) -> dict:
+    """subprocess.run arguments that make the side worker import ``export.runtime`` from ``checkout``.
+
+    The worker's ``sys.path[0]`` is its working directory, so it runs there (a checkout of this repository at
+    another commit, e.g. ``git worktree add /tmp/before COMMIT``); the model is still exported by this one.
+    """
+    if checkout is None:
+        return {}
+    return {"cwd": checkout, "env": {**os.environ, "PYTHONPATH": checkout}}
 
 
 def image_sides_table(results: list[dict]) -> str:
@@ -428,6 +440,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--image-sides", type=int, nargs="+", default=None,
                    help="instead of the throughput grid: Segmenter.predict latency and peak memory per image side")
     p.add_argument("--rle", action="store_true", help="with --image-sides: RLE masks instead of dense ones")
+    p.add_argument("--runtime-from", metavar="CHECKOUT", default=None,
+                   help="with --image-sides: time the export/runtime.py of another checkout (before / after)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.size % 32:
@@ -436,6 +450,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--device cuda: PyTorch sees no CUDA device")
     if args.image_sides is not None and (min(args.image_sides) < 1 or args.iterations < 1):
         p.error("--image-sides must be positive and --iterations >= 1")
+    if args.runtime_from is not None and not (Path(args.runtime_from) / "export" / "runtime.py").is_file():
+        p.error(f"--runtime-from {args.runtime_from}: no export/runtime.py there; give a checkout of this repository")
     if args.image_sides is not None and not Path("/proc/self/status").is_file():
         p.error("--image-sides reads peak memory from /proc (Linux only)")
     return args
@@ -485,6 +501,9 @@ def write_image_sides(args: argparse.Namespace, argv: list[str] | None, out: Pat
     machine = env["cpu"] if args.device == "cpu" else env.get("gpu")
     title = (f"Segmenter.predict, one image per side, graph input {args.size} px on the long side, "
              f"ResNet-{args.depth}, {args.device} ({machine}, {threads})")
+    if args.runtime_from:
+        title += f", runtime of {args.runtime_from}"
+        env["runtime_from"] = args.runtime_from
     out.with_suffix(".json").write_text(json.dumps({"command": command, "environment": env, "results": results},
                                                    indent=2))
     text = f"{title}\n\n{image_sides_table(results)}\n\n`{command}`\n"

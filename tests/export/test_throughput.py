@@ -63,3 +63,18 @@ def test_image_sides_report_latency_and_peak_memory_per_side(throughput, knet_ex
         assert 1 <= row["instances"] <= knet_export.info.topk and 0 < row["box_fraction"] <= 1
     table = throughput.image_sides_table(rows)
     assert "| K-Net R18 | 600 | RLE |" in table and "| 1.00 |" in table
+
+
+def test_runtime_from_runs_the_other_checkouts_runtime(throughput, knet_export, tmp_path) -> None:
+    """--runtime-from: the side worker imports export.runtime from that checkout, not from this one."""
+    other = tmp_path / "other_checkout"
+    (other / "export").mkdir(parents=True)
+    (other / "export" / "__init__.py").write_text("")
+    (other / "export" / "runtime.py").write_text(
+        "class Segmenter:\n    def __init__(self, *a, **k):\n        raise SystemExit('the other checkout ran')\n")
+    args = throughput.parse_args(["--image-sides", "64", "--iterations", "1", "--warmup", "0", "--device", "cpu",
+                                  "--families", "knet", "--runtime-from", str(other)])
+    with pytest.raises(RuntimeError, match="the other checkout ran"):
+        throughput.run_image_sides({"knet": str(knet_export.path)}, args, tmp_path)
+    with pytest.raises(SystemExit):
+        throughput.parse_args(["--image-sides", "64", "--runtime-from", str(tmp_path / "nothing_here")])
