@@ -232,7 +232,9 @@ def _run(options: PredictOptions, out: Path, pending: dict[int, dict[str, Any]],
                                "gpu": options.gpu, "score_threshold": options.score_threshold,
                                "batch_size": options.batch_size, "overlays": options.overlays},
         batch_size=1,
-        compute=ray.data.ActorPoolStrategy(size=actors),
+        # One shard at a time per actor: a shard is seconds of work, so a queue per actor would only leave one
+        # actor idle at the end while another still holds queued shards.
+        compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1),
         num_cpus=options.threads,
         num_gpus=1 if options.gpu else 0,
         # No max_restarts / max_task_retries here: Ray Data's actor pools default to restarting a dead actor

@@ -7,6 +7,8 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 import warnings
@@ -137,6 +139,30 @@ def test_resumed_run_equals_the_uninterrupted_one(full_run, folder, knet_onnx, t
     for name in OUTPUTS:
         assert (resumed / name).read_bytes() == (out / name).read_bytes(), name
     assert json.loads((resumed / "metrics.json").read_text()) == score_predictions(out, folder["gt"])
+
+
+def test_ctrl_c_then_resume_equals_the_uninterrupted_run(full_run, folder, knet_onnx, tmp_path) -> None:
+    """A real interrupt: ``sp-ray predict`` in its own process (its own local Ray), SIGINT once 3 of its 12
+    one-image shards are written, then ``--resume``; the shard size differs from the full run's, the
+    results do not."""
+    out, _ = full_run
+    interrupted = tmp_path / "interrupted"
+    args = [sys.executable, "-m", "sp_ray.cli", "predict", "--model", str(knet_onnx), "--source",
+            str(folder["root"]), "--out", str(interrupted), "--shard-size", "1"]
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while len(list((interrupted / "shards").glob("0*.json"))) < 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    written = len(list((interrupted / "shards").glob("0*.json")))
+    assert process.returncode == 130 and "sp-ray predict: interrupted" in err
+    assert 3 <= written < 12 and not (interrupted / "predictions.json").exists()
+    summary = predict(PredictOptions(model=str(knet_onnx), source=str(folder["root"]), out=str(interrupted),
+                                     shard_size=1, resume=True))
+    assert summary["shards_reused"] == written and summary["shards_computed"] == 12 - written
+    for name in OUTPUTS:
+        assert (interrupted / name).read_bytes() == (out / name).read_bytes(), name
 
 
 def test_killed_actor_is_replaced_and_every_image_is_predicted_once(local_ray, knet_onnx, folder,
