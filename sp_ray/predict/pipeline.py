@@ -150,8 +150,9 @@ def predict(options: PredictOptions) -> dict[str, Any]:
 
     Returns:
         Summary: inputs, images (predicted), instances, skipped, skipped_reasons, shards,
-        shards_computed, shards_reused, seconds and images_per_s of the Ray stage (None when every
-        shard was done), and the paths written.
+        shards_computed, shards_reused, seconds and images_per_s of the Ray stage (Ray's start when
+        this call starts it and the actors' start-up included; None when every shard was done), and
+        the paths written.
 
     Raises:
         UserError: see `check_options`, `resolve_source` and `read_model_info`; more actors than the

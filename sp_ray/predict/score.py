@@ -38,7 +38,7 @@ def score_predictions(out: str | os.PathLike, annotations: str | os.PathLike,
         Metrics as ``sp-ray evaluate``: {"segm": {...}, "bbox": {...}, "skipped": {"images", "annotations"}}.
 
     Raises:
-        UserError: DIR holds no predict output, or some images of the json were neither predicted nor
+        UserError: DIR holds no predict output or a video's, or some images of the json were neither predicted nor
             skipped by predict (another folder; the message gives examples).
     """
     from sp_ray.data.coco import CocoInstanceDataset
@@ -51,6 +51,8 @@ def score_predictions(out: str | os.PathLike, annotations: str | os.PathLike,
         skipped = json.loads((out / "skipped.json").read_text())["skipped"]
     except (OSError, json.JSONDecodeError, KeyError) as err:
         raise UserError(f"{out} holds no complete 'sp-ray predict' output ({err}); run sp-ray predict first") from None
+    if any("frame_index" in entry for entry in listing["images"]):
+        raise UserError(f"{out} holds the frames of a video; scoring against a COCO json is for image sources")
     root = Path(images_root) if images_root is not None else Path(listing["root"])
     predicted = {_absolute(entry["path"]): entry["id"] for entry in listing["images"]}
     failed = {_absolute(entry["path"]) for entry in skipped}

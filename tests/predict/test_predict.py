@@ -141,22 +141,24 @@ def test_resumed_run_equals_the_uninterrupted_one(full_run, folder, knet_onnx, t
     assert json.loads((resumed / "metrics.json").read_text()) == score_predictions(out, folder["gt"])
 
 
-def test_ctrl_c_then_resume_equals_the_uninterrupted_run(full_run, folder, knet_onnx, tmp_path) -> None:
-    """A real interrupt: ``sp-ray predict`` in its own process (its own local Ray), SIGINT once 3 of its 12
-    one-image shards are written, then ``--resume``; the shard size differs from the full run's, the
-    results do not."""
+def test_ctrl_c_then_resume_equals_the_uninterrupted_run(local_ray, full_run, folder, knet_onnx, tmp_path) -> None:
+    """A real interrupt: ``sp-ray predict`` in its own process, on this module's Ray through RAY_ADDRESS,
+    SIGINT once 3 of its 12 one-image shards are written, then ``--resume``; the shard size differs from
+    the full run's, the results do not."""
     out, _ = full_run
     interrupted = tmp_path / "interrupted"
     args = [sys.executable, "-m", "sp_ray.cli", "predict", "--model", str(knet_onnx), "--source",
             str(folder["root"]), "--out", str(interrupted), "--shard-size", "1"]
-    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    env = {**os.environ, "RAY_ADDRESS": local_ray.get_runtime_context().gcs_address}
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.monotonic() + 120
     while len(list((interrupted / "shards").glob("0*.json"))) < 3 and time.monotonic() < deadline:
         time.sleep(0.02)
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=120)
     written = len(list((interrupted / "shards").glob("0*.json")))
-    assert process.returncode == 130 and "sp-ray predict: interrupted" in err
+    assert process.returncode == 130 and "sp-ray predict: interrupted" in err, err[-2000:]
+    assert "Started a local Ray instance" not in err  # it joined RAY_ADDRESS
     assert 3 <= written < 12 and not (interrupted / "predictions.json").exists()
     summary = predict(PredictOptions(model=str(knet_onnx), source=str(folder["root"]), out=str(interrupted),
                                      shard_size=1, resume=True))
