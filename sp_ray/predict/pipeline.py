@@ -187,16 +187,16 @@ def predict(options: PredictOptions) -> dict[str, Any]:
 
         write_json(out / "skipped.json", {"count": len(unreadable), "reasons": merged["skipped_reasons"],
                                           "skipped": unreadable})
-    records = merged.pop("records")
+    segments = merged.pop("segments")
     paths = {f"{name}_json": str(out / f"{name}.json") for name in ("images", "predictions", "skipped")}
-    if source.kind == "video" and any(r.get("segment") for r in records):
+    if source.kind == "video" and any(segments):
         from fractions import Fraction
 
         from sp_ray.predict.video import join_segments
 
         video_out = out / f"{source.video.stem}.annotated.mp4"
-        segments = [shard_path(out, i, ".mp4") for i, r in enumerate(records) if r.get("segment")]
-        merged["annotated_frames"] = join_segments(segments, video_out, Fraction(tasks[0]["fps"]))
+        parts = [shard_path(out, i, ".mp4") for i, has_segment in enumerate(segments) if has_segment]
+        merged["annotated_frames"] = join_segments(parts, video_out, Fraction(tasks[0]["fps"]))
         paths["annotated_video"] = str(video_out)
     if options.overlays and source.kind == "images":
         paths["overlays"] = str(out / "overlays")

@@ -99,25 +99,52 @@ def read_shard(out: Path, index: int, fingerprint: str) -> dict[str, Any] | None
     return record
 
 
+class _JsonListWriter:
+    """Writes a JSON list item by item, to a temporary file renamed on ``close``: the bytes of
+    ``json.dumps(items)``, without holding the items in memory."""
+
+    def __init__(self, path: Path, prefix: str = "", suffix: str = "") -> None:
+        self.path = path
+        self.tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        self.file = open(self.tmp, "w")  # noqa: SIM115 - closed in close()
+        self.file.write(prefix + "[")
+        self.suffix = suffix
+        self.count = 0
+
+    def extend(self, items: list[Any]) -> None:
+        for item in items:
+            self.file.write((", " if self.count else "") + json.dumps(item))
+            self.count += 1
+
+    def close(self) -> None:
+        self.file.write("]" + self.suffix)
+        self.file.close()
+        os.replace(self.tmp, self.path)
+
+
 def merge_shards(out: Path, fingerprints: list[str], header: dict[str, Any]) -> dict[str, Any]:
     """Merge shards 0..n-1 into DIR/images.json, DIR/predictions.json and DIR/skipped.json.
+
+    The shards are read one at a time and the lists written as they go, so the merge holds one shard
+    in memory, not the whole run's predictions.
 
     Args:
         out: the output folder.
         fingerprints: the expected fingerprint of each shard.
-        header: written at the top of images.json (source, root, model).
+        header: the keys written before ``images`` in images.json (source, root, model, categories).
 
     Returns:
-        {"images", "instances", "skipped", "skipped_reasons", "records"}: counts, reason -> count,
-        and the shard records in order (for the video join).
+        {"images", "instances", "skipped", "skipped_reasons", "segments"}: counts, reason -> count, and
+        for each shard whether it has a video segment (for the video join).
 
     Raises:
         ValueError: a shard is missing or stale (a bug: the run computes every pending shard).
     """
-    images: list[dict[str, Any]] = []
-    predictions: list[dict[str, Any]] = []
+    images_prefix = json.dumps(header)[:-1] + (', ' if header else '') + '"images": '
+    images = _JsonListWriter(out / "images.json", prefix=images_prefix, suffix="}")
+    predictions = _JsonListWriter(out / "predictions.json")
     skipped: list[dict[str, Any]] = []
-    records = []
+    segments = []
     for index, expected in enumerate(fingerprints):
         record = read_shard(out, index, expected)
         if record is None:
@@ -125,10 +152,10 @@ def merge_shards(out: Path, fingerprints: list[str], header: dict[str, Any]) -> 
         images.extend(record["images"])
         predictions.extend(record["predictions"])
         skipped.extend(record["skipped"])
-        records.append(record)
+        segments.append(bool(record.get("segment")))
+    images.close()
+    predictions.close()
     reasons = Counter(entry["reason"] for entry in skipped)
-    write_json(out / "images.json", {**header, "images": images})
-    write_json(out / "predictions.json", predictions)
     write_json(out / "skipped.json", {"count": len(skipped), "reasons": dict(reasons), "skipped": skipped})
-    return {"images": len(images), "instances": len(predictions), "skipped": len(skipped),
-            "skipped_reasons": dict(reasons), "records": records}
+    return {"images": images.count, "instances": predictions.count, "skipped": len(skipped),
+            "skipped_reasons": dict(reasons), "segments": segments}
