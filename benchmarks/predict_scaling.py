@@ -15,7 +15,9 @@ the machine's load hits all of them); after one untimed warm-up round, ``--round
 images/s = images / wall time of the contender's run; the table gives the median and p95 over rounds and
 the ratio of medians to one actor. "After start-up" is the rate between the first and the last shard
 written (images of the shards after the first / that time span): the job's throughput once its actors
-are up, without the fixed cost of starting them. The fault run (``--kill``) starts the 2-actor job, SIGKILLs the actor
+are up, without the fixed cost of starting them. "Core share" is CPU seconds / wall seconds of the work
+(the loop; each shard inside its actor): below 1 when other processes hold the cores, which is what
+limits a second actor on a busy machine. The fault run (``--kill``) starts the 2-actor job, SIGKILLs the actor
 that wrote the first shard, and reports how many images were predicted, how many were written twice
 (none: the driver writes each shard once), whether the results equal an undisturbed run's byte for
 byte, and the time it cost.
@@ -61,18 +63,21 @@ def export_random_knet(args: argparse.Namespace, folder: Path) -> Path:
     return export_model(build_random_model(job), info, folder / "knet.onnx", sample=sample)
 
 
-def in_process(model: Path, images: Path) -> float:
-    """Seconds of the plain loop: decode and ``Segmenter.predict`` every image (session start excluded)."""
+def in_process(model: Path, images: Path) -> tuple[float, None, float]:
+    """(seconds of the plain loop: decode and ``Segmenter.predict`` every image, session start excluded;
+    None; CPU seconds / wall seconds of the loop)."""
     segmenter = Segmenter(model, providers=["CPUExecutionProvider"], threads=1)
     files = list_image_files(images)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for path in files:
         segmenter.predict(load_image_rgb(path), rle=True)
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    return seconds, None, (time.process_time() - cpu) / seconds
 
 
-def ray_job(model: Path, images: Path, out: Path, actors: int, shard_size: int) -> tuple[float, float]:
-    """(seconds of the whole predict call, images/s between the first and the last shard written)."""
+def ray_job(model: Path, images: Path, out: Path, actors: int, shard_size: int) -> tuple[float, float, float]:
+    """(seconds of the whole predict call, images/s between the first and the last shard written, CPU
+    seconds / wall seconds of the actors' shards: the share of a core each actor got)."""
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
     predict(PredictOptions(model=str(model), source=str(images), out=str(out), num_actors=actors, threads=1,
@@ -82,7 +87,9 @@ def ray_job(model: Path, images: Path, out: Path, actors: int, shard_size: int) 
     after_first = sum(len(json.loads(p.read_text())["images"]) + len(json.loads(p.read_text())["skipped"])
                       for p in shards[1:])
     span = shards[-1].stat().st_mtime - shards[0].stat().st_mtime
-    return seconds, after_first / span if span > 0 else float("nan")
+    records = [json.loads(p.read_text()) for p in shards]
+    share = sum(r["cpu_seconds"] for r in records) / sum(r["seconds"] for r in records)
+    return seconds, after_first / span if span > 0 else float("nan"), share
 
 
 def killed_job(model: Path, images: Path, out: Path, reference: Path, shard_size: int, count: int) -> dict:
@@ -121,12 +128,13 @@ def killed_job(model: Path, images: Path, out: Path, reference: Path, shard_size
             "seconds": round(seconds, 2)}
 
 
-def summarize(name: str, seconds: list[float], steady: list[float], images: int) -> dict:
+def summarize(name: str, seconds: list[float], steady: list[float], shares: list[float], images: int) -> dict:
     rates = [images / s for s in seconds]
     return {"contender": name, "images_per_s_median": float(np.median(rates)),
             "images_per_s_p95": float(np.percentile(rates, 95)), "images_per_s_p5": float(np.percentile(rates, 5)),
             "seconds_median": float(np.median(seconds)), "rounds": len(seconds), "images": images,
-            "steady_images_per_s_median": float(np.median(steady)) if steady else None}
+            "steady_images_per_s_median": float(np.median(steady)) if steady else None,
+            "core_share_median": float(np.median(shares))}
 
 
 def markdown(rows: list[dict], fault: dict | None, env: dict, command: str) -> str:
@@ -136,15 +144,15 @@ def markdown(rows: list[dict], fault: dict | None, env: dict, command: str) -> s
              f"onnxruntime {env['onnxruntime']}, ray {env['ray']}, python {env['python']}; load average before: "
              f"{env['load_average']}", "",
              "| contender | images/s median | images/s p95 | images/s p5 | s per run (median) | x 1 actor "
-             "| after start-up: images/s median | x 1 actor |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| after start-up: images/s median | x 1 actor | core share per actor |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     steady_one = next(r["steady_images_per_s_median"] for r in rows if r["contender"] == "predict, 1 actor")
     for r in rows:
         steady = r["steady_images_per_s_median"]
         after = f"{steady:.2f} | {steady / steady_one:.2f}" if steady is not None else "- | -"
         lines.append(f"| {r['contender']} | {r['images_per_s_median']:.2f} | {r['images_per_s_p95']:.2f} | "
                      f"{r['images_per_s_p5']:.2f} | {r['seconds_median']:.2f} | {r['images_per_s_median'] / one:.2f} "
-                     f"| {after} |")
+                     f"| {after} | {r['core_share_median']:.2f} |")
     if fault:
         lines += ["", "Fault: 2 actors, the actor of the first written shard SIGKILLed:", "",
                   "| " + " | ".join(fault) + " |", "|" + "---|" * len(fault),
@@ -195,18 +203,18 @@ def main(argv: list[str] | None = None) -> None:
         }
         times: dict[str, list[float]] = {name: [] for name in contenders}
         steady: dict[str, list[float]] = {name: [] for name in contenders}
+        shares: dict[str, list[float]] = {name: [] for name in contenders}
         for round_ in range(args.rounds + 1):
             for name, run in contenders.items():
-                seconds = run()
-                if isinstance(seconds, tuple):
-                    seconds, rate = seconds
-                    if round_ > 0:
-                        steady[name].append(rate)
+                seconds, rate, share = run()
                 if round_ > 0:
                     times[name].append(seconds)
+                    shares[name].append(share)
+                    if rate is not None:
+                        steady[name].append(rate)
                 print(f"round {round_}{' (warm-up)' if round_ == 0 else ''}: {name}: {seconds:.2f} s, "
-                      f"{args.num_images / seconds:.2f} images/s", flush=True)
-        rows = [summarize(name, seconds, steady[name], args.num_images) for name, seconds in times.items()]
+                      f"{args.num_images / seconds:.2f} images/s, core share {share:.2f}", flush=True)
+        rows = [summarize(name, times[name], steady[name], shares[name], args.num_images) for name in contenders]
         fault = None
         if args.kill:
             fault = killed_job(model, images, folder / "killed", folder / "out2", args.shard_size, args.num_images)
