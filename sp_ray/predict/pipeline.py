@@ -29,12 +29,22 @@ import math
 import os
 import time
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 from export.metadata import ModelInfo
 from sp_ray.errors import UserError
-from sp_ray.predict.shards import SHARDS, file_digest, fingerprint, merge_shards, read_shard, shard_path, write_shard
+from sp_ray.predict.shards import (
+    SHARDS,
+    file_digest,
+    fingerprint,
+    merge_shards,
+    read_shard,
+    shard_path,
+    write_json,
+    write_shard,
+)
 from sp_ray.predict.sources import Source, resolve_source
 
 log = logging.getLogger("sp_ray.predict")
@@ -130,7 +140,7 @@ def build_tasks(source: Source, shard_size: int) -> tuple[list[dict[str, Any]], 
     if source.kind == "images":
         items = source.images
         return [{"kind": "images", "inputs": items[i : i + shard_size]} for i in range(0, len(items), shard_size)], []
-    from sp_ray.predict.video import probe_video
+    from sp_ray.predict.video import probe_video  # av, for videos only
 
     video = source.video
     file_name = video.name
@@ -183,16 +193,12 @@ def predict(options: PredictOptions) -> dict[str, Any]:
     if unreadable:
         merged["skipped"] += len(unreadable)
         merged["skipped_reasons"] = {VIDEO_UNREADABLE: len(unreadable)}
-        from sp_ray.predict.shards import write_json
-
         write_json(out / "skipped.json", {"count": len(unreadable), "reasons": merged["skipped_reasons"],
                                           "skipped": unreadable})
     segments = merged.pop("segments")
     paths = {f"{name}_json": str(out / f"{name}.json") for name in ("images", "predictions", "skipped")}
     if source.kind == "video" and any(segments):
-        from fractions import Fraction
-
-        from sp_ray.predict.video import join_segments
+        from sp_ray.predict.video import join_segments  # av, for videos only
 
         video_out = out / f"{source.video.stem}.annotated.mp4"
         parts = [shard_path(out, i, ".mp4") for i, has_segment in enumerate(segments) if has_segment]
