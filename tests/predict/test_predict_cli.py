@@ -106,3 +106,14 @@ def test_the_actor_imports_no_torch() -> None:
             "print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_a_pool_the_cluster_cannot_hold_is_refused() -> None:
+    from sp_ray.predict.pipeline import PredictOptions, _check_resources
+
+    options = PredictOptions(model="m.onnx", source="s", out="o", num_actors=2, threads=2)
+    with pytest.raises(UserError, match="--num-actors 2 x --threads 2 needs 4 CPUs, the Ray cluster has 2"):
+        _check_resources({"CPU": 2.0}, 2, options)
+    with pytest.raises(UserError, match="--gpu with 2 actors needs 2 GPUs, the Ray cluster has 1"):
+        _check_resources({"CPU": 8.0, "GPU": 1.0}, 2, PredictOptions(model="m", source="s", out="o", gpu=True))
+    _check_resources({"CPU": 4.0}, 2, options)  # fits
