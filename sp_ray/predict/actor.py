@@ -122,7 +122,7 @@ class PredictActor:
                                "height": int(pixels.shape[0]), "width": int(pixels.shape[1])})
                 predictions.extend(coco_results(item["id"], found))
                 if self.overlays:
-                    names.append(item["file_name"] + ".png")
+                    names.append(item["overlay"])
                     blobs.append(png_bytes(draw_instances(pixels, found, self.segmenter.class_names)))
         skipped.sort(key=lambda entry: entry["id"])
         return {"images": images, "predictions": predictions, "skipped": skipped, "overlays": names}, blobs

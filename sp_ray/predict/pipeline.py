@@ -12,7 +12,8 @@ it comes back (`write_shard`); finally it merges all shards into DIR:
   xywh, score; + frame_index for a video);
 - ``skipped.json``: {"count", "reasons": {reason: count}, "skipped": [{"id", "file_name", "path",
   "reason", "detail"}]}: inputs that did not decode or that the model could not take;
-- ``overlays/<file_name>.png`` with ``overlays``; ``<video stem>.annotated.mp4`` for a video.
+- ``overlays/<file_name with a .png suffix>`` with ``overlays`` (see `resolve_source`);
+  ``<video stem>.annotated.mp4`` for a video.
 
 Actors are restarted by Ray when their process dies and the shard they held is run again (Ray
 Data's actor pools set ``max_restarts=-1`` and ``max_task_retries=-1``), so a killed actor costs

@@ -116,5 +116,13 @@ def _common_root(paths: list[Path]) -> Path:
 
 
 def _entries(paths: list[Path], root: Path) -> list[dict[str, object]]:
-    return [{"id": index + 1, "file_name": p.relative_to(root).as_posix(), "path": str(p)}
-            for index, p in enumerate(paths)]
+    """Input dicts; ``overlay`` names the drawn image under DIR/overlays: the file name with a .png suffix,
+    or the whole file name + .png where different files would share the first (a.jpg and a.png)."""
+    names = [p.relative_to(root).as_posix() for p in paths]
+    candidates = [Path(name).with_suffix(".png").as_posix() for name in names]
+    sharing: dict[str, set[str]] = {}
+    for name, candidate in zip(names, candidates, strict=True):
+        sharing.setdefault(candidate, set()).add(name)
+    return [{"id": index + 1, "file_name": name, "path": str(p),
+             "overlay": candidate if len(sharing[candidate]) == 1 else f"{name}.png"}
+            for index, (p, name, candidate) in enumerate(zip(paths, names, candidates, strict=True))]

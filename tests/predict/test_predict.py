@@ -89,7 +89,7 @@ def test_folder_with_corrupt_and_grayscale_images(full_run, folder) -> None:
     results = coco.loadRes(str(out / "predictions.json"))
     assert len(results.getAnnIds()) == summary["instances"] > 0
     assert {r["image_id"] for r in json.loads((out / "predictions.json").read_text())} <= set(coco.getImgIds())
-    overlay = np.asarray(Image.open(out / "overlays" / "gray.png.png"))
+    overlay = np.asarray(Image.open(out / "overlays" / "gray.png"))
     assert overlay.shape == (64, 64, 3)
     assert len(list((out / "overlays").rglob("*.png"))) == 11
 

@@ -22,7 +22,7 @@ from sp_ray.predict.sources import resolve_source
 def images(tmp_path) -> Path:
     folder = tmp_path / "images"
     (folder / "b").mkdir(parents=True)
-    for name in ("b/2.png", "1.jpg", "b/a.png"):
+    for name in ("b/2.png", "1.jpg", "b/a.png", "b/a.jpg"):
         Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / name)
     (folder / "notes.md").write_text("not an image")
     return folder
@@ -84,7 +84,10 @@ def test_bad_models_and_annotations(images, tmp_path, capsys) -> None:
 def test_sources_resolve_in_a_fixed_order(images, tmp_path) -> None:
     folder = resolve_source(str(images))
     assert folder.kind == "images" and folder.root == images
-    assert [(e["id"], e["file_name"]) for e in folder.images] == [(1, "1.jpg"), (2, "b/2.png"), (3, "b/a.png")]
+    assert [(e["id"], e["file_name"]) for e in folder.images] == [
+        (1, "1.jpg"), (2, "b/2.png"), (3, "b/a.jpg"), (4, "b/a.png")]
+    # Overlays are PNGs named after their image, unless two images would get the same name.
+    assert [e["overlay"] for e in folder.images] == ["1.png", "b/2.png", "b/a.jpg.png", "b/a.png.png"]
     globbed = resolve_source(str(images / "**" / "*.png"))
     assert [e["file_name"] for e in globbed.images] == ["2.png", "a.png"] and globbed.root == images / "b"
     listing = tmp_path / "list.txt"
