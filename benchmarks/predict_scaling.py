@@ -142,7 +142,7 @@ def markdown(rows: list[dict], fault: dict | None, env: dict, command: str) -> s
     lines = [f"`{command}`", "",
              f"{env['cpu']}, {env['cores']} cores, flags: {', '.join(env['isa_flags']) or 'none of interest'}; "
              f"onnxruntime {env['onnxruntime']}, ray {env['ray']}, python {env['python']}; load average before: "
-             f"{env['load_average']}", "",
+             f"{', '.join(f'{v:.2f}' for v in env['load_average'])} (1, 5, 15 min)", "",
              "| contender | images/s median | images/s p95 | images/s p5 | s per run (median) | x 1 actor "
              "| after start-up: images/s median | x 1 actor | core share per actor |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
