@@ -13,6 +13,8 @@
     sp-ray evaluate --onnx model.onnx --annotations A.json --images DIR [--out metrics.json]
     sp-ray export --checkpoint CKPT --out model.onnx [--opset N] [--input-size HxW | --dynamic-size]
                   [--batch N | --dynamic-batch] [--fp16 | --int8]
+    sp-ray predict --model M.onnx --source SRC --out DIR [--num-actors N] [--threads T] [--batch-size B]
+                   [--shard-size S] [--score-threshold S] [--overlays] [--gpu] [--resume] [--annotations A.json]
     sp-ray tune --config SWEEP.yaml [--resume] [KEY=VALUE ...]
     sp-ray demo [--out runs/demo] [--force | --redo STEP ...] [--tiny]
 
@@ -161,6 +163,23 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--parity-images", default=None,
                     help="folder of sample images (default: the config's data.val_images, else generated)")
     ex.add_argument("--parity-count", type=int, default=4, help="number of sample images")
+
+    pd = command(sub, "predict", help="batch inference of an exported model over images or a video (Ray Data)")
+    pd.add_argument("--model", required=True, help="the .onnx file written by 'sp-ray export'")
+    pd.add_argument("--source", required=True,
+                    help="an image, a folder (recursive), a glob (quoted), a text file of paths, or a video file")
+    pd.add_argument("--out", required=True,
+                    help="output folder: predictions.json, images.json, skipped.json, shards/ (and overlays/)")
+    pd.add_argument("--num-actors", type=int, default=1, help="Ray Data actors, one onnxruntime session each")
+    pd.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (and CPUs) per actor")
+    pd.add_argument("--batch-size", type=int, default=1, help="images per graph run")
+    pd.add_argument("--shard-size", type=int, default=64, help="inputs (frames) per shard: the unit of --resume")
+    pd.add_argument("--score-threshold", type=float, default=None, help="default: the model's own")
+    pd.add_argument("--overlays", action="store_true", help="also write each image with its instances drawn")
+    pd.add_argument("--gpu", action="store_true", help="one GPU per actor (onnxruntime CUDA / TensorRT)")
+    pd.add_argument("--resume", action="store_true", help="keep the finished shards of an interrupted run in --out")
+    pd.add_argument("--annotations", default=None,
+                    help="COCO json of the same files (names relative to --source): COCO AP into DIR/metrics.json")
 
     tn = command(sub, "tune", help="Ray Tune sweep of SP pre-training / fine-tuning settings across fractions")
     tn.add_argument("--config", required=True, help="sweep YAML (see configs/tune/)")
@@ -366,6 +385,27 @@ def cmd_export(args: argparse.Namespace) -> None:
           f"batch {info.batch_size or 'dynamic'}, {len(info.class_names)} classes)")
 
 
+def cmd_predict(args: argparse.Namespace) -> None:
+    from sp_ray.predict.pipeline import PredictOptions, predict
+
+    if args.annotations is not None and not Path(args.annotations).is_file():
+        raise UserError(f"--annotations {args.annotations} does not exist; pass the COCO json of the source images")
+    summary = predict(PredictOptions(
+        model=args.model, source=args.source, out=args.out, num_actors=args.num_actors, threads=args.threads,
+        batch_size=args.batch_size, shard_size=args.shard_size, score_threshold=args.score_threshold,
+        overlays=args.overlays, gpu=args.gpu, resume=args.resume,
+    ))
+    print(json.dumps(summary, indent=2))
+    if args.annotations is not None:
+        from sp_ray.evaluation.coco_eval import format_metrics
+        from sp_ray.predict.score import score_predictions
+
+        metrics = score_predictions(args.out, args.annotations)
+        (Path(args.out) / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        print(format_metrics(metrics))
+        print(f"metrics: {Path(args.out) / 'metrics.json'}")
+
+
 def cmd_tune(args: argparse.Namespace) -> None:
     from sp_ray.tune.spec import dump_sweep, load_sweep
 
@@ -399,6 +439,7 @@ COMMANDS = {
     "analyze-kernels": cmd_analyze_kernels,
     "evaluate": cmd_evaluate,
     "export": cmd_export,
+    "predict": cmd_predict,
     "tune": cmd_tune,
     "demo": cmd_demo,
 }
