@@ -11,6 +11,7 @@
     sp-ray analyze-kernels --checkpoint CKPT --images DIR_OR_JSON [--out kernels.png] [--num-images N]
     sp-ray evaluate --checkpoint CKPT --annotations A.json --images DIR [--out metrics.json] [KEY=VALUE ...]
     sp-ray evaluate --onnx model.onnx --annotations A.json --images DIR [--out metrics.json]
+    sp-ray evaluate --results PREDICT_DIR --annotations A.json --images DIR [--out metrics.json]
     sp-ray export --checkpoint CKPT --out model.onnx [--opset N] [--input-size HxW | --dynamic-size]
                   [--batch N | --dynamic-batch] [--fp16 | --int8]
     sp-ray predict --model M.onnx --source SRC --out DIR [--num-actors N] [--threads T] [--batch-size B]
@@ -139,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     source = ev.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="checkpoint directory (PyTorch)")
     source.add_argument("--onnx", help="model exported by 'sp-ray export' (onnxruntime, as deployed)")
+    source.add_argument("--results", metavar="PREDICT_DIR",
+                        help="score the output of 'sp-ray predict' (its --out) instead of running a model")
     ev.add_argument("--annotations", required=True)
     ev.add_argument("--images", required=True)
     ev.add_argument("--out", default=None, help="metrics json (default: CHECKPOINT/eval/metrics.json)")
@@ -327,6 +330,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from sp_ray.evaluation.coco_eval import evaluate_checkpoint, evaluate_onnx, format_metrics
     from sp_ray.train.preflight import check_coco_data, check_output_file
 
+    if args.results:
+        _score_predict_output(args)
+        return
     if args.onnx:
         if args.overrides:
             raise ConfigError("KEY=VALUE overrides apply to --checkpoint; an ONNX model carries its thresholds")
@@ -356,6 +362,24 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     predictions.write_text(json.dumps(results))
     print(format_metrics(metrics))
     print(f"metrics: {out}\npredictions: {predictions} ({len(results)} instances)")
+
+
+def _score_predict_output(args: argparse.Namespace) -> None:
+    """``evaluate --results DIR``: COCO AP of predict's DIR/predictions.json against --annotations."""
+    from sp_ray.evaluation.coco_eval import format_metrics
+    from sp_ray.predict.score import score_predictions
+    from sp_ray.train.preflight import check_coco_data, check_output_file
+
+    if args.overrides:
+        raise ConfigError("KEY=VALUE overrides apply to --checkpoint; --results scores predictions already made")
+    out = Path(args.out) if args.out else Path(args.results) / "metrics.json"
+    check_output_file(out, what="--out")
+    check_coco_data(args.annotations, args.images, what="--annotations / --images", images_what="--images")
+    metrics = score_predictions(args.results, args.annotations, images_root=args.images)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(metrics, indent=2))
+    print(format_metrics(metrics))
+    print(f"metrics: {out}")
 
 
 def _parse_size(text: str) -> tuple[int, int]:
@@ -446,7 +470,7 @@ COMMANDS = {
 
 
 # Commands whose interruption can be continued with --resume.
-RESUMABLE = ("finetune", "pretrain", "ssl", "tune")
+RESUMABLE = ("finetune", "pretrain", "ssl", "tune", "predict")
 
 
 def _resume_hint(argv: list[str], args: argparse.Namespace) -> str:
@@ -465,7 +489,7 @@ def _resume_hint(argv: list[str], args: argparse.Namespace) -> str:
         elif token != "--resume" and not token.startswith("--resume-from="):
             kept.append(token)
     command = shlex.join(["sp-ray", *kept, "--resume"])
-    if args.command == "tune":
+    if args.command in ("tune", "predict"):
         return f"continue it with: {command}"
     config = getattr(args, "config", None) or str(REPO_CONFIGS / "densecl_r50.yaml")
     work_dir = Path(args.work_dir or Path("work_dirs") / Path(config).stem)

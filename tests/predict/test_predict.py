@@ -94,15 +94,19 @@ def test_folder_with_corrupt_and_grayscale_images(full_run, folder) -> None:
     assert len(list((out / "overlays").rglob("*.png"))) == 11
 
 
-def test_predictions_score_as_evaluate_onnx(full_run, folder, knet_onnx) -> None:
+def test_predictions_score_as_evaluate_onnx(full_run, folder, knet_onnx, tmp_path) -> None:
     out, _ = full_run
+    metrics = tmp_path / "scored" / "metrics.json"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DatasetSkipWarning)
         expected, _ = evaluate_onnx(str(knet_onnx), annotations=str(folder["gt"]), images=str(folder["root"]),
                                     providers=["CPUExecutionProvider"], threads=1)
         scored = score_predictions(out, folder["gt"])
+        code = main(["evaluate", "--results", str(out), "--annotations", str(folder["gt"]),
+                     "--images", str(folder["root"]), "--out", str(metrics)])
     assert expected["segm"]["AP"] > 0 and expected["skipped"] == {"images": 1, "annotations": 1}
     assert scored == expected
+    assert code == 0 and json.loads(metrics.read_text()) == expected
 
 
 def test_results_are_the_runtimes_own(full_run, knet_onnx, folder) -> None:
@@ -158,6 +162,8 @@ def test_ctrl_c_then_resume_equals_the_uninterrupted_run(local_ray, full_run, fo
     _, err = process.communicate(timeout=120)
     written = len(list((interrupted / "shards").glob("0*.json")))
     assert process.returncode == 130 and "sp-ray predict: interrupted" in err, err[-2000:]
+    hint = next(line for line in err.splitlines() if "sp-ray predict: interrupted" in line)
+    assert "continue it with: sp-ray predict " in hint and hint.endswith(" --resume"), hint
     assert "Started a local Ray instance" not in err  # it joined RAY_ADDRESS
     assert 3 <= written < 12 and not (interrupted / "predictions.json").exists()
     summary = predict(PredictOptions(model=str(knet_onnx), source=str(folder["root"]), out=str(interrupted),
