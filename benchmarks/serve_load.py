@@ -186,10 +186,12 @@ def fault_run(url: str, payloads: list[bytes], args: argparse.Namespace, concurr
     kill_s = state["killed_at"] - began
     failures = [end for end, status in zip(load.ends, load.statuses, strict=True) if status != 200]
     failed_codes = sorted({s for s in load.statuses if s != 200})
+    in_flight = [st for s, e, st in zip(load.starts, load.ends, load.statuses, strict=True) if s < kill_s < e]
     return {
         "concurrency": concurrency, "requests": len(load.statuses), "killed_replica": victim_name,
         "killed_after_answers": args.kill_replica_after, "failed": len(failures), "failed_statuses": failed_codes,
-        "failures_within_s_of_kill": round(max(failures) - kill_s, 2) if failures else 0.0,
+        "in_flight_at_kill": len(in_flight), "in_flight_at_kill_failed": sum(st != 200 for st in in_flight),
+        "last_failure_after_kill_s": round(max(failures) - kill_s, 2) if failures else None,
         "replacement_running_after_s": (round(state["replaced_at"] - state["killed_at"], 2)
                                         if "replaced_at" in state else None),
         "longest_request_s": round(max(e - s for s, e in zip(load.starts, load.ends, strict=True)), 2),
@@ -232,11 +234,12 @@ def markdown(results: list[dict], baseline: float) -> str:
 
 def fault_markdown(fault: dict) -> str:
     return "\n".join([
-        "| concurrency | requests | killed after | failed | statuses | failures within (s of kill) | "
-        "replacement running after (s) | longest request (s) |",
-        "|---:|---:|---:|---:|---|---:|---:|---:|",
+        "| concurrency | requests | killed after | in flight at the kill | failed | statuses | "
+        "last failure after the kill (s) | replacement running after (s) | longest request (s) |",
+        "|---:|---:|---:|---:|---:|---|---:|---:|---:|",
         f"| {fault['concurrency']} | {fault['requests']} | {fault['killed_after_answers']} answers | "
-        f"{fault['failed']} | {fault['failed_statuses'] or '-'} | {fault['failures_within_s_of_kill']} | "
+        f"{fault['in_flight_at_kill']} | {fault['failed']} | {fault['failed_statuses'] or '-'} | "
+        f"{fault['last_failure_after_kill_s'] if fault['failed'] else '-'} | "
         f"{fault['replacement_running_after_s']} | {fault['longest_request_s']} |",
     ])
 
