@@ -20,7 +20,7 @@ import pytest
 import requests
 from PIL import Image
 
-from export.client import decode_prediction
+from export.client import decode_prediction, post_image
 from export.runtime import Segmenter
 from sp_ray.serve.settings import ServeSettings
 
@@ -207,3 +207,11 @@ def test_concurrent_requests_are_batched_and_equal_single_ones(service, test_ima
             a = mask_util.decode({**got["segmentation"], "counts": got["segmentation"]["counts"].encode()})
             b = mask_util.decode({**want["segmentation"], "counts": want["segmentation"]["counts"].encode()})
             assert (a != b).mean() < 1e-3  # float rounding of a batched run may flip a pixel at the threshold
+
+
+def test_the_python_client_posts_and_reports_errors(service, segmenter, test_images) -> None:
+    data = encode(test_images[2])
+    answer = post_image(service, data, score_threshold=0.0)
+    assert np.array_equal(decode_prediction(answer).masks, segmenter.predict(decoded(data)).masks)
+    with pytest.raises(RuntimeError, match=r"answered 400: the body \(5 bytes\) is not an image file"):
+        post_image(service, b"hello")

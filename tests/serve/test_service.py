@@ -156,3 +156,16 @@ def test_the_replica_and_the_client_import_no_torch() -> None:
         loaded[module] = json.loads(out.stdout.strip().splitlines()[-1])
     assert loaded["sp_ray.serve.app"] == ["onnxruntime", "ray"]
     assert loaded["export.client"] == []
+
+
+def test_the_client_names_what_an_answer_lacks() -> None:
+    from export.client import decode_prediction
+
+    with pytest.raises(ValueError, match=r"lacks \['instances'\]"):
+        decode_prediction({"height": 2, "width": 2})
+    instance = {"category_id": 1, "category_name": "a", "score": 0.5, "bbox": [0, 0, 1, 1],
+                "segmentation": {"size": [3, 2], "counts": "6"}}  # 6 zeros
+    with pytest.raises(ValueError, match=r"instance 0: its mask is \[3, 2\], the image \[2, 2\]"):
+        decode_prediction({"height": 2, "width": 2, "instances": [instance]})
+    found = decode_prediction(json.dumps({"height": 3, "width": 2, "instances": [instance]}))
+    assert found.masks.shape == (1, 3, 2) and not found.masks.any() and found.category_names == ["a"]
