@@ -221,12 +221,13 @@ def summarize(name: str, rounds: list[Load] | list[float], total: int, batch: in
 
 
 def markdown(results: list[dict], baseline: float) -> str:
-    lines = ["| contender | requests | images/s | x in-process | latency p50 (ms) | p95 (ms) | p99 (ms) | "
-             "errors | mean batch |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| contender | requests | images/s | per round | x in-process | latency p50 (ms) | p95 (ms) | "
+             "p99 (ms) | errors | mean batch |", "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         lat = [f"{r[k]:.0f}" if r[k] is not None else "-" for k in ("latency_p50_ms", "latency_p95_ms",
                                                                     "latency_p99_ms")]
-        lines.append(f"| {r['contender']} | {r['requests']} | {r['images_per_second']:.2f} | "
+        rounds = " ".join(f"{rate:.2f}" for rate in r["rates"])
+        lines.append(f"| {r['contender']} | {r['requests']} | {r['images_per_second']:.2f} | {rounds} | "
                      f"{r['images_per_second'] / baseline:.2f} | {' | '.join(lat)} | {r['errors']} | "
                      f"{r['mean_batch']:.1f} |")
     return "\n".join(lines)
@@ -284,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    load_before = os.getloadavg()
     images = test_images(args.size, 16)
     payloads = [jpeg(image) for image in images]
     decoded = [np.asarray(Image.open(io.BytesIO(p)).convert("RGB")) for p in payloads]  # what the server sees
@@ -323,12 +325,15 @@ def main(argv: list[str] | None = None) -> int:
     env["isa"] = isa_flags()
     env["ray"] = ray.__version__
     env["onnxruntime"] = ort.__version__
+    env["load_average_1min_before"] = round(load_before[0], 2)  # other jobs on the machine
     title = (f"sp-ray serve, random K-Net R{args.depth}, {args.size}x{args.size} JPEG, {args.topk} RLE masks per "
              f"answer; {args.replicas} replica(s) x {args.threads} onnxruntime thread(s), max batch "
              f"{args.max_batch_size}, batch wait {args.batch_wait_timeout_s * 1000:.0f} ms; {args.requests} requests "
              f"per level x {args.rounds} rounds, clients on the same machine ({env['cpu']}, {env['cores']} cores)")
     table = markdown(results, baseline["images_per_second"])
-    text = f"{title}\n\n{table}\n"
+    machine = (f"ISA: {' '.join(env['isa'])}; Ray {env['ray']}, onnxruntime {env['onnxruntime']}, Python "
+               f"{env['python']}; 1-minute load average before the run (other jobs): {env['load_average_1min_before']}")
+    text = f"{title}\n\n{machine}\n\n{table}\n"
     if fault is not None:
         text += f"\nFault run (one replica process killed with SIGKILL during the load):\n\n{fault_markdown(fault)}\n"
     text += f"\n`{command}`\n"
