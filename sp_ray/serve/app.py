@@ -80,7 +80,8 @@ async def respond(request: Request, route: Callable[[Request], Awaitable[Respons
         return await route(request)
     except BadRequest as err:
         log.info("request %s refused: %d %s", request_id, err.status, err.message)
-        return JSONResponse({"error": err.message, "request_id": request_id}, status_code=err.status)
+        return JSONResponse({"error": err.message, "request_id": request_id}, status_code=err.status,
+                            headers=err.headers)
     except Exception:
         log.exception("request %s failed with a server error", request_id)
         return JSONResponse(
@@ -126,7 +127,7 @@ class SegmenterDeployment:
             known = ", ".join(f"{m} {p}" for p, m in ROUTES.items())
             raise BadRequest(404, f"no route {path}; the service has {known}")
         if request.method != method:
-            raise BadRequest(405, f"{path} takes {method}, not {request.method}")
+            raise BadRequest(405, f"{path} takes {method}, not {request.method}", headers={"Allow": method})
         if path == "/healthz":
             return JSONResponse({"status": "ok", "model": os.path.basename(self.settings.model),
                                  "provider": self.segmenter.providers[0]})

@@ -45,12 +45,14 @@ class BadRequest(Exception):
     Attributes:
         status: the HTTP status (4xx).
         message: one line for the client.
+        headers: extra answer headers (``Allow`` of a 405).
     """
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = headers or {}
 
 
 @dataclass

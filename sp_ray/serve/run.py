@@ -95,10 +95,13 @@ def serve_forever(settings: ServeSettings) -> None:
     except KeyboardInterrupt:
         print("stopping the service", flush=True)
     finally:
-        if ray.is_initialized():
-            if own_cluster:
-                serve.shutdown()
-            elif deployed:
-                serve.delete(APP_NAME)
-            if started_ray:
-                ray.shutdown()  # a joined cluster keeps running: this only disconnects
+        try:
+            if ray.is_initialized():
+                if own_cluster:
+                    serve.shutdown()
+                elif deployed:
+                    serve.delete(APP_NAME)
+                if started_ray:
+                    ray.shutdown()  # a joined cluster keeps running: this only disconnects
+        except Exception as err:  # a terminal's Ctrl-C reaches the local Ray's processes too, which may be gone
+            log.warning("stopping Serve: %s (the local Ray was stopping already)", err)

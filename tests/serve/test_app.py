@@ -186,7 +186,7 @@ def test_unknown_routes_and_methods(service) -> None:
     missing = requests.get(f"{service}/segment", timeout=TIMEOUT)
     assert missing.status_code == 404 and "POST /predict" in missing.json()["error"]
     wrong = requests.get(f"{service}/predict", timeout=TIMEOUT)
-    assert wrong.status_code == 405 and "takes POST" in wrong.json()["error"]
+    assert wrong.status_code == 405 and "takes POST" in wrong.json()["error"] and wrong.headers["Allow"] == "POST"
 
 
 def test_concurrent_requests_are_batched_and_equal_single_ones(service, test_images) -> None:
