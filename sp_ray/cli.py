@@ -18,6 +18,8 @@
                    [--shard-size S] [--score-threshold S] [--overlays] [--gpu] [--resume] [--annotations A.json]
     sp-ray tune --config SWEEP.yaml [--resume] [KEY=VALUE ...]
     sp-ray demo [--out runs/demo] [--force | --redo STEP ...] [--tiny]
+    sp-ray serve --model M.onnx [--host 127.0.0.1] [--port 8000] [--replicas N] [--max-batch-size B]
+                 [--batch-wait-timeout-s T] [--threads T] [--gpu] [--max-body-mb MB] [--max-image-pixels N]
 
 Every command takes --debug (or SP_RAY_DEBUG=1): a traceback instead of the one-line error message.
 """
@@ -189,6 +191,24 @@ def build_parser() -> argparse.ArgumentParser:
     tn.add_argument("--resume", action="store_true", help="continue the interrupted sweep (Tuner.restore)")
     tn.add_argument("--print-config", action="store_true", help="print the resolved sweep and exit")
     tn.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="sweep overrides, e.g. search.num_samples=8")
+
+    sv = command(sub, "serve", help="HTTP service of an exported ONNX model on Ray Serve, with dynamic batching")
+    sv.add_argument("--model", required=True, help="the .onnx file written by 'sp-ray export' (--dynamic-batch "
+                    "to batch requests)")
+    sv.add_argument("--host", default="127.0.0.1",
+                    help="interface to bind (default 127.0.0.1; Serve has no auth, see the README before widening)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--replicas", type=int, default=1, help="Serve replicas, one onnxruntime session each")
+    sv.add_argument("--max-batch-size", type=int, default=None,
+                    help="most requests per graph run (default: the model's fixed batch, else 8)")
+    sv.add_argument("--batch-wait-timeout-s", type=float, default=0.01,
+                    help="how long a batch's first request waits for more (default 0.01)")
+    sv.add_argument("--threads", type=int, default=1,
+                    help="onnxruntime threads per replica; each replica reserves as many Ray CPUs (default 1)")
+    sv.add_argument("--gpu", action="store_true", help="one GPU per replica (onnxruntime CUDA / TensorRT)")
+    sv.add_argument("--max-body-mb", type=float, default=None, help="larger request bodies get 413 (default 64)")
+    sv.add_argument("--max-image-pixels", type=int, default=None,
+                    help="images of more pixels (H x W) get 413 before decoding (default: PIL's bomb limit, 89.5M)")
 
     demo = command(sub, "demo", help="the whole pipeline on synthetic data, on a local Ray, with a report")
     demo.add_argument("--out", default="runs/demo", help="output folder (report.html and report.md inside)")
@@ -454,6 +474,19 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_demo(Path(args.out), TINY if args.tiny else DemoSettings(), force=args.force, redo=args.redo)
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from sp_ray.serve.run import serve_forever
+    from sp_ray.serve.settings import ServeSettings
+
+    limits = {name: value for name, value in (("max_body_mb", args.max_body_mb),
+                                               ("max_image_pixels", args.max_image_pixels)) if value is not None}
+    serve_forever(ServeSettings(
+        model=args.model, host=args.host, port=args.port, replicas=args.replicas,
+        max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_timeout_s, threads=args.threads,
+        gpu=args.gpu, **limits,
+    ))
+
+
 COMMANDS = {
     "data": cmd_data,
     "propose": cmd_propose,
@@ -466,6 +499,7 @@ COMMANDS = {
     "predict": cmd_predict,
     "tune": cmd_tune,
     "demo": cmd_demo,
+    "serve": cmd_serve,
 }
 
 

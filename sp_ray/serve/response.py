@@ -1,0 +1,47 @@
+"""The JSON body of a ``POST /predict`` answer, from the runtime's ``Instances`` (plain Python, numpy).
+
+    {"height": H, "width": W,
+     "instances": [{"category_id": 3, "category_name": "circle", "score": 0.91,
+                    "bbox": [x, y, w, h],                       # COCO: pixels, top-left corner and size
+                    "segmentation": {"size": [H, W], "counts": "..."}},   # COCO compressed RLE
+                   ...]}                                         # by descending score
+
+The instance fields are those of a COCO results entry (``sp_ray.evaluation.coco_eval.instances_to_coco``,
+which imports torch and so cannot run in a replica) without ``image_id``; ``export.client`` reads them back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from export.runtime import Instances
+
+
+def prediction_json(found: Instances, *, height: int, width: int, class_names: Sequence[str]) -> dict[str, Any]:
+    """One image's instances as the service answers them.
+
+    Args:
+        found: the runtime's ``Instances`` with ``rles`` (``rle=True``): boxes float [K, 4] xyxy, scores [K],
+            labels [K] contiguous, category_ids [K] COCO ids.
+        height: H of the image as decoded.
+        width: W of the image as decoded.
+        class_names: category names by contiguous label (``Segmenter.class_names``).
+
+    Returns:
+        ``{"height", "width", "instances"}`` as in the module docstring.
+    """
+    if found.rles is None:
+        raise ValueError("prediction_json needs the runtime's RLE output (predict with rle=True)")
+    instances = []
+    for box, score, label, cat_id, rle in zip(found.boxes, found.scores, found.labels, found.category_ids,
+                                              found.rles, strict=True):
+        x0, y0, x1, y1 = (float(v) for v in box)
+        instances.append({
+            "category_id": int(cat_id),
+            "category_name": class_names[int(label)],
+            "score": float(score),
+            "bbox": [x0, y0, x1 - x0, y1 - y0],
+            "segmentation": {"size": [int(v) for v in rle["size"]], "counts": rle["counts"]},
+        })
+    return {"height": int(height), "width": int(width), "instances": instances}
