@@ -115,7 +115,7 @@ def load_image_rgb(path: str | Path, *, max_pixels: int = MAX_IMAGE_PIXELS) -> n
     image = _open(path, max_pixels)
     try:
         with image:
-            return _to_rgb_uint8(ImageOps.exif_transpose(image))
+            return to_rgb_uint8(ImageOps.exif_transpose(image))
     except Image.DecompressionBombError as err:  # raised by a few formats while decoding frames
         raise _pil_refused(path, err, max_pixels) from err
     except (OSError, ValueError, SyntaxError) as err:
@@ -157,7 +157,10 @@ def displayed_size(path: str | Path, *, max_pixels: int = MAX_IMAGE_PIXELS) -> t
     return height, width
 
 
-def _to_rgb_uint8(image: Image.Image) -> np.ndarray:
+def to_rgb_uint8(image: Image.Image) -> np.ndarray:
+    """uint8 [H, W, 3] RGB of a decoded PIL image of any mode (16-bit gray scaled, float gray stretched, CMYK
+    and palettes converted): the one conversion of every sp-ray reader, so training, evaluation and serving see
+    the same pixels."""
     if image.mode in _SIXTEEN_BIT_MODES:
         values = np.asarray(image).astype(np.float64)
         gray = np.rint(np.clip(values, 0, 65535) * (255.0 / 65535.0)).astype(np.uint8)

@@ -29,7 +29,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 
 from export.geometry import check_pixel_count
-from sp_ray.data.images import _to_rgb_uint8  # the one RGB conversion of every sp-ray reader (16-bit, CMYK, ...)
+from sp_ray.data.images import to_rgb_uint8
 
 QUERY_PARAMETERS = ("score_threshold",)
 FORM_FIELDS = ("image", "score_threshold")
@@ -212,7 +212,7 @@ def decode_image(data: bytes, *, max_pixels: int) -> np.ndarray:
         raise BadRequest(413, str(err)) from None
     try:
         with image:
-            return _to_rgb_uint8(ImageOps.exif_transpose(image))
+            return to_rgb_uint8(ImageOps.exif_transpose(image))
     except Image.DecompressionBombError as err:  # a few formats check again while decoding frames
         raise _bomb(err, max_pixels) from None
     except (OSError, ValueError, SyntaxError) as err:

@@ -35,17 +35,23 @@ OUTPUTS = ("images.json", "predictions.json", "skipped.json")
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory, synthetic_set, write_bad_image) -> dict[str, Path]:
+def knet_onnx(knet_export) -> Path:
+    """The tiny over-fitted K-Net of ``tests/conftest.py``, exported fp32 with dynamic size and batch."""
+    return Path(knet_export.path)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory, synthetic, write_bad_image) -> dict[str, Path]:
     """The 10 synthetic images (linked) in a sub-folder, a grayscale copy of a val image, a truncated JPEG;
     ``gt``: the val json plus the grayscale image (with the annotations of its original) and the
     truncated one (with one annotation)."""
     root = tmp_path_factory.mktemp("predict_source")
     (root / "sub").mkdir()
-    for path in sorted(synthetic_set["images"].iterdir()):
+    for path in sorted(synthetic["images"].iterdir()):
         (root / "sub" / path.name).symlink_to(path)
-    data = json.loads(synthetic_set["val"].read_text())
+    data = json.loads(synthetic["val"].read_text())
     original = data["images"][0]
-    Image.open(synthetic_set["images"] / original["file_name"]).convert("L").save(root / "gray.png")
+    Image.open(synthetic["images"] / original["file_name"]).convert("L").save(root / "gray.png")
     write_bad_image(root / "cut.jpg", "truncated_jpeg")
     for image in data["images"]:
         image["file_name"] = f"sub/{image['file_name']}"
@@ -221,8 +227,8 @@ def _write_video(path: Path, frames: list[np.ndarray], fps: int) -> None:
         container.mux(stream.encode(None))
 
 
-def test_video_gives_an_annotated_video_of_every_frame(local_ray, knet_onnx, synthetic_set, tmp_path) -> None:
-    images = [np.asarray(Image.open(p).convert("RGB")) for p in sorted(synthetic_set["images"].iterdir())]
+def test_video_gives_an_annotated_video_of_every_frame(local_ray, knet_onnx, synthetic, tmp_path) -> None:
+    images = [np.asarray(Image.open(p).convert("RGB")) for p in sorted(synthetic["images"].iterdir())]
     frames = [images[i % len(images)] for i in range(13)]
     video = tmp_path / "clip.mp4"
     _write_video(video, frames, fps=12)
