@@ -105,6 +105,12 @@ def test_round_trip_and_hash():
 def test_shipped_configs_load(path):
     if "cluster" in path.parts:
         pytest.skip("cluster manifests are not sp-ray configs")
+    if "serve" in path.parts:
+        import yaml
+        from ray.serve.schema import ServeDeploySchema
+
+        ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))  # a `serve deploy` file: Ray's schema
+        return
     if "tune" in path.parts:
         from sp_ray.tune.spec import load_sweep
 
