@@ -23,6 +23,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import nn
 
+from export.coco_results import coco_result
 from sp_ray.config import Config, apply_overrides
 from sp_ray.data.coco import CocoInstanceDataset, DatasetSkipWarning
 from sp_ray.data.images import UnusableImageError
@@ -62,19 +63,8 @@ def instances_to_coco(
             raise ValueError("instances_to_coco needs masks or rles")
         # One mask at a time: a stacked Fortran-order uint8 copy would be another K x H0 x W0 bytes.
         rles = [mask_util.encode(np.asfortranarray(mask[:, :, None].astype(np.uint8)))[0] for mask in masks]
-    results = []
-    for score, label, rle, box in zip(scores, labels, rles, boxes, strict=True):
-        counts = rle["counts"]
-        x0, y0, x1, y1 = (float(v) for v in box)
-        results.append({
-            "image_id": int(image_id),
-            "category_id": int(cat_ids[int(label)]),
-            "segmentation": {"size": [int(v) for v in rle["size"]],
-                             "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts},
-            "bbox": [x0, y0, x1 - x0, y1 - y0],
-            "score": float(score),
-        })
-    return results
+    return [{"image_id": int(image_id), **coco_result(cat_ids[int(label)], score, box, rle)}
+            for score, label, rle, box in zip(scores, labels, rles, boxes, strict=True)]
 
 
 @torch.no_grad()

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from export.coco_results import coco_result
 from export.runtime import Instances, Segmenter, input_size_for
 from sp_ray.data.images import UnusableImageError, load_image_rgb
 from sp_ray.predict.overlays import draw_instances, png_bytes
@@ -28,27 +29,10 @@ FRAME_UNDECODABLE = "video frame did not decode"
 
 
 def coco_results(image_id: int, found: Instances) -> list[dict[str, Any]]:
-    """One image's instances as COCO result dicts (RLE masks, xywh boxes), as ``sp-ray evaluate`` writes them.
-
-    ``sp_ray.evaluation.coco_eval.instances_to_coco`` computes the same from the same RLEs; it is not
-    imported because that module imports torch.
-
-    Args:
-        image_id: the image's id in images.json.
-        found: the runtime's instances with ``rles`` (``rle=True``).
-    """
-    results = []
-    for score, category, rle, box in zip(found.scores, found.category_ids, found.rles or [], found.boxes,
-                                         strict=True):
-        x0, y0, x1, y1 = (float(v) for v in box)
-        results.append({
-            "image_id": int(image_id),
-            "category_id": int(category),
-            "segmentation": {"size": [int(v) for v in rle["size"]], "counts": str(rle["counts"])},
-            "bbox": [x0, y0, x1 - x0, y1 - y0],
-            "score": float(score),
-        })
-    return results
+    """One image's instances (the runtime's output with ``rles``, ``rle=True``) as COCO result dicts."""
+    return [{"image_id": int(image_id), **coco_result(category, score, box, rle)}
+            for score, category, rle, box in zip(found.scores, found.category_ids, found.rles or [], found.boxes,
+                                                 strict=True)]
 
 
 def _skip(item: dict[str, Any], reason: str, detail: str) -> dict[str, Any]:

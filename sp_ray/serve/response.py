@@ -6,8 +6,8 @@
                     "segmentation": {"size": [H, W], "counts": "..."}},   # COCO compressed RLE
                    ...]}                                         # by descending score
 
-The instance fields are those of a COCO results entry (``sp_ray.evaluation.coco_eval.instances_to_coco``,
-which imports torch and so cannot run in a replica) without ``image_id``; ``export.client`` reads them back.
+The instance fields are a COCO results entry (``export.coco_results.coco_result``, the writer of evaluation
+and ``sp-ray predict`` too) without ``image_id``, plus ``category_name``; ``export.client`` reads them back.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from export.coco_results import coco_result
 from export.runtime import Instances
 
 
@@ -33,15 +34,7 @@ def prediction_json(found: Instances, *, height: int, width: int, class_names: S
     """
     if found.rles is None:
         raise ValueError("prediction_json needs the runtime's RLE output (predict with rle=True)")
-    instances = []
-    for box, score, label, cat_id, rle in zip(found.boxes, found.scores, found.labels, found.category_ids,
-                                              found.rles, strict=True):
-        x0, y0, x1, y1 = (float(v) for v in box)
-        instances.append({
-            "category_id": int(cat_id),
-            "category_name": class_names[int(label)],
-            "score": float(score),
-            "bbox": [x0, y0, x1 - x0, y1 - y0],
-            "segmentation": {"size": [int(v) for v in rle["size"]], "counts": rle["counts"]},
-        })
+    instances = [{**coco_result(cat_id, score, box, rle), "category_name": class_names[int(label)]}
+                 for box, score, label, cat_id, rle in zip(found.boxes, found.scores, found.labels,
+                                                           found.category_ids, found.rles, strict=True)]
     return {"height": int(height), "width": int(width), "instances": instances}
