@@ -34,8 +34,8 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-from export.metadata import ModelInfo
 from sp_ray.errors import UserError
+from sp_ray.onnx_model import read_model_info
 from sp_ray.predict.shards import (
     SHARDS,
     file_digest,
@@ -106,28 +106,6 @@ def check_options(options: PredictOptions) -> None:
     if not options.resume and shards.is_dir() and any(shards.iterdir()):
         raise UserError(f"--out {out} holds the shards of an earlier run; continue it with --resume or choose "
                         "another --out")
-
-
-def read_model_info(path: str) -> ModelInfo:
-    """The sp-ray metadata of an ONNX file, read without starting a session.
-
-    Raises:
-        UserError: missing file, not an ONNX model, or no (valid) sp-ray metadata.
-    """
-    import onnx
-
-    if not Path(path).is_file():
-        raise UserError(f"--model {path} does not exist; export a model with 'sp-ray export'")
-    try:
-        proto = onnx.load_model(path, load_external_data=False)
-    except Exception as err:  # noqa: BLE001 - protobuf's DecodeError and friends: the bytes are not ONNX
-        first = (str(err).splitlines() or [type(err).__name__])[0][:120]
-        raise UserError(f"--model {path} is not an ONNX model ({first}); pass the .onnx file written by "
-                        "'sp-ray export'") from None
-    try:
-        return ModelInfo.from_props({p.key: p.value for p in proto.metadata_props}, where=f"--model {path}")
-    except ValueError as err:
-        raise UserError(str(err)) from None
 
 
 def build_tasks(source: Source, shard_size: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

@@ -40,19 +40,17 @@ def shard_path(out: Path, index: int, suffix: str = ".json") -> Path:
     return out / SHARDS / f"{index:05d}{suffix}"
 
 
-def write_json(path: Path, data: Any) -> None:
-    """Write JSON beside ``path``, then rename: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
-
-
 def write_bytes(path: Path, data: bytes) -> None:
+    """Write beside ``path``, then rename: a reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+def write_json(path: Path, data: Any) -> None:
+    """``data`` as JSON, written as ``write_bytes`` writes."""
+    write_bytes(path, json.dumps(data).encode())
 
 
 def write_shard(out: Path, index: int, record: dict[str, Any], payload: bytes, *, fingerprint: str) -> None:

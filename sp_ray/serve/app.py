@@ -38,9 +38,10 @@ from starlette.responses import JSONResponse, Response
 from export.geometry import padded_size
 from export.runtime import Instances, Segmenter, check_image, input_size_for
 from sp_ray.errors import UserError
+from sp_ray.onnx_model import read_model_info
 from sp_ray.serve.request import BadRequest, read_predict_request
 from sp_ray.serve.response import prediction_json
-from sp_ray.serve.settings import ServeSettings, batch_limit, read_model_info
+from sp_ray.serve.settings import ServeSettings, batch_limit
 
 # Serve routes the ``ray.serve`` logger of a replica to its log file, each line with the request id.
 log = logging.getLogger("ray.serve")

@@ -14,7 +14,8 @@ import socket
 import time
 
 from sp_ray.errors import UserError
-from sp_ray.serve.settings import ServeSettings, batch_limit, read_model_info
+from sp_ray.onnx_model import read_model_info
+from sp_ray.serve.settings import ServeSettings, batch_limit
 
 log = logging.getLogger(__name__)
 

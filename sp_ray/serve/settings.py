@@ -1,15 +1,14 @@
 """The options of ``sp-ray serve``, also the ``args`` of a ``serve deploy`` config: one dataclass, checked on
 the driver before Ray starts, so that a bad value fails in a second with its flag named.
 
-Imports nothing heavy (no Ray, no onnxruntime): ``read_model_info`` reads the model's metadata with ``onnx``
-on the driver only, never in a replica.
+Imports nothing heavy (no Ray, no onnxruntime); the model's metadata is read on the driver by
+``sp_ray.onnx_model.read_model_info``, never in a replica.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -104,29 +103,6 @@ def _is_int(value: object) -> bool:
 
 def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def read_model_info(path: str) -> ModelInfo:
-    """The sp-ray metadata of an ONNX file, read without building a session (driver side).
-
-    Raises:
-        UserError: the file is missing, is not an ONNX model, or carries no (or broken) sp-ray metadata.
-    """
-    import onnx
-
-    if not os.path.isfile(path):
-        raise UserError(f"--model {path} does not exist; export a model with 'sp-ray export'")
-    try:
-        model = onnx.load_model(path, load_external_data=False)
-    except Exception as err:  # protobuf's DecodeError and friends: the bytes are not an ONNX model
-        first = (str(err).splitlines() or [type(err).__name__])[0][:120]
-        raise UserError(f"--model {path} is not an ONNX model ({first}); pass the .onnx file written by "
-                        "'sp-ray export'") from None
-    props = {entry.key: entry.value for entry in model.metadata_props}
-    try:
-        return ModelInfo.from_props(props, where=f"--model {path}")
-    except ValueError as err:
-        raise UserError(str(err)) from None
 
 
 def batch_limit(settings: ServeSettings, info: ModelInfo) -> int:

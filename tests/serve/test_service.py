@@ -20,8 +20,9 @@ from starlette.responses import JSONResponse
 
 from sp_ray.cli import main
 from sp_ray.errors import UserError
+from sp_ray.onnx_model import read_model_info
 from sp_ray.serve.request import BadRequest
-from sp_ray.serve.settings import DEFAULT_MAX_BATCH_SIZE, ServeSettings, batch_limit, read_model_info
+from sp_ray.serve.settings import DEFAULT_MAX_BATCH_SIZE, ServeSettings, batch_limit
 
 from .conftest import REPO
 
