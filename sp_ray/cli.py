@@ -13,7 +13,7 @@
     sp-ray evaluate --onnx model.onnx --annotations A.json --images DIR [--out metrics.json]
     sp-ray evaluate --results PREDICT_DIR --annotations A.json --images DIR [--out metrics.json]
     sp-ray export --checkpoint CKPT --out model.onnx [--opset N] [--input-size HxW | --dynamic-size]
-                  [--batch N | --dynamic-batch] [--fp16 | --int8]
+                  [--batch N | --dynamic-batch] [--fp16 | --int8 [--calibration-images DIR] [--calibration-count N]]
     sp-ray predict --model M.onnx --source SRC --out DIR [--num-actors N] [--threads T] [--batch-size B]
                    [--shard-size S] [--score-threshold S] [--overlays] [--gpu] [--resume] [--annotations A.json]
     sp-ray tune --config SWEEP.yaml [--resume] [KEY=VALUE ...]
@@ -164,7 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--dynamic-batch", action="store_true", help="any batch size (not Mask R-CNN)")
     precision = ex.add_mutually_exclusive_group()
     precision.add_argument("--fp16", action="store_true", help="fp16 weights and compute (query-based models)")
-    precision.add_argument("--int8", action="store_true", help="dynamic int8 quantization (MatMul/Gemm weights)")
+    precision.add_argument("--int8", action="store_true",
+                           help="static int8 (QDQ): int8 weights, activation ranges calibrated on real images")
+    ex.add_argument("--calibration-images", default=None, metavar="DIR",
+                    help="--int8: folder of images like the ones the model will see (default: the config's "
+                         "data.val_images)")
+    ex.add_argument("--calibration-count", type=int, default=32, metavar="N",
+                    help="--int8: number of calibration images (default 32, evenly spaced by name)")
     ex.add_argument("--parity-images", default=None,
                     help="folder of sample images (default: the config's data.val_images, else generated)")
     ex.add_argument("--parity-count", type=int, default=4, help="number of sample images")
@@ -421,6 +427,7 @@ def cmd_export(args: argparse.Namespace) -> None:
         input_size=_parse_size(args.input_size) if args.input_size else None,
         batch_size=None if args.dynamic_batch else args.batch, precision=precision,
         parity_images=args.parity_images, parity_count=args.parity_count,
+        calibration_images=args.calibration_images, calibration_count=args.calibration_count,
     )
     info = result.info
     size = "x".join(map(str, info.input_size)) if info.input_size else "dynamic"
