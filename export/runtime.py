@@ -10,15 +10,15 @@ multiple of 32 at the bottom/right); post-processing is PyTorch's (crop the vali
 the original size, threshold; boxes from masks for K-Net, pasted RoI masks for Mask R-CNN), computed
 box by box, so its cost grows with the instances' areas, not with the image times top-k. Images above
 ``max_image_pixels`` (default ``export.geometry.MAX_IMAGE_PIXELS``) are refused with a ValueError.
+The providers and their options (device, TensorRT engine cache, fp16 and profile, IO binding) come
+from ``export.providers``.
 """
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import math
 import os
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -27,15 +27,11 @@ import onnxruntime as ort
 
 from export.geometry import MAX_IMAGE_PIXELS, check_pixel_count, fit_within, padded_size, resize_for_inference
 from export.metadata import INPUT_NAME, KNET_FORMAT, OUTPUT_NAMES, ModelInfo
+from export.providers import GPU_PROVIDERS, TENSORRT, GpuSettings, default_providers, provider_options
 from export.resample import gather_masks, paste_mask_logits, paste_roi_masks, resize_image
 
 log = logging.getLogger("export.runtime")
 
-# Preferred execution providers, best first; CPU is always last.
-PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
-# The libraries the GPU providers load: the CUDA driver, and TensorRT's runtime.
-_CUDA_DRIVER = "nvcuda.dll" if sys.platform == "win32" else "libcuda.so.1"
-_TENSORRT = "nvinfer_10.dll" if sys.platform == "win32" else "libnvinfer.so.10"
 # torchvision pastes Mask R-CNN masks into boxes enlarged by one mask cell on each side.
 ROI_PASTE_PADDING = 1
 # Fixed graph input sizes for which the shrink-to-fit warning was given (once per size and process).
@@ -102,43 +98,6 @@ def check_image(image: object, *, where: str = "image", max_pixels: int = MAX_IM
     return image
 
 
-def _cuda_devices() -> int:
-    """Number of CUDA devices the driver reports (0 without a driver or a GPU), via the driver API."""
-    try:
-        driver = ctypes.CDLL(_CUDA_DRIVER)
-    except OSError:
-        return 0
-    count = ctypes.c_int(0)
-    if driver.cuInit(0) != 0 or driver.cuDeviceGetCount(ctypes.byref(count)) != 0:
-        return 0
-    return count.value
-
-
-def _loadable(library: str) -> bool:
-    try:
-        ctypes.CDLL(library)
-    except OSError:
-        return False
-    return True
-
-
-def default_providers() -> list[str]:
-    """TensorRT and CUDA when onnxruntime offers them and this machine can run them, then CPU.
-
-    ``onnxruntime-gpu`` lists its GPU providers even on machines without a GPU; asking for them there
-    makes every session print load errors before falling back. So CUDA is only proposed when the driver
-    reports a device, TensorRT only when, in addition, its runtime library loads.
-    """
-    available = ort.get_available_providers()
-    gpu = _cuda_devices() > 0
-    usable = {
-        "TensorrtExecutionProvider": gpu and _loadable(_TENSORRT),
-        "CUDAExecutionProvider": gpu,
-        "CPUExecutionProvider": True,
-    }
-    return [p for p in PREFERRED_PROVIDERS if p in available and usable[p]]
-
-
 def _logit(p: float) -> float:
     """The logit threshold equivalent to sigmoid(x) > p."""
     if p <= 0:
@@ -161,6 +120,9 @@ class Segmenter:
         max_image_pixels: the largest image (H x W) ``predict`` accepts; a larger one is a ValueError
             before any work. Dense masks take K x H x W bytes, so a deployment that keeps them sets
             this to what its memory allows.
+        gpu: device, TensorRT engine cache, fp16, batch range and IO binding of the GPU providers
+            (``export.providers.GpuSettings``; None: its defaults). The options given to onnxruntime
+            are ``export.providers.provider_options`` of ``providers``.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
@@ -168,10 +130,14 @@ class Segmenter:
     """
 
     def __init__(self, path: str | os.PathLike, providers: Sequence[str] | None = None,
-                 threads: int | None = None, max_image_pixels: int = MAX_IMAGE_PIXELS) -> None:
+                 threads: int | None = None, max_image_pixels: int = MAX_IMAGE_PIXELS,
+                 gpu: GpuSettings | None = None) -> None:
         if max_image_pixels < 1:
             raise ValueError(f"max_image_pixels must be >= 1, got {max_image_pixels}")
+        if gpu is not None and not isinstance(gpu, GpuSettings):
+            raise ValueError(f"gpu must be an export.providers.GpuSettings or None, got {type(gpu).__name__}")
         self.max_image_pixels = max_image_pixels
+        self.gpu = gpu or GpuSettings()
         self.path = os.fspath(path)
         if not os.path.isfile(self.path):
             raise FileNotFoundError(f"ONNX model {self.path} does not exist; export one with 'sp-ray export'")
@@ -183,6 +149,7 @@ class Segmenter:
             if unknown:
                 raise ValueError(f"execution providers {unknown} are not available in this onnxruntime "
                                  f"({ort.__version__}); available: {available}")
+        providers = list(providers)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads is not None:
@@ -190,14 +157,25 @@ class Segmenter:
                 raise ValueError(f"threads must be >= 1 or None, got {threads}")
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(self.path, sess_options=options, providers=list(providers))
+        info = None
+        if TENSORRT in providers:
+            # TensorRT's optimisation profile comes from the metadata, which only a session reads.
+            info = read_metadata(self.path)
+            if self.gpu.trt_cache_dir is not None:
+                os.makedirs(self.gpu.trt_cache_dir, exist_ok=True)
+        chosen = provider_options(providers, info, self.gpu)
+        self.session = ort.InferenceSession(self.path, sess_options=options, providers=[n for n, _ in chosen],
+                                            provider_options=[o for _, o in chosen])
         self.providers: list[str] = self.session.get_providers()
-        requested = list(providers)[0] if providers else "CPUExecutionProvider"
+        requested = providers[0] if providers else "CPUExecutionProvider"
         if requested not in self.providers:
             log.warning("onnxruntime could not start %s (missing libraries?); running on %s",
                         requested, self.providers)
-        log.info("onnxruntime %s: %s runs on %s", ort.__version__, os.path.basename(self.path),
-                 self.providers[0])
+        # Decided on the provider that really runs: a GPU session fallen back to the CPU runs plainly.
+        self.io_binding: bool = self.gpu.uses_io_binding(self.providers[0])
+        self._bound_device = "cuda" if self.providers[0] in GPU_PROVIDERS else "cpu"
+        log.info("onnxruntime %s: %s runs on %s%s", ort.__version__, os.path.basename(self.path),
+                 self.providers[0], " (IO binding)" if self.io_binding else "")
         self.info = ModelInfo.from_props(self.session.get_modelmeta().custom_metadata_map, where=self.path)
         self._output_names = list(OUTPUT_NAMES[self.info.output_format])
 
@@ -264,8 +242,28 @@ class Segmenter:
         return prepare_batch(images, self.info)
 
     def run(self, batch: np.ndarray) -> list[np.ndarray]:
-        """Run the graph on a prepared uint8 [B, 3, H, W] batch; returns the raw outputs in format order."""
+        """Run the graph on a prepared uint8 [B, 3, H, W] batch; returns the raw outputs in format order.
+
+        With ``self.io_binding`` (the default on a GPU provider) the run goes through
+        ``run_with_io_binding``; otherwise through ``session.run``. Both return the same arrays.
+        """
+        if self.io_binding:
+            return self.run_with_io_binding(batch)
         return self.session.run(self._output_names, {INPUT_NAME: batch})
+
+    def run_with_io_binding(self, batch: np.ndarray) -> list[np.ndarray]:
+        """``run`` through ``session.io_binding()``: the input bound from numpy (copied to the device once),
+        every output allocated by onnxruntime on the session's device and all of them copied back once.
+
+        The outputs are bound without a shape, so onnxruntime allocates them at the size the run produces
+        (Mask R-CNN's detection count depends on the image).
+        """
+        binding = self.session.io_binding()
+        binding.bind_cpu_input(INPUT_NAME, np.ascontiguousarray(batch))
+        for name in self._output_names:
+            binding.bind_output(name, self._bound_device, self.gpu.device_id)
+        self.session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()
 
     def decode(
         self,
@@ -280,6 +278,21 @@ class Segmenter:
         """``decode_outputs`` with this model's metadata."""
         return decode_outputs(outputs, index, self.info, image_size=image_size, orig_size=orig_size,
                               score_threshold=score_threshold, rle=rle)
+
+
+def read_metadata(path: str | os.PathLike) -> ModelInfo:
+    """The sp-ray metadata of an ``.onnx`` file, read by a CPU session that does no graph optimisation.
+
+    Used before a TensorRT session is made, whose options depend on the metadata; onnxruntime reads
+    ``metadata_props`` only through a session, and this package loads no other ONNX library.
+
+    Raises:
+        ValueError: the model carries no (or broken) sp-ray metadata.
+    """
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(os.fspath(path), sess_options=options, providers=["CPUExecutionProvider"])
+    return ModelInfo.from_props(session.get_modelmeta().custom_metadata_map, where=os.fspath(path))
 
 
 def input_size_for(height: int, width: int, info: ModelInfo) -> tuple[int, int]:

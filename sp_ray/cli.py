@@ -11,15 +11,18 @@
     sp-ray analyze-kernels --checkpoint CKPT --images DIR_OR_JSON [--out kernels.png] [--num-images N]
     sp-ray evaluate --checkpoint CKPT --annotations A.json --images DIR [--out metrics.json] [KEY=VALUE ...]
     sp-ray evaluate --onnx model.onnx --annotations A.json --images DIR [--out metrics.json]
+                    [--gpu [--trt-cache DIR] [--trt-fp16]]
     sp-ray evaluate --results PREDICT_DIR --annotations A.json --images DIR [--out metrics.json]
     sp-ray export --checkpoint CKPT --out model.onnx [--opset N] [--input-size HxW | --dynamic-size]
                   [--batch N | --dynamic-batch] [--fp16 | --int8 [--calibration-images DIR] [--calibration-count N]]
     sp-ray predict --model M.onnx --source SRC --out DIR [--num-actors N] [--threads T] [--batch-size B]
-                   [--shard-size S] [--score-threshold S] [--overlays] [--gpu] [--resume] [--annotations A.json]
+                   [--shard-size S] [--score-threshold S] [--overlays] [--gpu [--trt-cache DIR] [--trt-fp16]]
+                   [--resume] [--annotations A.json]
     sp-ray tune --config SWEEP.yaml [--resume] [KEY=VALUE ...]
     sp-ray demo [--out runs/demo] [--force | --redo STEP ...] [--tiny]
     sp-ray serve --model M.onnx [--host 127.0.0.1] [--port 8000] [--replicas N] [--max-batch-size B]
-                 [--batch-wait-timeout-s T] [--threads T] [--gpu] [--max-body-mb MB] [--max-image-pixels N]
+                 [--batch-wait-timeout-s T] [--threads T] [--gpu [--trt-cache DIR] [--trt-fp16]] [--max-body-mb MB]
+                 [--max-image-pixels N]
 
 Every command takes --debug (or SP_RAY_DEBUG=1): a traceback instead of the one-line error message.
 """
@@ -34,9 +37,13 @@ import shlex
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sp_ray.config import Config, ConfigError, check_config_values, dump_config, load_config
 from sp_ray.errors import UserError
+
+if TYPE_CHECKING:
+    from export.providers import GpuSettings
 
 log = logging.getLogger("sp_ray")
 
@@ -62,6 +69,27 @@ def _add_resume_args(p: argparse.ArgumentParser) -> None:
     resume.add_argument("--resume", action="store_true", help="continue the run from WORK_DIR/last")
     resume.add_argument("--resume-from", metavar="CKPT", default=None,
                         help="continue from this checkpoint directory (a WORK_DIR/last)")
+
+
+def _add_trt_args(p: argparse.ArgumentParser) -> None:
+    """--trt-cache and --trt-fp16: options of onnxruntime's TensorRT provider, for commands with --gpu."""
+    p.add_argument("--trt-cache", metavar="DIR", default=None,
+                   help="with --gpu: TensorRT engine cache folder (an engine is built once per model and GPU, "
+                        "then loaded)")
+    p.add_argument("--trt-fp16", action="store_true", help="with --gpu: let TensorRT compute in fp16")
+
+
+def _gpu_settings(args: argparse.Namespace, *, max_batch: int) -> GpuSettings | None:
+    """The ``GpuSettings`` of --gpu, --trt-cache and --trt-fp16 (None without --gpu)."""
+    from export.providers import GpuSettings
+
+    if not args.gpu:
+        if args.trt_cache is not None or args.trt_fp16:
+            raise UserError("--trt-cache and --trt-fp16 are options of onnxruntime's TensorRT provider: "
+                            "give them with --gpu")
+        return None
+    cache = os.path.abspath(args.trt_cache) if args.trt_cache is not None else None
+    return GpuSettings(trt_cache_dir=cache, trt_fp16=args.trt_fp16, trt_max_batch=max_batch)
 
 
 def _ray_overrides(args: argparse.Namespace) -> list[str]:
@@ -150,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--predictions", default=None, help="COCO results json (default: next to --out)")
     ev.add_argument("--gpu", action="store_true", help="run on CUDA (onnxruntime: CUDA/TensorRT providers)")
     ev.add_argument("--threads", type=int, default=None, help="onnxruntime CPU threads (--onnx only)")
+    _add_trt_args(ev)
     ev.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. eval.score_threshold=0.05")
 
     ex = command(sub, "export", help="ONNX export with metadata and a parity check against PyTorch")
@@ -188,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     pd.add_argument("--score-threshold", type=float, default=None, help="default: the model's own")
     pd.add_argument("--overlays", action="store_true", help="also write each image with its instances drawn")
     pd.add_argument("--gpu", action="store_true", help="one GPU per actor (onnxruntime CUDA / TensorRT)")
+    _add_trt_args(pd)
     pd.add_argument("--resume", action="store_true", help="keep the finished shards of an interrupted run in --out")
     pd.add_argument("--annotations", default=None,
                     help="COCO json of the same files (names relative to --source): COCO AP into DIR/metrics.json")
@@ -212,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--threads", type=int, default=1,
                     help="onnxruntime threads per replica; each replica reserves as many Ray CPUs (default 1)")
     sv.add_argument("--gpu", action="store_true", help="one GPU per replica (onnxruntime CUDA / TensorRT)")
+    _add_trt_args(sv)
     sv.add_argument("--max-body-mb", type=float, default=None, help="larger request bodies get 413 (default 64)")
     sv.add_argument("--max-image-pixels", type=int, default=None,
                     help="images of more pixels (H x W) get 413 before decoding (default: PIL's bomb limit, 89.5M)")
@@ -359,6 +390,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     if args.results:
         _score_predict_output(args)
         return
+    if (args.trt_cache is not None or args.trt_fp16) and not args.onnx:
+        raise UserError("--trt-cache and --trt-fp16 apply to --onnx (onnxruntime's TensorRT provider)")
+    gpu = _gpu_settings(args, max_batch=1) if args.onnx else None  # evaluate_onnx runs one image per graph run
     if args.onnx:
         if args.overrides:
             raise ConfigError("KEY=VALUE overrides apply to --checkpoint; an ONNX model carries its thresholds")
@@ -376,6 +410,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         metrics, results = evaluate_onnx(
             args.onnx, annotations=args.annotations, images=args.images,
             providers=None if args.gpu else ["CPUExecutionProvider"], threads=args.threads,
+            gpu=gpu,
         )
     else:
         metrics, results = evaluate_checkpoint(
@@ -445,6 +480,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
         model=args.model, source=args.source, out=args.out, num_actors=args.num_actors, threads=args.threads,
         batch_size=args.batch_size, shard_size=args.shard_size, score_threshold=args.score_threshold,
         overlays=args.overlays, gpu=args.gpu, resume=args.resume,
+        trt_cache=os.path.abspath(args.trt_cache) if args.trt_cache is not None else None, trt_fp16=args.trt_fp16,
     ))
     print(json.dumps(summary, indent=2))
     if args.annotations is not None:
@@ -490,7 +526,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     serve_forever(ServeSettings(
         model=args.model, host=args.host, port=args.port, replicas=args.replicas,
         max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_timeout_s, threads=args.threads,
-        gpu=args.gpu, **limits,
+        gpu=args.gpu, trt_cache=os.path.abspath(args.trt_cache) if args.trt_cache is not None else None,
+        trt_fp16=args.trt_fp16, **limits,
     ))
 
 

@@ -335,3 +335,15 @@ def test_evaluate_onnx_with_a_tampered_metadata_value(data, tmp_path, capsys):
     code, text, seconds = run(["evaluate", "--onnx", str(path), "--annotations", str(data["val"]),
                                "--images", str(data["images"]), "--out", str(tmp_path / "m.json")], capsys)
     assert_one_line_error(code, text, seconds, str(path), "'topk'", "positive integer", "re-export")
+
+
+def test_evaluate_tensorrt_options_need_onnx_and_gpu(finished, data, tmp_path, capsys):
+    code, text, seconds = run(evaluate(finished, data, tmp_path, "--trt-fp16"), capsys)
+    assert_one_line_error(code, text, seconds, "--trt-cache and --trt-fp16 apply to --onnx")
+    onnx_args = ["evaluate", "--onnx", str(tmp_path / "m.onnx"), "--annotations", str(data["val"]),
+                 "--images", str(data["images"]), "--out", str(tmp_path / "m.json")]
+    code, text, seconds = run([*onnx_args, "--trt-cache", str(tmp_path / "engines")], capsys)
+    assert_one_line_error(code, text, seconds, "--trt-cache and --trt-fp16", "give them with --gpu")
+    (tmp_path / "engines").write_text("x")
+    code, text, seconds = run([*onnx_args, "--gpu", "--trt-cache", str(tmp_path / "engines")], capsys)
+    assert_one_line_error(code, text, seconds, f"(--trt-cache) {tmp_path / 'engines'} is a file")

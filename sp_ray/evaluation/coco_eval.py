@@ -24,6 +24,7 @@ from pycocotools.cocoeval import COCOeval
 from torch import nn
 
 from export.coco_results import coco_result
+from export.providers import GpuSettings
 from sp_ray.config import Config, apply_overrides
 from sp_ray.data.coco import CocoInstanceDataset, DatasetSkipWarning
 from sp_ray.data.images import UnusableImageError
@@ -243,6 +244,7 @@ def evaluate_onnx(
     providers: Sequence[str] | None = None,
     threads: int | None = None,
     max_image_pixels: int | None = None,
+    gpu: GpuSettings | None = None,
 ) -> tuple[dict[str, dict[str, float]], list[dict[str, Any]]]:
     """COCO AP of an exported model through the onnxruntime runtime (``export.runtime.Segmenter``).
 
@@ -259,6 +261,8 @@ def evaluate_onnx(
         providers: onnxruntime execution providers (None: CUDA when present, else CPU).
         threads: CPU intra-op threads (None: onnxruntime's default).
         max_image_pixels: larger images are skipped (None: ``export.geometry.MAX_IMAGE_PIXELS``).
+        gpu: settings of the GPU providers (``export.runtime.Segmenter``); a dynamic-batch model runs
+            one image per graph run here, so give ``trt_max_batch=1``.
 
     Returns:
         ``(metrics, coco_results)`` as ``evaluate_checkpoint``.
@@ -267,7 +271,7 @@ def evaluate_onnx(
     from export.runtime import Segmenter
 
     limit = MAX_IMAGE_PIXELS if max_image_pixels is None else max_image_pixels
-    segmenter = Segmenter(onnx_path, providers=providers, threads=threads, max_image_pixels=limit)
+    segmenter = Segmenter(onnx_path, providers=providers, threads=threads, max_image_pixels=limit, gpu=gpu)
     dataset = CocoInstanceDataset(annotations, images, max_image_pixels=limit)
     unknown = sorted(set(segmenter.info.cat_ids) - set(dataset.cat_ids))
     if unknown:

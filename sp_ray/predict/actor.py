@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from export.coco_results import coco_result
+from export.providers import GpuSettings
 from export.runtime import Instances, Segmenter, input_size_for
 from sp_ray.data.images import UnusableImageError, load_image_rgb
 from sp_ray.predict.overlays import draw_instances, png_bytes
@@ -48,15 +49,17 @@ class PredictActor:
     Args:
         model: path of the .onnx file (visible from every node).
         threads: intra-op threads of the CPU provider.
-        gpu: let the runtime pick CUDA / TensorRT (the actor reserved a GPU); else the CPU provider.
+        gpu: the settings of the GPU providers, with which the runtime picks CUDA / TensorRT (the actor
+            reserved a GPU); None: the CPU provider.
         score_threshold: keep instances above it (None: the model's).
         batch_size: images per graph run.
         overlays: return a PNG of each image with its instances drawn.
     """
 
-    def __init__(self, model: str, threads: int, gpu: bool, score_threshold: float | None, batch_size: int,
-                 overlays: bool) -> None:
-        self.segmenter = Segmenter(model, providers=None if gpu else ["CPUExecutionProvider"], threads=threads)
+    def __init__(self, model: str, threads: int, gpu: GpuSettings | None, score_threshold: float | None,
+                 batch_size: int, overlays: bool) -> None:
+        self.segmenter = Segmenter(model, providers=None if gpu else ["CPUExecutionProvider"], threads=threads,
+                                   gpu=gpu)
         self.score_threshold = score_threshold
         self.batch_size = batch_size
         self.overlays = overlays

@@ -34,6 +34,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+from export.providers import GpuSettings
 from sp_ray.errors import UserError
 from sp_ray.onnx_model import read_model_info
 from sp_ray.predict.shards import (
@@ -70,6 +71,9 @@ class PredictOptions:
         overlays: write one image per input with its instances drawn.
         gpu: one GPU per actor, onnxruntime on CUDA / TensorRT.
         resume: keep the finished shards of an earlier run into ``out`` with the same settings.
+        trt_cache: with ``gpu``: folder of TensorRT's engine cache (``export.providers.GpuSettings``),
+            where every actor of a node finds the engine the first one built.
+        trt_fp16: with ``gpu``: TensorRT may compute in fp16.
     """
 
     model: str
@@ -83,19 +87,39 @@ class PredictOptions:
     overlays: bool = False
     gpu: bool = False
     resume: bool = False
+    trt_cache: str | None = None
+    trt_fp16: bool = False
+
+    def gpu_settings(self) -> GpuSettings | None:
+        """The actors' ``GpuSettings`` (None without ``gpu``): TensorRT's profile covers ``batch_size``.
+
+        Raises:
+            UserError: TensorRT options without ``gpu``, or a bad value (the message names the option).
+        """
+        if not self.gpu:
+            if self.trt_cache is not None or self.trt_fp16:
+                raise UserError("--trt-cache and --trt-fp16 are options of onnxruntime's TensorRT provider: "
+                                "give them with --gpu")
+            return None
+        try:
+            return GpuSettings(trt_cache_dir=self.trt_cache, trt_fp16=self.trt_fp16,
+                               trt_max_batch=max(1, self.batch_size))
+        except ValueError as err:
+            raise UserError(str(err)) from None
 
 
 def check_options(options: PredictOptions) -> None:
     """Check the counts, the threshold and the output folder before anything is read.
 
     Raises:
-        UserError: a count below 1, a score threshold outside [0, 1], an output path that is a file, or
-            an output folder that holds another run while ``resume`` is off.
+        UserError: a count below 1, a score threshold outside [0, 1], an output path that is a file, an
+            output folder that holds another run while ``resume`` is off, or bad TensorRT options.
     """
     for flag, value in (("--num-actors", options.num_actors), ("--threads", options.threads),
                         ("--batch-size", options.batch_size), ("--shard-size", options.shard_size)):
         if value < 1:
             raise UserError(f"{flag} {value}: it must be >= 1")
+    options.gpu_settings()
     threshold = options.score_threshold
     if threshold is not None and not (0 <= threshold <= 1 and math.isfinite(threshold)):
         raise UserError(f"--score-threshold {threshold}: scores are probabilities, give a value in [0, 1]")
@@ -155,6 +179,8 @@ def predict(options: PredictOptions) -> dict[str, Any]:
     tasks, unreadable = build_tasks(source, options.shard_size)
     settings = {"model_sha256": file_digest(options.model), "score_threshold": options.score_threshold,
                 "batch_size": options.batch_size, "overlays": options.overlays}
+    if options.gpu and options.trt_fp16:
+        settings["trt_fp16"] = True  # fp16 results differ; added only when set, so other runs keep their fingerprint
     fingerprints = [fingerprint(settings, task) for task in tasks]
     pending = [i for i in range(len(tasks)) if not (options.resume and read_shard(out, i, fingerprints[i]))]
     inputs = sum(len(task["inputs"]) for task in tasks)
@@ -215,7 +241,7 @@ def _run(options: PredictOptions, out: Path, pending: dict[int, dict[str, Any]],
     dataset = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
         PredictActor,
         fn_constructor_kwargs={"model": os.path.abspath(options.model), "threads": options.threads,
-                               "gpu": options.gpu, "score_threshold": options.score_threshold,
+                               "gpu": options.gpu_settings(), "score_threshold": options.score_threshold,
                                "batch_size": options.batch_size, "overlays": options.overlays},
         batch_size=1,
         # One shard at a time per actor: a shard is seconds of work, so a queue per actor would only leave one

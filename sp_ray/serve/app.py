@@ -104,7 +104,7 @@ class SegmenterDeployment:
         self.settings = settings
         providers = None if settings.gpu else ["CPUExecutionProvider"]
         self.segmenter = Segmenter(settings.model, providers=providers, threads=settings.threads,
-                                   max_image_pixels=settings.max_image_pixels)
+                                   max_image_pixels=settings.max_image_pixels, gpu=settings.gpu_settings())
         self.info = self.segmenter.info
         self.max_batch_size = batch_limit(settings, self.info)
         self._predict_batch.set_max_batch_size(self.max_batch_size)
@@ -198,7 +198,7 @@ class SegmenterDeployment:
             **dataclasses.asdict(self.info),
             "exporter": {"producer": meta.producer_name, "source": self.info.source},
             "runtime": {"onnxruntime": ort.__version__, "providers": self.segmenter.providers,
-                        "threads": self.settings.threads},
+                        "threads": self.settings.threads, "io_binding": self.segmenter.io_binding},
             "serving": {"max_batch_size": self.max_batch_size,
                         "batch_wait_timeout_s": self.settings.batch_wait_timeout_s,
                         "max_body_bytes": self.settings.max_body_bytes,

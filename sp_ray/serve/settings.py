@@ -1,8 +1,8 @@
 """The options of ``sp-ray serve``, also the ``args`` of a ``serve deploy`` config: one dataclass, checked on
 the driver before Ray starts, so that a bad value fails in a second with its flag named.
 
-Imports nothing heavy (no Ray, no onnxruntime); the model's metadata is read on the driver by
-``sp_ray.onnx_model.read_model_info``, never in a replica.
+Imports nothing heavy (no Ray, no onnxruntime; ``export.providers`` loads onnxruntime only to pick providers);
+the model's metadata is read on the driver by ``sp_ray.onnx_model.read_model_info``, never in a replica.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from export.geometry import MAX_IMAGE_PIXELS
 from export.metadata import ModelInfo
+from export.providers import GpuSettings
 from sp_ray.errors import UserError
 
 # A 50-megapixel JPEG is 10-25 MB and a 4K PNG about 25 MB; 64 MB leaves room for those and refuses what
@@ -37,6 +38,9 @@ class ServeSettings:
         batch_wait_timeout_s: how long the first request of a batch waits for others.
         threads: onnxruntime intra-op threads per replica; each replica reserves this many Ray CPUs.
         gpu: one GPU per replica (onnxruntime's CUDA / TensorRT providers).
+        trt_cache: with ``gpu``: folder of TensorRT's engine cache (``GpuSettings.trt_cache_dir``); on a
+            cluster a path of each node (engines are per GPU model), or shared storage.
+        trt_fp16: with ``gpu``: TensorRT may compute in fp16 (``GpuSettings.trt_fp16``).
         max_body_mb: larger request bodies get 413 before they are read.
         max_image_pixels: images of more pixels (H x W, read from the header) get 413 before decoding.
     """
@@ -49,6 +53,8 @@ class ServeSettings:
     batch_wait_timeout_s: float = 0.01
     threads: int = 1
     gpu: bool = False
+    trt_cache: str | None = None
+    trt_fp16: bool = False
     max_body_mb: float = DEFAULT_MAX_BODY_MB
     max_image_pixels: int = MAX_IMAGE_PIXELS
 
@@ -74,6 +80,24 @@ class ServeSettings:
             raise bad("max_body_mb", "a number of megabytes > 0")
         if not isinstance(self.gpu, bool):
             raise bad("gpu", "true or false")
+        if (self.trt_cache is not None or self.trt_fp16 is not False) and not self.gpu:
+            raise UserError("trt_cache (--trt-cache) and trt_fp16 (--trt-fp16) apply to onnxruntime's TensorRT "
+                            "provider: give them with gpu (--gpu)")
+        try:
+            self.gpu_settings()
+        except ValueError as err:
+            raise UserError(str(err)) from None
+
+    def gpu_settings(self) -> GpuSettings | None:
+        """The replicas' ``GpuSettings`` (None without ``gpu``); TensorRT's profile covers the batch limit.
+
+        The batch limit of a dynamic-batch model is ``max_batch_size`` or ``DEFAULT_MAX_BATCH_SIZE``
+        (``batch_limit``); a fixed-batch model's profile is its own batch whatever this says.
+        """
+        if not self.gpu:
+            return None
+        return GpuSettings(trt_cache_dir=self.trt_cache, trt_fp16=self.trt_fp16,
+                           trt_max_batch=self.max_batch_size or DEFAULT_MAX_BATCH_SIZE)
 
     @property
     def max_body_bytes(self) -> int:

@@ -84,10 +84,13 @@ class RaySession:
             raise InjectedFailure(f"train.inject_failure_at_step: rank {self.rank} fails at step {step}")
 
     def finish(self, model: nn.Module) -> None:
-        """Record node id and a parameter checksum per rank (``WORK_DIR/workers/rank<r>.json``)."""
+        """Record node id, device, process-group backend and a parameter checksum per rank
+        (``WORK_DIR/workers/rank<r>.json``)."""
         checksum = float(sum(p.detach().double().sum() for p in model.parameters()))
+        backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else None
         record = {"rank": self.rank, "node_id": ray.get_runtime_context().get_node_id(),
-                  "hostname": os.uname().nodename, "param_checksum": checksum}
+                  "hostname": os.uname().nodename, "device": str(self.device), "backend": backend,
+                  "param_checksum": checksum}
         folder = self.work_dir / "workers"
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"rank{self.rank}.json").write_text(json.dumps(record))

@@ -159,22 +159,6 @@ def test_runtime_instances_equal_the_pytorch_evaluation_path(segmenter, trained_
         assert (found.masks != expected["masks"].numpy()).mean() < 1e-3
 
 
-def test_gpu_providers_are_only_proposed_when_a_gpu_is_usable(monkeypatch) -> None:
-    import onnxruntime as ort
-
-    from export import runtime
-
-    offered = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
-    monkeypatch.setattr(ort, "get_available_providers", lambda: offered)
-    monkeypatch.setattr(runtime, "_cuda_devices", lambda: 0)
-    assert runtime.default_providers() == ["CPUExecutionProvider"]
-    monkeypatch.setattr(runtime, "_cuda_devices", lambda: 1)
-    monkeypatch.setattr(runtime, "_loadable", lambda library: False)
-    assert runtime.default_providers() == ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    monkeypatch.setattr(runtime, "_loadable", lambda library: True)
-    assert runtime.default_providers()[0] == "TensorrtExecutionProvider"
-
-
 def test_repr_names_the_provider(segmenter) -> None:
     assert "provider=CPUExecutionProvider" in repr(segmenter) and "family=knet" in repr(segmenter)
 

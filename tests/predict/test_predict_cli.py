@@ -56,6 +56,15 @@ def test_bad_counts_threshold_and_out(images, tmp_path, capsys) -> None:
     assert f"--out {tmp_path / 'file'} is a file" in message
 
 
+def test_tensorrt_options_need_gpu_and_a_folder(images, tmp_path, capsys) -> None:
+    base = ["--model", str(tmp_path / "m.onnx"), "--source", str(images), "--out", str(tmp_path / "out")]
+    assert "--trt-cache and --trt-fp16 are options of onnxruntime's TensorRT provider: give them with --gpu" in (
+        _fails([*base, "--trt-fp16"], capsys))
+    (tmp_path / "engines").write_text("x")
+    message = _fails([*base, "--gpu", "--trt-cache", str(tmp_path / "engines")], capsys)
+    assert f"trt_cache_dir (--trt-cache) {tmp_path / 'engines'} is a file; give a folder" in message
+
+
 def test_bad_sources(images, tmp_path, capsys) -> None:
     base = ["--model", str(tmp_path / "m.onnx"), "--out", str(tmp_path / "out")]
     assert "does not exist" in _fails([*base, "--source", str(tmp_path / "nowhere")], capsys)

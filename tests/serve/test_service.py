@@ -18,6 +18,7 @@ import yaml
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from export.providers import GpuSettings
 from sp_ray.cli import main
 from sp_ray.errors import UserError
 from sp_ray.onnx_model import read_model_info
@@ -94,6 +95,21 @@ def test_bad_settings_name_the_flag(values, message) -> None:
         ServeSettings(model="m.onnx", **values)
 
 
+def test_tensorrt_settings_go_to_the_replicas_with_the_batch_limit(tmp_path) -> None:
+    assert ServeSettings(model="m.onnx").gpu_settings() is None
+    settings = ServeSettings(model="m.onnx", gpu=True, trt_cache=str(tmp_path / "engines"), trt_fp16=True,
+                             max_batch_size=4)
+    assert settings.gpu_settings() == GpuSettings(trt_cache_dir=str(tmp_path / "engines"), trt_fp16=True,
+                                                  trt_max_batch=4)
+    assert ServeSettings(model="m.onnx", gpu=True).gpu_settings().trt_max_batch == DEFAULT_MAX_BATCH_SIZE
+    with pytest.raises(UserError, match=r"trt_cache \(--trt-cache\) and trt_fp16 \(--trt-fp16\) apply to .* "
+                                        r"give them with gpu \(--gpu\)"):
+        ServeSettings(model="m.onnx", trt_fp16=True)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match=r"trt_cache_dir \(--trt-cache\) .*file is a file"):
+        ServeSettings(model="m.onnx", gpu=True, trt_cache=str(tmp_path / "file"))
+
+
 def run_cli(argv: list[str], capsys) -> tuple[int, str]:
     code = main(argv)
     return code, capsys.readouterr().err
@@ -151,12 +167,13 @@ def test_the_replica_and_the_client_import_no_torch() -> None:
             "print(json.dumps(sorted({{m.split('.')[0] for m in sys.modules}} & "
             "{{'torch', 'torchvision', 'onnxruntime', 'ray', 'scipy', 'pycocotools'}})))")
     loaded = {}
-    for module in ("sp_ray.serve.app", "export.client"):
+    for module in ("sp_ray.serve.app", "sp_ray.serve.settings", "export.client"):
         out = subprocess.run([sys.executable, "-c", code.format(module=module)], capture_output=True, text=True,
                              check=True, cwd=Path(__file__).resolve().parents[2])
         loaded[module] = json.loads(out.stdout.strip().splitlines()[-1])
     assert loaded["sp_ray.serve.app"] == ["onnxruntime", "ray"]
     assert loaded["export.client"] == []
+    assert loaded["sp_ray.serve.settings"] == []  # the driver checks GpuSettings without loading onnxruntime
 
 
 def test_the_client_names_what_an_answer_lacks() -> None:

@@ -130,6 +130,7 @@ def test_two_workers_train_in_step(local_ray, tiny_data, tmp_path):
     final = run_training(cfg, tmp_path)
     records = worker_records(tmp_path)
     assert [r["rank"] for r in records] == [0, 1]
+    assert [(r["device"], r["backend"]) for r in records] == [("cpu", "gloo")] * 2  # NCCL with train.use_gpu
     # DDP keeps the replicas identical: both ranks end with the same parameters.
     assert records[0]["param_checksum"] == pytest.approx(records[1]["param_checksum"], rel=1e-6)
     assert load_checkpoint(final).meta["epoch"] == 2
