@@ -15,7 +15,7 @@
     sp-ray export --checkpoint CKPT --out model.onnx [--opset N] [--input-size HxW | --dynamic-size]
                   [--batch N | --dynamic-batch] [--fp16 | --int8]
     sp-ray benchmark --checkpoint CKPT --annotations A.json --images DIR [--formats torch onnx onnx-fp16 onnx-int8]
-                     [--threads T] [--batch B] [--rounds N] [--warmup N] [--out PREFIX]
+                     [--threads T] [--batch B] [--rounds N] [--warmup N] [--parity-count N] [--out PREFIX]
     sp-ray predict --model M.onnx --source SRC --out DIR [--num-actors N] [--threads T] [--batch-size B]
                    [--shard-size S] [--score-threshold S] [--overlays] [--gpu] [--resume] [--annotations A.json]
     sp-ray tune --config SWEEP.yaml [--resume] [KEY=VALUE ...]
@@ -178,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     bm.add_argument("--images", required=True,
                     help="its image folder; its first images are also the parity check's and the timed batches")
     bm.add_argument("--formats", nargs="+", choices=list(BENCHMARK_FORMATS), default=list(BENCHMARK_FORMATS),
-                    help="formats, one table row each (default: all); onnx-* are exported with 'sp-ray export'")
+                    metavar="FORMAT", help=f"one table row each: {' '.join(BENCHMARK_FORMATS)} (default: all; "
+                    "the onnx ones are exported as 'sp-ray export' exports)")
     bm.add_argument("--threads", type=int, default=None,
                     help="CPU threads of onnxruntime (intra-op) and PyTorch (default: each runtime's own)")
     bm.add_argument("--batch", type=int, default=1,
