@@ -9,7 +9,8 @@ left to the numpy runtime, configured by the metadata stored in the model.
 Pipeline of ``export_checkpoint``: build the model from the checkpoint's config, export fp32
 (K-Net and Mask2Former with the dynamo exporter, ``32 * Dim`` sides; Mask R-CNN with the TorchScript exporter, which
 torchvision's detection models need), ``onnx.checker`` with shape inference, onnxruntime's basic
-(hardware-independent) graph optimisations, optional fp16 conversion or dynamic int8 quantization,
+(hardware-independent) graph optimisations, optional fp16 conversion or calibrated static int8
+quantization (``export.quantize``),
 metadata, and the parity check of the final model against PyTorch fp32 on sample images.
 """
 
@@ -315,14 +316,15 @@ def _export_torchscript(
     )
 
 
-def convert_precision(path: str | os.PathLike, precision: str, info: ModelInfo) -> ModelInfo:
-    """Convert an fp32 export in place to fp16 weights and compute, or int8 dynamic quantization.
+def convert_precision(
+    path: str | os.PathLike, precision: str, info: ModelInfo, *, calibration: Sequence[np.ndarray] = ()
+) -> ModelInfo:
+    """Convert an fp32 export in place to fp16 weights and compute, or to calibrated static int8.
 
     fp16: onnxruntime's converter (``onnxruntime.transformers.float16``) with the inputs and outputs
     kept in their types; its output is repaired where it is invalid ONNX (duplicate Cast nodes,
-    nodes out of topological order). int8: ``quantize_dynamic`` of MatMul / Gemm weights (the kernel
-    update, attention, FFN and box head; convolutions stay fp32, since onnxruntime's dynamic
-    ConvInteger is slower than its fp32 convolutions on CPU).
+    nodes out of topological order). int8: ``export.quantize.quantize_int8`` (QDQ, per-channel int8
+    weights, uint8 activations whose ranges come from the ``calibration`` images).
 
     Returns:
         ``info`` with ``precision`` set.
@@ -340,23 +342,48 @@ def convert_precision(path: str | os.PathLike, precision: str, info: ModelInfo) 
         converted = convert_float_to_float16(onnx.load(str(path)), keep_io_types=True)
         _repair_graph(converted.graph)
     elif precision == "int8":
-        from onnxruntime.quantization import QuantType, quantize_dynamic
+        from export.quantize import quantize_int8
 
-        quantized = path.with_name(path.stem + ".int8.tmp.onnx")
-        try:
-            # ERROR: its one warning asks for a pre-processing step meant for static quantization.
-            with _quiet_converters(logging.ERROR):
-                quantize_dynamic(str(path), str(quantized), weight_type=QuantType.QInt8,
-                                 op_types_to_quantize=["MatMul", "Gemm"])
-            converted = onnx.load(str(quantized))
-        finally:
-            quantized.unlink(missing_ok=True)
+        kept = quantize_int8(path, path, info, calibration)
+        log.info("int8: %d convolutions and matrix products kept in fp32 (export.quantize.INT8_KINDS)", len(kept))
+        converted = onnx.load(str(path))
     else:
         return info
     _set_metadata(converted, info)
     onnx.checker.check_model(converted)
     onnx.save(converted, str(path))
     return info
+
+
+def load_calibration_images(folder: str | os.PathLike, *, count: int, what: str = "--calibration-images") -> list[np.ndarray]:
+    """Up to ``count`` images of ``folder`` (recursive, by name, evenly spaced over the sorted list) for int8
+    calibration; unreadable files are skipped and counted in a warning.
+
+    Raises:
+        FileNotFoundError / ValueError: no folder, or no readable image in it; the message names ``what``.
+    """
+    from sp_ray.data.images import UnusableImageError, list_image_files
+
+    if count < 1:
+        raise ValueError(f"--calibration-count must be >= 1, got {count}")
+    try:
+        files = list_image_files(folder)
+    except (FileNotFoundError, ValueError) as err:
+        raise type(err)(f"{what}: {err}; int8 calibration needs real images like the ones the model will see") from None
+    # Evenly spaced rather than the first N: file names often group images by source or scene.
+    picked = [files[i] for i in np.linspace(0, len(files) - 1, min(count, len(files))).round().astype(int)]
+    images, skipped = [], []
+    for file in dict.fromkeys(picked):
+        try:
+            images.append(load_image_rgb(file))
+        except UnusableImageError as err:
+            skipped.append(f"{file.name} ({err.reason})")
+    if skipped:
+        log.warning("int8 calibration skipped %d unreadable image(s) of %s: %s", len(skipped), folder,
+                    ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""))
+    if not images:
+        raise ValueError(f"{what} {folder}: none of its {len(picked)} image files could be read")
+    return images
 
 
 def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
@@ -498,6 +525,8 @@ def export_checkpoint(
     precision: str = "fp32",
     parity_images: str | os.PathLike | None = None,
     parity_count: int = 4,
+    calibration_images: str | os.PathLike | None = None,
+    calibration_count: int = 32,
 ) -> ExportResult:
     """Export a checkpoint directory to ONNX and check parity against PyTorch.
 
@@ -512,6 +541,9 @@ def export_checkpoint(
         parity_images: folder of sample images; default the config's ``data.val_images`` if it exists,
             else generated images.
         parity_count: number of sample images.
+        calibration_images: int8 only: folder of calibration images; default the config's
+            ``data.val_images``; neither is a ValueError asking for one.
+        calibration_count: int8 only: number of calibration images.
 
     Returns:
         ``ExportResult`` with the model path, its metadata and the parity report.
@@ -540,11 +572,20 @@ def export_checkpoint(
                       input_size=input_size, batch_size=batch_size, source=source)
     images = sample_images(parity_images if parity_images is not None else cfg.data.val_images or None,
                            count=parity_count)
+    calibration: list[np.ndarray] = []
+    if precision == "int8":
+        folder = calibration_images or cfg.data.val_images
+        if not folder:
+            raise ValueError(f"--int8 calibrates activation ranges on real images, and the config of {checkpoint} "
+                             "names no data.val_images; pass --calibration-images DIR")
+        calibration = load_calibration_images(
+            folder, count=calibration_count,
+            what="--calibration-images" if calibration_images else "data.val_images of the checkpoint's config")
     out = Path(out)
     staged = out.with_name(out.stem + ".staged.onnx")
     sample, _ = prepare_batch(images[: info.batch_size or 2], info)
     export_model(model, info, staged, sample=sample, opset=opset)
-    info = convert_precision(staged, precision, info)
+    info = convert_precision(staged, precision, info, calibration=calibration)
     report = check_parity(model, staged, images)
     log.info(report.summary())
     if not report.passed:

@@ -43,6 +43,10 @@ BOUNDS = {
 # turns on differences of 1e-5 in its coordinates, so an fp32 graph may lose or gain a few low-score
 # detections against PyTorch (seen: 3 of 200 on a trained model); 2% may go unmatched.
 NMS_FP32_BOUNDS = ParityBounds(score=1e-3, matched=0.98, iou=0.99)
+# int8 moves Mask R-CNN's boxes by a pixel or so, and each box carries its pasted 28 x 28 mask with it and
+# decides which overlapping boxes survive NMS: on the test suite's random tiny Mask R-CNN (masks of ~0.5
+# probability, the worst case), static int8 matched 25 of 30 detections at a pooled mask IoU of 0.80.
+NMS_INT8_BOUNDS = ParityBounds(score=5e-2, matched=0.75, iou=0.75)
 # A candidate is the same detection only if its mask overlaps the reference's this much.
 SAME_OBJECT_IOU = 0.5
 
@@ -51,7 +55,11 @@ def bounds_for(precision: str, *, nms: bool = False) -> ParityBounds:
     """The parity bounds of an export of this precision (``nms``: the model has an NMS step)."""
     if precision not in BOUNDS:
         raise ValueError(f"precision must be one of {sorted(BOUNDS)}, got {precision!r}")
-    return NMS_FP32_BOUNDS if nms and precision == "fp32" else BOUNDS[precision]
+    if nms and precision == "fp32":
+        return NMS_FP32_BOUNDS
+    if nms and precision == "int8":
+        return NMS_INT8_BOUNDS
+    return BOUNDS[precision]
 
 
 @dataclass

@@ -13,9 +13,10 @@
     sp-ray evaluate --onnx model.onnx --annotations A.json --images DIR [--out metrics.json]
     sp-ray evaluate --results PREDICT_DIR --annotations A.json --images DIR [--out metrics.json]
     sp-ray export --checkpoint CKPT --out model.onnx [--opset N] [--input-size HxW | --dynamic-size]
-                  [--batch N | --dynamic-batch] [--fp16 | --int8]
+                  [--batch N | --dynamic-batch] [--fp16 | --int8 [--calibration-images DIR] [--calibration-count N]]
     sp-ray benchmark --checkpoint CKPT --annotations A.json --images DIR [--formats torch onnx onnx-fp16 onnx-int8]
-                     [--threads T] [--batch B] [--rounds N] [--warmup N] [--parity-count N] [--out PREFIX]
+                     [--threads T] [--batch B] [--rounds N] [--warmup N] [--parity-count N] [--calibration-count N]
+                     [--out PREFIX]
     sp-ray predict --model M.onnx --source SRC --out DIR [--num-actors N] [--threads T] [--batch-size B]
                    [--shard-size S] [--score-threshold S] [--overlays] [--gpu] [--resume] [--annotations A.json]
     sp-ray tune --config SWEEP.yaml [--resume] [KEY=VALUE ...]
@@ -167,7 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--dynamic-batch", action="store_true", help="any batch size (not Mask R-CNN)")
     precision = ex.add_mutually_exclusive_group()
     precision.add_argument("--fp16", action="store_true", help="fp16 weights and compute (query-based models)")
-    precision.add_argument("--int8", action="store_true", help="dynamic int8 quantization (MatMul/Gemm weights)")
+    precision.add_argument("--int8", action="store_true",
+                           help="static int8 (QDQ): int8 weights, activation ranges calibrated on real images")
+    ex.add_argument("--calibration-images", default=None, metavar="DIR",
+                    help="--int8: folder of images like the ones the model will see (default: the config's "
+                         "data.val_images)")
+    ex.add_argument("--calibration-count", type=int, default=32, metavar="N",
+                    help="--int8: number of calibration images (default 32, evenly spaced by name)")
     ex.add_argument("--parity-images", default=None,
                     help="folder of sample images (default: the config's data.val_images, else generated)")
     ex.add_argument("--parity-count", type=int, default=4, help="number of sample images")
@@ -188,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="timed rounds, each running every format once, the order rotated (default 10)")
     bm.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
     bm.add_argument("--parity-count", type=int, default=4, help="images of each export's parity check (default 4)")
+    bm.add_argument("--calibration-count", type=int, default=32, metavar="N",
+                    help="onnx-int8: images of --images its activation ranges are calibrated on (default 32, "
+                         "evenly spaced by name)")
     bm.add_argument("--out", default=None, metavar="PREFIX",
                     help="writes PREFIX.md, PREFIX.json, PREFIX.png and the models PREFIX.<fp32|fp16|int8>.onnx "
                     "(default: CHECKPOINT/benchmark/benchmark)")
@@ -444,6 +454,7 @@ def cmd_export(args: argparse.Namespace) -> None:
         input_size=_parse_size(args.input_size) if args.input_size else None,
         batch_size=None if args.dynamic_batch else args.batch, precision=precision,
         parity_images=args.parity_images, parity_count=args.parity_count,
+        calibration_images=args.calibration_images, calibration_count=args.calibration_count,
     )
     info = result.info
     size = "x".join(map(str, info.input_size)) if info.input_size else "dynamic"
@@ -459,7 +470,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     report = run_benchmark(BenchmarkOptions(
         checkpoint=args.checkpoint, annotations=args.annotations, images=args.images, out=args.out,
         formats=tuple(args.formats), threads=args.threads, batch=args.batch, rounds=args.rounds,
-        warmup=args.warmup, parity_count=args.parity_count,
+        warmup=args.warmup, parity_count=args.parity_count, calibration_count=args.calibration_count,
     ))
     files = write_report(report)
     print(markdown_table(report))

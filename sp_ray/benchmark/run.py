@@ -3,7 +3,9 @@
 For each format of ``sp_ray.benchmark.FORMATS`` one `FormatResult`:
 
 - **file**: ``model.pt`` for torch; for the ONNX formats ``PREFIX.<precision>.onnx``, written by
-  ``export.onnx_export.export_checkpoint`` with a fixed batch of ``batch`` images and any input size.
+  ``export.onnx_export.export_checkpoint`` with a fixed batch of ``batch`` images and any input size;
+  int8 is calibrated on ``calibration_count`` images of the set's folder (so its AP is that of a model
+  calibrated on the images it is scored on: give a held-out set to measure what calibration transfers).
 - **AP**: COCO segm / bbox AP on the set. torch through ``evaluate_checkpoint``, the ONNX formats through
   ``evaluate_onnx`` on the CPU provider with ``threads``: the functions ``sp-ray evaluate --checkpoint`` and
   ``sp-ray evaluate --onnx --threads T`` call, so the values are theirs.
@@ -87,6 +89,8 @@ class BenchmarkOptions:
         batch: images per graph run (the ONNX models are exported with this fixed batch).
         rounds: timed rounds (>= 1). warmup: untimed rounds before them (>= 0).
         parity_count: images of the export's parity check.
+        calibration_count: onnx-int8: images of ``images`` its activation ranges are calibrated on
+            (``export_checkpoint``'s ``calibration_count``; evenly spaced by name).
     """
 
     checkpoint: Path
@@ -99,6 +103,7 @@ class BenchmarkOptions:
     rounds: int = 10
     warmup: int = 1
     parity_count: int = 4
+    calibration_count: int = 32
 
     def __post_init__(self) -> None:
         self.checkpoint, self.annotations, self.images = map(Path, (self.checkpoint, self.annotations, self.images))
@@ -120,6 +125,8 @@ class BenchmarkOptions:
                  "--batch", str(self.batch), "--rounds", str(self.rounds), "--warmup", str(self.warmup)]
         if self.threads is not None:
             words += ["--threads", str(self.threads)]
+        if "onnx-int8" in self.formats:
+            words += ["--calibration-count", str(self.calibration_count)]
         return shlex.join([*words, "--out", str(self.prefix)])
 
 
@@ -197,6 +204,7 @@ def check_options(options: BenchmarkOptions) -> tuple[Checkpoint, dict[str, Any]
     """
     for name, value, least in (("--batch", options.batch, 1), ("--rounds", options.rounds, 1),
                                ("--warmup", options.warmup, 0), ("--parity-count", options.parity_count, 1),
+                               ("--calibration-count", options.calibration_count, 1),
                                ("--threads", options.threads, 1)):
         if value is not None and value < least:
             raise UserError(f"{name} {value}: it must be >= {least}")
@@ -381,10 +389,12 @@ def export_format(options: BenchmarkOptions, precision: str, model: nn.Module, r
     failed = path.with_name(path.stem + ".parity-failed.onnx")
     for stale in (path, failed):  # an earlier run's file must not pass for this run's
         stale.unlink(missing_ok=True)
+    # int8 is calibrated on the set's own images: the activation ranges of the images it is scored on.
+    calibration = {"calibration_images": options.images, "calibration_count": options.calibration_count}
     try:
         result = export_checkpoint(options.checkpoint, path, precision=precision, batch_size=options.batch,
                                    input_size=None, parity_images=options.images,
-                                   parity_count=options.parity_count)
+                                   parity_count=options.parity_count, **(calibration if precision == "int8" else {}))
     except ParityError:
         if not failed.is_file():
             raise
@@ -444,7 +454,8 @@ def run_benchmark(options: BenchmarkOptions) -> BenchmarkReport:
                 "annotations": str(options.annotations), "images": str(options.images),
                 "images_in_set": len(data["images"]), "batch": options.batch, "rounds": options.rounds,
                 "warmup": options.warmup, "timing_batches": len(batches), "images_per_call": len(batches[0]),
-                "parity_count": options.parity_count, "formats": list(options.formats)}
+                "parity_count": options.parity_count, "calibration_count": options.calibration_count,
+                "formats": list(options.formats)}
     return BenchmarkReport(options=options, rows=[rows[name] for name in options.formats],
                            environment=environment, settings=settings)
 

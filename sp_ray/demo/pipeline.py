@@ -139,8 +139,14 @@ def build_steps(layout: DemoLayout, settings: DemoSettings, ray_session: LocalRa
         shutil.rmtree(layout.ssl, ignore_errors=True)  # an interrupted run starts over
         cfg = load_config(SSL_CONFIG, ssl_overrides(settings))
         images = link_images(layout.train_json, layout.images, layout.train_images)
-        with progress("DenseCL epochs", cfg.ssl.epochs, lambda: count_lines(layout.ssl / "metrics.jsonl")):
-            train_densecl(cfg, images, layout.ssl)
+        # DenseCL is the one step that runs alone (before Ray starts, nothing else is busy), so it takes
+        # every core; the steps after it run two one-thread jobs on the two cores.
+        torch.set_num_threads(os.cpu_count() or 1)
+        try:
+            with progress("DenseCL epochs", cfg.ssl.epochs, lambda: count_lines(layout.ssl / "metrics.jsonl")):
+                train_densecl(cfg, images, layout.ssl)
+        finally:
+            torch.set_num_threads(1)
 
     def propose() -> None:
         from sp_ray.evaluation.proposal_quality import pseudo_mask_recall
@@ -353,9 +359,10 @@ def run_demo(
     layout.root.mkdir(parents=True, exist_ok=True)
     ray_session = LocalRay()
     start = time.perf_counter()
-    # One torch thread in this process too (DenseCL, kernel analysis), as in every Ray task and worker: the
-    # two cores are used by two jobs at once, and several threads per job on shared cores spin against
-    # each other (DenseCL ran 20x slower with two threads next to two other busy processes).
+    # One torch thread in this process too (kernel analysis; DenseCL, which runs alone, sets its own), as in
+    # every Ray task and worker: the two cores are used by two jobs at once, and several threads per job on
+    # shared cores spin against each other (DenseCL ran 20x slower with two threads next to two other busy
+    # processes).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -93,12 +93,15 @@ def test_benchmark_has_a_row_per_format_with_the_ap_of_sp_ray_evaluate(trained_k
     assert all(line in printed for line in lines.values())  # the table is printed too
 
 
-def _fake_export(knet_export, *, fail: dict[str, BaseException]):
+def _fake_export(knet_export, *, fail: dict[str, BaseException], calls: list | None = None):
     """An ``export_checkpoint`` that copies the session's fp32 export, or raises ``fail[precision]``; a
-    ParityError leaves the model at ``.parity-failed.onnx``, as the real one does."""
+    ParityError leaves the model at ``.parity-failed.onnx``, as the real one does. ``calls`` collects
+    (precision, keyword arguments) of each call."""
 
     def export(checkpoint, out, *, precision="fp32", **kwargs):
         out = Path(out)
+        if calls is not None:
+            calls.append((precision, kwargs))
         if isinstance(fail.get(precision), ParityError):
             shutil.copy(knet_export.path, out.with_name(out.stem + ".parity-failed.onnx"))
         if precision in fail:
@@ -113,9 +116,17 @@ def test_a_format_that_fails_is_a_row_with_its_error_and_the_others_run(trained_
                                                                         tmp_path, monkeypatch) -> None:
     fail = {"fp16": ValueError("--fp16 is not supported for maskrcnn: onnxruntime's fp16 converter ..."),
             "int8": ParityError("parity int8 on 4 images: ... FAIL")}
-    monkeypatch.setattr(bench, "export_checkpoint", _fake_export(knet_export, fail=fail))
+    calls: list = []
+    monkeypatch.setattr(bench, "export_checkpoint", _fake_export(knet_export, fail=fail, calls=calls))
     prefix = tmp_path / "bench"
-    assert main(_args(trained_knet, synthetic, prefix, "--formats", "onnx-fp16", "torch", "onnx", "onnx-int8")) == 0
+    assert main(_args(trained_knet, synthetic, prefix, "--formats", "onnx-fp16", "torch", "onnx", "onnx-int8",
+                      "--batch", "2", "--calibration-count", "5")) == 0
+    # Exported with the benchmark's batch and parity images; int8 alone calibrated, on the set's images.
+    assert [precision for precision, _ in calls] == ["fp16", "fp32", "int8"]
+    for precision, kwargs in calls:
+        assert kwargs["batch_size"] == 2 and kwargs["parity_images"] == synthetic["images"]
+        assert ("calibration_images" in kwargs) == (precision == "int8")
+    assert calls[2][1]["calibration_images"] == synthetic["images"] and calls[2][1]["calibration_count"] == 5
     rows = {row["format"]: row for row in json.loads(prefix.with_suffix(".json").read_text())["rows"]}
     assert list(rows) == ["onnx-fp16", "torch", "onnx", "onnx-int8"]
     fp16 = rows["onnx-fp16"]

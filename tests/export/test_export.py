@@ -93,9 +93,9 @@ def test_reduced_precision_stays_within_its_stated_bounds(knet_export, trained_k
                                                           precision) -> None:
     path = tmp_path / f"knet_{precision}.onnx"
     shutil.copy(knet_export.path, path)
-    info = convert_precision(path, precision, knet_export.info)
-    assert info.precision == precision
     images = sample_images(synthetic["images"], count=4)
+    info = convert_precision(path, precision, knet_export.info, calibration=images)
+    assert info.precision == precision
     report = check_parity(_model(trained_knet), path, images, threads=1)
     print(report.summary())
     assert report.precision == precision and report.passed, report.summary()
@@ -129,7 +129,7 @@ def test_maskrcnn_exports_with_parity(tiny_maskrcnn, tmp_path, input_size, batch
     assert found.masks.shape[1:] == images[0].shape[:2] and len(found) <= 10
     assert set(found.category_ids.tolist()) <= {1, 2, 3, 7}
     if input_size is None:
-        convert_precision(path, "int8", info)
+        convert_precision(path, "int8", info, calibration=images)
         report = check_parity(tiny_maskrcnn, path, images, threads=1)
         assert report.precision == "int8" and report.passed, report.summary()
 
