@@ -86,6 +86,10 @@ def notes(report: BenchmarkReport) -> list[str]:
         "`sp-ray export` checks it: detections matched (same label, score within the precision's bound, mask "
         "IoU >= 0.5), the largest score difference and the mean mask IoU of the matched pairs.",
     ]
+    if "onnx-int8" in report.settings["formats"]:
+        lines.append(f"- onnx-int8: static int8 (QDQ), activation ranges calibrated on up to "
+                     f"{report.settings['calibration_count']} images of `--images`, i.e. on the images it is "
+                     "scored on; benchmark on a held-out set to see what the calibration transfers.")
     return lines + [f"- {row.format}: {row.note}" for row in report.rows if row.note]
 
 
