@@ -317,14 +317,16 @@ def _export_torchscript(
 
 
 def convert_precision(
-    path: str | os.PathLike, precision: str, info: ModelInfo, *, calibration: Sequence[np.ndarray] = ()
+    path: str | os.PathLike, precision: str, info: ModelInfo, *, calibration: Sequence[np.ndarray] = (),
+    int8_kinds: Sequence[str] | None = None,
 ) -> ModelInfo:
     """Convert an fp32 export in place to fp16 weights and compute, or to calibrated static int8.
 
     fp16: onnxruntime's converter (``onnxruntime.transformers.float16``) with the inputs and outputs
     kept in their types; its output is repaired where it is invalid ONNX (duplicate Cast nodes,
     nodes out of topological order). int8: ``export.quantize.quantize_int8`` (QDQ, per-channel int8
-    weights, uint8 activations whose ranges come from the ``calibration`` images).
+    weights, uint8 activations whose ranges come from the ``calibration`` images; ``int8_kinds``, default
+    ``export.quantize.INT8_KINDS`` of the family, says which kinds of node).
 
     Returns:
         ``info`` with ``precision`` set.
@@ -344,7 +346,7 @@ def convert_precision(
     elif precision == "int8":
         from export.quantize import quantize_int8
 
-        kept = quantize_int8(path, path, info, calibration)
+        kept = quantize_int8(path, path, info, calibration, kinds=int8_kinds)
         log.info("int8: %d convolutions and matrix products kept in fp32 (export.quantize.INT8_KINDS)", len(kept))
         converted = onnx.load(str(path))
     else:
@@ -355,7 +357,9 @@ def convert_precision(
     return info
 
 
-def load_calibration_images(folder: str | os.PathLike, *, count: int, what: str = "--calibration-images") -> list[np.ndarray]:
+def load_calibration_images(
+    folder: str | os.PathLike, *, count: int, what: str = "--calibration-images"
+) -> list[np.ndarray]:
     """Up to ``count`` images of ``folder`` (recursive, by name, evenly spaced over the sorted list) for int8
     calibration; unreadable files are skipped and counted in a warning.
 

@@ -115,6 +115,8 @@ def quantize_int8(
     out: str | os.PathLike,
     info: ModelInfo,
     images: Sequence[np.ndarray],
+    *,
+    kinds: Sequence[str] | None = None,
 ) -> list[str]:
     """Write the static int8 (QDQ) quantization of the fp32 model at ``path`` to ``out``.
 
@@ -123,6 +125,7 @@ def quantize_int8(
         out: the .onnx file to write (may equal ``path``).
         info: the model's metadata (for the calibration preprocessing and ``INT8_KINDS``).
         images: calibration images, uint8 [H, W, 3] RGB; at least one.
+        kinds: the kinds of node to quantize (``KINDS``); default ``INT8_KINDS[info.family]``.
 
     Returns:
         The names of the nodes kept in fp32.
@@ -135,6 +138,9 @@ def quantize_int8(
 
     if not images:
         raise ValueError("static int8 quantization needs at least one calibration image")
+    kinds = INT8_KINDS[info.family] if kinds is None else tuple(kinds)
+    if unknown := set(kinds) - set(KINDS):
+        raise ValueError(f"unknown node kinds {sorted(unknown)}; kinds: {KINDS}")
     reader = CalibrationImages(images, info)
     with tempfile.TemporaryDirectory(dir=Path(out).parent) as tmp, _quiet():
         prepared = Path(tmp) / "prepared.onnx"
@@ -142,7 +148,7 @@ def quantize_int8(
         # graph (sympy TypeError), and the Conv-only quantization needs no activation shapes.
         quant_pre_process(str(path), str(prepared), skip_symbolic_shape=True)
         kept = [name for name, kind in node_kinds(onnx.load(str(prepared))).items()
-                if kind not in INT8_KINDS[info.family]]
+                if kind not in kinds]
         staged = Path(tmp) / "int8.onnx"
         quantize_static(
             str(prepared), str(staged), reader, quant_format=QuantFormat.QDQ, per_channel=True,
