@@ -12,9 +12,11 @@ For each format of ``sp_ray.benchmark.FORMATS`` one `FormatResult`:
 - **parity** against PyTorch fp32: the ``export.parity.ParityReport`` the export computed on the first
   ``parity_count`` images of the set's folder (torch is the reference and has none).
 - **speed**, after ``warmup`` untimed rounds, over ``rounds`` timed rounds. Each round runs every format
-  once, its graph-only call then its end-to-end call, in an order rotated by one format per round, so a
-  load that comes and goes on a shared machine hits every format alike. Round r runs batch r (modulo the
-  batches read) of the set's first images, the same batch for every format.
+  once (its graph-only and end-to-end calls back to back), the formats in an order rotated by one per
+  round, so a load that comes and goes on a shared machine hits every format alike; the two calls of a
+  format swap places every round too, as the first call after another format meets caches that format
+  filled. Round r runs batch r (modulo the batches read) of the set's first images, the same batch for
+  every format.
 
   - graph-only: ``Segmenter.run`` on the batch already prepared (resized, padded uint8 [B, 3, H, W]);
     torch: the export adapter (``export.onnx_export.FAMILIES[family].wrap``) in eager mode under
@@ -332,8 +334,8 @@ def round_order(names: Sequence[str], round_index: int) -> list[str]:
 def time_rounds(
     contenders: Mapping[str, Calls], *, rounds: int, warmup: int, items_per_call: int,
 ) -> tuple[dict[str, dict[str, Timing]], dict[str, BaseException]]:
-    """Time every contender's calls in rounds: each round runs every contender once (its calls in their
-    order), the contenders in ``round_order``; the first ``warmup`` rounds are not timed.
+    """Time every contender's calls in rounds: each round runs every contender once, the contenders in
+    ``round_order`` and each one's calls in ``round_order`` too; the first ``warmup`` rounds are not timed.
 
     Args:
         contenders: name -> its calls (kind -> callable of the round index).
@@ -353,7 +355,9 @@ def time_rounds(
         for name in round_order(names, round_index):
             if name in failed:
                 continue
-            for kind, call in contenders[name].items():
+            calls = contenders[name]
+            for kind in round_order(list(calls), round_index):
+                call = calls[kind]
                 start = time.perf_counter()
                 try:
                     call(round_index)
