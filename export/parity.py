@@ -75,6 +75,8 @@ class ParityReport:
         pooled_iou: sum of mask intersections / sum of unions over matched pairs (1.0 if all empty).
         min_iou: smallest mask IoU of a matched pair with a non-empty union (1.0 if none).
         bounds: the bounds checked.
+        mean_iou: mean mask IoU over matched pairs, each pair weighted alike (1.0 if none): unlike
+            ``pooled_iou``, a small object segmented badly moves it as much as a large one.
     """
 
     precision: str
@@ -85,6 +87,7 @@ class ParityReport:
     pooled_iou: float
     min_iou: float
     bounds: ParityBounds
+    mean_iou: float = 1.0
 
     @property
     def passed(self) -> bool:
@@ -140,6 +143,7 @@ def compare_instances(
     max_diff = 0.0
     inter_total = union_total = 0
     min_iou = 1.0
+    iou_sum = 0.0
     for ref, cand in zip(reference, candidate, strict=True):
         ref_masks, cand_masks = _masks(ref), _masks(cand)
         free = np.ones(len(cand), bool)
@@ -161,10 +165,12 @@ def compare_instances(
             max_diff = max(max_diff, float(diffs[j]))
             inter_total += int(inter[best])
             union_total += int(union[best])
+            iou_sum += float(iou[best])
             if union[best] > 0:
                 min_iou = min(min_iou, float(iou[best]))
     pooled = inter_total / union_total if union_total else 1.0
     return ParityReport(
         precision=precision, images=len(reference), detections=detections, matched=matched,
         max_score_diff=max_diff, pooled_iou=pooled, min_iou=min_iou, bounds=bounds,
+        mean_iou=iou_sum / matched if matched else 1.0,
     )

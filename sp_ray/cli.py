@@ -15,6 +15,9 @@
     sp-ray evaluate --results PREDICT_DIR --annotations A.json --images DIR [--out metrics.json]
     sp-ray export --checkpoint CKPT --out model.onnx [--opset N] [--input-size HxW | --dynamic-size]
                   [--batch N | --dynamic-batch] [--fp16 | --int8 [--calibration-images DIR] [--calibration-count N]]
+    sp-ray benchmark --checkpoint CKPT --annotations A.json --images DIR [--formats torch onnx onnx-fp16 onnx-int8]
+                     [--threads T] [--batch B] [--rounds N] [--warmup N] [--parity-count N] [--calibration-count N]
+                     [--out PREFIX]
     sp-ray predict --model M.onnx --source SRC --out DIR [--num-actors N] [--threads T] [--batch-size B]
                    [--shard-size S] [--score-threshold S] [--overlays] [--gpu [--trt-cache DIR] [--trt-fp16]]
                    [--resume] [--annotations A.json]
@@ -39,6 +42,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from sp_ray.benchmark import FORMATS as BENCHMARK_FORMATS
 from sp_ray.config import Config, ConfigError, check_config_values, dump_config, load_config
 from sp_ray.errors import UserError
 
@@ -203,6 +207,29 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--parity-images", default=None,
                     help="folder of sample images (default: the config's data.val_images, else generated)")
     ex.add_argument("--parity-count", type=int, default=4, help="number of sample images")
+
+    bm = command(sub, "benchmark", help="every format of a checkpoint side by side: size, COCO AP, images/s, parity")
+    bm.add_argument("--checkpoint", required=True, help="checkpoint directory (a fine-tuning's WORK_DIR/final)")
+    bm.add_argument("--annotations", required=True, help="COCO json of the evaluation set")
+    bm.add_argument("--images", required=True,
+                    help="its image folder; its first images are also the parity check's and the timed batches")
+    bm.add_argument("--formats", nargs="+", choices=list(BENCHMARK_FORMATS), default=list(BENCHMARK_FORMATS),
+                    metavar="FORMAT", help=f"one table row each: {' '.join(BENCHMARK_FORMATS)} (default: all; "
+                    "the onnx ones are exported as 'sp-ray export' exports)")
+    bm.add_argument("--threads", type=int, default=None,
+                    help="CPU threads of onnxruntime (intra-op) and PyTorch (default: each runtime's own)")
+    bm.add_argument("--batch", type=int, default=1,
+                    help="images per graph run; the ONNX models are exported with this fixed batch (default 1)")
+    bm.add_argument("--rounds", type=int, default=10,
+                    help="timed rounds, each running every format once, the order rotated (default 10)")
+    bm.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
+    bm.add_argument("--parity-count", type=int, default=4, help="images of each export's parity check (default 4)")
+    bm.add_argument("--calibration-count", type=int, default=32, metavar="N",
+                    help="onnx-int8: images of --images its activation ranges are calibrated on (default 32, "
+                         "evenly spaced by name)")
+    bm.add_argument("--out", default=None, metavar="PREFIX",
+                    help="writes PREFIX.md, PREFIX.json, PREFIX.png and the models PREFIX.<fp32|fp16|int8>.onnx "
+                    "(default: CHECKPOINT/benchmark/benchmark)")
 
     pd = command(sub, "predict", help="batch inference of an exported model over images or a video (Ray Data)")
     pd.add_argument("--model", required=True, help="the .onnx file written by 'sp-ray export'")
@@ -471,6 +498,25 @@ def cmd_export(args: argparse.Namespace) -> None:
           f"batch {info.batch_size or 'dynamic'}, {len(info.class_names)} classes)")
 
 
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    from sp_ray.benchmark.report import markdown_table, write_report
+    from sp_ray.benchmark.run import BenchmarkOptions, run_benchmark
+
+    report = run_benchmark(BenchmarkOptions(
+        checkpoint=args.checkpoint, annotations=args.annotations, images=args.images, out=args.out,
+        formats=tuple(args.formats), threads=args.threads, batch=args.batch, rounds=args.rounds,
+        warmup=args.warmup, parity_count=args.parity_count, calibration_count=args.calibration_count,
+    ))
+    files = write_report(report)
+    print(markdown_table(report))
+    print("wrote " + ", ".join(str(path) for path in files.values()))
+    if not report.ran:
+        print("sp-ray benchmark: error: no format ran; each row's error is above, tracebacks in "
+              f"{files['json']}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_predict(args: argparse.Namespace) -> None:
     from sp_ray.predict.pipeline import PredictOptions, predict
 
@@ -540,6 +586,7 @@ COMMANDS = {
     "analyze-kernels": cmd_analyze_kernels,
     "evaluate": cmd_evaluate,
     "export": cmd_export,
+    "benchmark": cmd_benchmark,
     "predict": cmd_predict,
     "tune": cmd_tune,
     "demo": cmd_demo,
@@ -622,7 +669,9 @@ def main(argv: list[str] | None = None) -> int:
 
     previous = signal.signal(signal.SIGINT, on_sigint) if _main_thread() else None
     try:
-        COMMANDS[args.command](args)
+        # A command returns nothing, or its exit status when it finished without an exception but not
+        # fully (benchmark: no format ran).
+        status = COMMANDS[args.command](args)
     except BaseException as err:
         if interrupted or isinstance(err, KeyboardInterrupt):
             print(f"sp-ray {args.command}: interrupted; {_resume_hint(argv, args)}", file=sys.stderr)
@@ -634,7 +683,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
-    return 0
+    return status or 0
 
 
 def _main_thread() -> bool:

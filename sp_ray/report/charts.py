@@ -128,3 +128,53 @@ def plot_bars(bars: Sequence[Bar], path: str | Path, *, xlabel: str, title: str 
         return _save(fig, Path(path))
     finally:
         plt.close(fig)
+
+
+@dataclass(frozen=True)
+class Point:
+    """One labelled point of a scatter chart (e.g. a model format: its speed and its accuracy)."""
+
+    label: str
+    x: float
+    y: float
+
+
+def plot_points(points: Sequence[Point], path: str | Path, *, xlabel: str, ylabel: str,
+                title: str | None = None) -> Path:
+    """A scatter of labelled points, each in its own colour, the label written beside it.
+
+    Args:
+        points: the points (at least one).
+        path: PNG to write (parent folders are created).
+        xlabel, ylabel: the axes' labels.
+        title: chart title.
+
+    Returns:
+        ``path``.
+    """
+    if not points:
+        raise ValueError("plot_points needs at least one point")
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    # Labels alternate above and below in order of x, so that two points side by side keep both readable;
+    # the legend names every point even where labels still touch.
+    rank = {i: r for r, i in enumerate(sorted(range(len(points)), key=lambda i: (points[i].x, points[i].y)))}
+    for i, point in enumerate(points):
+        ax.scatter([point.x], [point.y], s=48, color=f"C{i}", zorder=3, label=point.label)
+        ax.annotate(point.label, (point.x, point.y), xytext=(6, 5 if rank[i] % 2 == 0 else -13),
+                    textcoords="offset points", fontsize=9)
+    xs, ys = [p.x for p in points], [p.y for p in points]
+    # Room for the labels right of the points, and 0 in view so that ratios read off the axes.
+    ax.set_xlim(0, max(xs) * 1.3 if max(xs) > 0 else 1.0)
+    ax.set_ylim(min(0.0, min(ys)), max(ys) * 1.15 if max(ys) > 0 else 1.0)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    try:
+        return _save(fig, Path(path))
+    finally:
+        plt.close(fig)

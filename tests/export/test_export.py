@@ -160,6 +160,7 @@ def test_parity_matching_tolerates_tie_order_but_not_label_or_mask_changes() -> 
     shifted[0] = np.roll(masks[0], 1, axis=0)  # IoU 0.6: the same object, badly segmented
     report = compare_instances(reference, [_instances([0.9, 0.5, 0.5], [1, 2, 3], shifted)], precision="fp32")
     assert report.matched == 3 and report.pooled_iou == pytest.approx(72 / 88) and not report.passed
+    assert report.mean_iou == pytest.approx((0.6 + 1 + 1) / 3)  # each pair alike: 24/40 and two exact masks
     shifted[0] = np.roll(masks[0], 3, axis=0)  # IoU 0.14: another object
     report = compare_instances(reference, [_instances([0.9, 0.5, 0.5], [1, 2, 3], shifted)], precision="fp32")
     assert report.matched == 2 and report.pooled_iou == 1.0 and not report.passed
