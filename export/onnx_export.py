@@ -316,6 +316,15 @@ def _export_torchscript(
     )
 
 
+def check_precision(family: str, precision: str) -> None:
+    """Raise ValueError when ``family`` cannot be exported at ``precision`` (before any export work)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "fp16" and not FAMILIES[family].fp16:
+        raise ValueError(f"--fp16 is not supported for {family}: onnxruntime's fp16 converter "
+                         "produces an invalid graph for its NMS subgraphs; use fp32 or --int8")
+
+
 def convert_precision(
     path: str | os.PathLike, precision: str, info: ModelInfo, *, calibration: Sequence[np.ndarray] = (),
     int8_kinds: Sequence[str] | None = None,
@@ -331,14 +340,10 @@ def convert_precision(
     Returns:
         ``info`` with ``precision`` set.
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    check_precision(info.family, precision)
     info = dataclasses.replace(info, precision=precision)
     path = Path(path)
     if precision == "fp16":
-        if not FAMILIES[info.family].fp16:
-            raise ValueError(f"--fp16 is not supported for {info.family}: onnxruntime's fp16 converter "
-                             "produces an invalid graph for its NMS subgraphs; use fp32 or --int8")
         from onnxruntime.transformers.float16 import convert_float_to_float16
 
         converted = convert_float_to_float16(onnx.load(str(path)), keep_io_types=True)
@@ -576,6 +581,7 @@ def export_checkpoint(
                       input_size=input_size, batch_size=batch_size, source=source)
     images = sample_images(parity_images if parity_images is not None else cfg.data.val_images or None,
                            count=parity_count)
+    check_precision(cfg.model.name, precision)
     calibration: list[np.ndarray] = []
     if precision == "int8":
         folder = calibration_images or cfg.data.val_images

@@ -37,15 +37,16 @@ QUANTIZED_OPS = ("Conv", "MatMul", "Gemm")
 # (a MatMul of two activations: kernels x features, attention scores), whose both sides get
 # activation ranges. The exporter's optimiser drops module paths, so the kind is what a rule can name.
 KINDS = ("conv", "roi_conv", "linear", "dynamic")
-# The kinds quantized per family; the others stay fp32. Measured with benchmarks' tiny trained models
-# (`/work` probe of the demo's checkpoints, segm AP on the demo's 80 val images, parity on 8 of them, tiny
-# model speed at 160 px): K-Net: convolutions alone keep AP (15.19 fp32 -> 15.18) and parity (151/158
-# matched, pooled mask IoU 0.976) at 1.9x the speed; adding the linear layers (kernel-update MLPs, FFNs,
-# class heads) moved scores by up to 0.05 (103/158 matched) and gained no time, and the activation products
-# (kernels x features) cost more still (92/158). Mask2Former: its linear layers (9 decoder layers of
-# attention and FFN) are a third of its time, and quantizing them keeps AP (15.88 -> 16.09) and parity
-# (121/130, IoU 0.970) at 2.4x (convolutions alone: 1.7x). Mask R-CNN: its box head's two large fully
-# connected layers over 1000 RoIs are half its time (...).
+# The kinds quantized per family; the others stay fp32. Chosen with benchmarks/int8_kinds.py on the demo's
+# trained tiny models (benchmarks/results/int8_kinds_<family>.md: segm AP on the demo's 80 val images, parity
+# on 8). K-Net: convolutions alone keep AP (15.19 fp32 -> 15.18) and parity (151/158 matched, pooled mask IoU
+# 0.976); its linear layers (kernel-update MLPs, FFNs, class heads) moved scores by up to 0.05 (103/158
+# matched) for little time, and the activation products (kernels x features) further (92/158).
+# Mask2Former: its linear layers (attention and FFNs of 9 decoder layers) are a large share of its time,
+# and quantizing them keeps AP (15.88 -> 16.09) and parity (121/130, IoU 0.970). QueryInst: its RoI-head
+# convolutions quantize as well as the backbone's (153/155 matched, IoU 0.986); its linear layers include
+# batched MatMuls whose per-channel weights onnxruntime's QLinearMatMul refuses. Mask R-CNN: the box head's
+# two fully connected layers over 1000 RoIs are much of its time.
 INT8_KINDS: dict[str, tuple[str, ...]] = {
     "knet": ("conv",),
     "mask2former": ("conv", "linear"),

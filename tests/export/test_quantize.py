@@ -26,8 +26,6 @@ from sp_ray.cli import main
 from sp_ray.config import load_config
 from sp_ray.models import build_model
 
-from .conftest import IMAGE_SIZE
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
