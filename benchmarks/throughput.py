@@ -87,7 +87,7 @@ from torch import Tensor, nn
 
 from export.metadata import INPUT_NAME, ModelInfo
 from export.onnx_export import DEFAULT_OPSET, FAMILIES, _quiet_converters, export_model, model_info
-from export.quantize import quantize_int8, quantize_static_int8
+from export.quantize import INT8_KINDS, quantize_int8, quantize_static_int8
 from sp_ray.config import Config, load_config
 from sp_ray.machine import cpu_facts, describe_cpu
 from sp_ray.models import build_model
@@ -373,8 +373,10 @@ def _quantize(fp32: Path, job: dict, info: ModelInfo | None, images: list[np.nda
     out = fp32.with_name(fp32.stem + "_int8.onnx")
     start = time.perf_counter()
     if info is None:
-        # The floor's input is the uint8 batch itself: one image per calibration run.
-        quantize_static_int8(fp32, out, [image.transpose(2, 0, 1)[None].copy() for image in images])
+        # The floor's input is the uint8 batch itself: one image per calibration run. Its nodes are K-Net's
+        # backbone and FPN convolutions, quantized as K-Net's are.
+        quantize_static_int8(fp32, out, [image.transpose(2, 0, 1)[None].copy() for image in images],
+                             kinds=INT8_KINDS["knet"])
     else:
         quantize_int8(fp32, out, info, images)
     print(f"quantized {job['family']} to int8 in {time.perf_counter() - start:.0f} s", flush=True)
