@@ -113,13 +113,17 @@ run_step parity_tensorrt 120 "$PY" benchmarks/gpu_check.py parity --providers te
 run_step cli 75 "$PY" benchmarks/gpu_check.py cli "${STEPS[@]}"
 
 # throughput.py flags relied on: --device --depth --size --batches --iterations --warmup --families --runtimes
-# --in-process --out, and --precisions when its --help lists it (only the precisions its help names are asked for).
+# --in-process --out, and --precisions when its --help lists it (only the precisions its help names are asked for;
+# the plain steps ask for fp32, as throughput.py's default is every precision it has, and the last --precisions wins).
 # Its --size is square: 800 stands for COCO's 800x1333 short side (a non-square size needs a throughput.py flag).
 THROUGHPUT=(benchmarks/throughput.py --device cuda --depth 50 --batches 1 --iterations 5 --warmup 2
     --families knet mask2former queryinst maskrcnn --runtimes torch onnxruntime --in-process)
+HELP=$("$PY" benchmarks/throughput.py --help 2>/dev/null | tr '\n' ' ')
+if [[ $HELP == *--precisions* ]]; then
+    THROUGHPUT+=(--precisions fp32)
+fi
 run_step throughput_512 160 "$PY" "${THROUGHPUT[@]}" --size 512 --out "$OUT/throughput_512"
 run_step throughput_800 160 "$PY" "${THROUGHPUT[@]}" --size 800 --out "$OUT/throughput_800"
-HELP=$("$PY" benchmarks/throughput.py --help 2>/dev/null | tr '\n' ' ')
 if [[ $HELP == *--precisions* ]]; then
     PRECISIONS=()
     for precision in fp16 int8; do

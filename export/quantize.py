@@ -11,11 +11,15 @@ uint8 activations with int8 weights (U8S8) are what onnxruntime's x86 kernels ru
 (AVX-512 VNNI, AVX-VNNI, AMX); on CPUs without VNNI its AVX2 kernels can saturate the int16 sums of U8S8
 products (onnxruntime's ``reduce_range``, 7-bit weights, is the remedy there; not exposed until it is
 measured on such a CPU).
+
+``quantize_static_int8`` is the same code path for any one-input graph and ready calibration batches
+(``quantize_int8`` prepares its batches with ``CalibrationImages``), e.g. a benchmark's bare backbone.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import tempfile
@@ -72,31 +76,51 @@ def node_kinds(model: onnx.ModelProto) -> dict[str, str]:
     return kinds
 
 
-class CalibrationImages:
-    """onnxruntime's ``CalibrationDataReader`` protocol over images prepared by the runtime.
+class CalibrationBatches:
+    """onnxruntime's ``CalibrationDataReader`` protocol over ready graph inputs.
 
     Args:
-        images: uint8 [H, W, 3] RGB arrays, any sizes.
+        batches: the calibration runs, each a graph input (uint8 [B, 3, H, W] for sp-ray's graphs); at least one.
+        input_name: the graph input they feed.
+
+    Raises:
+        ValueError: no batches.
+    """
+
+    def __init__(self, batches: Sequence[np.ndarray], input_name: str = INPUT_NAME) -> None:
+        if not batches:
+            raise ValueError("static int8 quantization needs at least one calibration batch")
+        self.batches = list(batches)
+        self.input_name = input_name
+        self._next = iter(self.batches)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        batch = next(self._next, None)
+        return None if batch is None else {self.input_name: batch}
+
+    def rewind(self) -> None:
+        self._next = iter(self.batches)
+
+
+class CalibrationImages(CalibrationBatches):
+    """``CalibrationBatches`` of images prepared exactly as the runtime prepares them (``prepare_batch``).
+
+    Args:
+        images: uint8 [H, W, 3] RGB arrays, any sizes; at least one.
         info: the model's metadata (resize rule, fixed input size and batch).
+
+    Raises:
+        ValueError: no images, or an image the runtime would refuse.
     """
 
     def __init__(self, images: Sequence[np.ndarray], info: ModelInfo) -> None:
-        self.images = [check_image(image, where=f"calibration image {i}") for i, image in enumerate(images)]
+        if not images:
+            raise ValueError("static int8 quantization needs at least one calibration image")
+        checked = [check_image(image, where=f"calibration image {i}") for i, image in enumerate(images)]
         self.info = info
-        self._next = iter(self._batches())
-
-    def _batches(self) -> Iterator[dict[str, np.ndarray]]:
         # One image per run (a fixed-batch graph gets blank images beside it, as the runtime fills its last
         # batch): each image's own size, so a dynamic-size graph is calibrated at the sizes it will see.
-        for image in self.images:
-            batch, _ = prepare_batch([image], self.info)
-            yield {INPUT_NAME: batch}
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        return next(self._next, None)
-
-    def rewind(self) -> None:
-        self._next = iter(self._batches())
+        super().__init__([prepare_batch([image], info)[0] for image in checked])
 
 
 @contextlib.contextmanager
@@ -119,7 +143,8 @@ def quantize_int8(
     *,
     kinds: Sequence[str] | None = None,
 ) -> list[str]:
-    """Write the static int8 (QDQ) quantization of the fp32 model at ``path`` to ``out``.
+    """Write the static int8 (QDQ) quantization of the fp32 sp-ray model at ``path`` to ``out``, its metadata
+    saying precision "int8".
 
     Args:
         path: an fp32 export (``export.onnx_export.export_model``).
@@ -132,17 +157,51 @@ def quantize_int8(
         The names of the nodes kept in fp32.
 
     Raises:
-        ValueError: no calibration images.
+        ValueError: no calibration images, or unknown kinds.
+    """
+    kinds = INT8_KINDS[info.family] if kinds is None else kinds
+    kept = quantize_static_int8(path, out, CalibrationImages(images, info).batches, kinds=kinds)
+    # The quantizer copies the fp32 model's metadata, which would still say "fp32" (and the parity bounds
+    # and the runtime's repr follow ``precision``).
+    _write_metadata(out, dataclasses.replace(info, precision="int8"))
+    return kept
+
+
+def quantize_static_int8(
+    path: str | os.PathLike,
+    out: str | os.PathLike,
+    batches: Sequence[np.ndarray],
+    *,
+    kinds: Sequence[str],
+    input_name: str = INPUT_NAME,
+) -> list[str]:
+    """Write the static int8 (QDQ) quantization of any one-input fp32 graph at ``path`` to ``out``.
+
+    The one code path of ``quantize_int8``, also for graphs without sp-ray metadata (a benchmark's bare
+    backbone): the caller prepares the calibration inputs (``CalibrationImages(images, info).batches`` for
+    an sp-ray model).
+
+    Args:
+        path: an fp32 ONNX model with one input.
+        out: the .onnx file to write (may equal ``path``).
+        batches: the calibration runs, each a ready input of the graph (uint8 [B, 3, H, W] for sp-ray's
+            graphs); at least one.
+        kinds: the kinds of node to quantize (``KINDS``); the others stay fp32.
+        input_name: the graph input the batches feed.
+
+    Returns:
+        The names of the nodes kept in fp32.
+
+    Raises:
+        ValueError: no calibration batches, or unknown kinds.
     """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    if not images:
-        raise ValueError("static int8 quantization needs at least one calibration image")
-    kinds = INT8_KINDS[info.family] if kinds is None else tuple(kinds)
+    kinds = tuple(kinds)
     if unknown := set(kinds) - set(KINDS):
         raise ValueError(f"unknown node kinds {sorted(unknown)}; kinds: {KINDS}")
-    reader = CalibrationImages(images, info)
+    reader = CalibrationBatches(batches, input_name)
     with tempfile.TemporaryDirectory(dir=Path(out).parent) as tmp, _quiet():
         prepared = Path(tmp) / "prepared.onnx"
         # ONNX shape inference only: the symbolic one cannot multiply the `32 * Dim` sides of a dynamic-size
@@ -159,3 +218,13 @@ def quantize_int8(
         )
         os.replace(staged, out)
     return kept
+
+
+def _write_metadata(path: str | os.PathLike, info: ModelInfo) -> None:
+    """Replace the sp-ray metadata of the model at ``path`` with ``info``."""
+    model = onnx.load(str(path))
+    del model.metadata_props[:]
+    for key, value in info.to_props().items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(model, str(path))

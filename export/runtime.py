@@ -98,6 +98,25 @@ def check_image(image: object, *, where: str = "image", max_pixels: int = MAX_IM
     return image
 
 
+def session_options(threads: int | None = None) -> ort.SessionOptions:
+    """The session options of every ``Segmenter`` (and of benchmarks that time a bare graph alike).
+
+    All graph optimisations (the hardware-specific fusions and layouts included); with ``threads``, that
+    many intra-op threads and one inter-op thread, so that ``threads`` bounds the session's compute threads.
+
+    Raises:
+        ValueError: ``threads`` below 1.
+    """
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1 or None, got {threads}")
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    return options
+
+
 def _logit(p: float) -> float:
     """The logit threshold equivalent to sigmoid(x) > p."""
     if p <= 0:
@@ -150,13 +169,7 @@ class Segmenter:
                 raise ValueError(f"execution providers {unknown} are not available in this onnxruntime "
                                  f"({ort.__version__}); available: {available}")
         providers = list(providers)
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads is not None:
-            if threads < 1:
-                raise ValueError(f"threads must be >= 1 or None, got {threads}")
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
+        options = session_options(threads)
         info = None
         if TENSORRT in providers:
             # TensorRT's optimisation profile comes from the metadata, which only a session reads.
