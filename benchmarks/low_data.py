@@ -424,19 +424,11 @@ def plot_curves(runs: dict[tuple[str, float, RunKey], list[dict[str, float]]], k
 
 
 def machine() -> dict[str, Any]:
-    import platform
-
     import torch
 
-    flags = ""
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-        model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if "model name" in line), "")
-        flags = next((line.split(":", 1)[1] for line in cpuinfo.splitlines() if line.startswith("flags")), "")
-    except OSError:
-        model = platform.processor()
-    isa = sorted({f for f in flags.split() if f.startswith(("avx512", "amx", "avx2", "avx_vnni"))})
-    return {"cpu": model, "isa": isa, "cores": os.cpu_count(), "torch": torch.__version__,
+    from sp_ray.machine import cpu_name, isa_flags
+
+    return {"cpu": cpu_name(), "isa": isa_flags(), "cores": os.cpu_count(), "torch": torch.__version__,
             "cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 

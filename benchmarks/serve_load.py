@@ -44,6 +44,7 @@ from PIL import Image
 
 from export.onnx_export import export_model, model_info
 from export.runtime import Segmenter
+from sp_ray.machine import isa_flags
 from sp_ray.serve.settings import ServeSettings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -343,15 +344,6 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + text)
     print(f"wrote {out.with_suffix('.json')}, {out.with_suffix('.md')}")
     return 0
-
-
-def isa_flags() -> list[str]:
-    try:
-        flags = next((line.split(":", 1)[1] for line in Path("/proc/cpuinfo").read_text().splitlines()
-                      if line.startswith("flags")), "")
-    except OSError:
-        return []
-    return sorted({f for f in flags.split() if f.startswith(("avx512", "amx", "avx2", "avx_vnni"))})
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from pathlib import Path
 
 # Flags that change the speed of fp32 and int8 kernels: AVX2 / AVX-512 for fp32, VNNI and AMX for int8
 # dot products (without VNNI, onnxruntime's U8S8 kernels fall back to AVX2 / AVX-512BW multiply-adds).
-ISA_PREFIXES = ("avx2", "avx512", "avx_vnni", "amx", "fma")
+ISA_PREFIXES = ("avx2", "avx512", "avx_vnni", "amx")
 INT8_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import math
@@ -38,6 +37,7 @@ from sp_ray.demo.settings import (
     exported_runs,
     kernel_checkpoints,
 )
+from sp_ray.machine import cpu_name
 
 log = logging.getLogger("sp_ray")
 
@@ -319,21 +319,11 @@ def measure_throughput(layout: DemoLayout, settings: DemoSettings) -> None:
     write_json(layout.throughput, {
         "what": "Segmenter.predict end to end (resize, graph, masks at image size), one image per call",
         "image_size": settings.image_size, "threads": settings.onnx_threads, "warmup": settings.throughput_warmup,
-        "repeats": settings.throughput_repeats, "onnxruntime": onnxruntime.__version__, "cpu": _cpu_name(),
+        "repeats": settings.throughput_repeats, "onnxruntime": onnxruntime.__version__, "cpu": cpu_name(),
         "cores": os.cpu_count(), "load_average_before": [round(v, 2) for v in load_before],
         "load_average_after": [round(v, 2) for v in os.getloadavg()],
         "models": {name: timing.summary() for name, timing in timings.items()},
     })
-
-
-def _cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    import platform
-
-    return platform.processor() or "unknown"
 
 
 def run_demo(
