@@ -157,3 +157,11 @@ def _check_field_types(values: dict[str, object], where: str) -> None:
     if len(values["class_names"]) != len(values["cat_ids"]):
         raise ValueError(f"{where}: metadata has {len(values['class_names'])} class_names but "
                          f"{len(values['cat_ids'])} cat_ids; re-export the model with 'sp-ray export'")
+
+
+def replace_metadata_props(model: object, info: ModelInfo) -> None:
+    """Replace the ``metadata_props`` of ``model`` (an ``onnx.ModelProto``) with the fields of ``info``."""
+    del model.metadata_props[:]
+    for key, value in info.to_props().items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value

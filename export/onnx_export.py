@@ -32,7 +32,7 @@ import onnxruntime as ort
 import torch
 from torch import Tensor, nn
 
-from export.metadata import INPUT_NAME, KNET_FORMAT, OUTPUT_NAMES, ROI_FORMAT, ModelInfo
+from export.metadata import INPUT_NAME, KNET_FORMAT, OUTPUT_NAMES, ROI_FORMAT, ModelInfo, replace_metadata_props
 from export.parity import ParityReport, compare_instances
 from export.runtime import Instances, Segmenter, check_image, decode_outputs, prepare_batch
 from sp_ray import __version__
@@ -203,10 +203,7 @@ def _quiet_converters(level: int = logging.WARNING) -> Iterator[None]:
 
 
 def _set_metadata(model: onnx.ModelProto, info: ModelInfo) -> None:
-    del model.metadata_props[:]
-    for key, value in info.to_props().items():
-        entry = model.metadata_props.add()
-        entry.key, entry.value = key, value
+    replace_metadata_props(model, info)
     model.producer_name = "sp-ray"
     model.producer_version = __version__
 

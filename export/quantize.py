@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from export.metadata import INPUT_NAME, ModelInfo
+from export.metadata import INPUT_NAME, ModelInfo, replace_metadata_props
 from export.runtime import check_image, prepare_batch
 
 log = logging.getLogger("sp_ray")
@@ -223,8 +223,5 @@ def quantize_static_int8(
 def _write_metadata(path: str | os.PathLike, info: ModelInfo) -> None:
     """Replace the sp-ray metadata of the model at ``path`` with ``info``."""
     model = onnx.load(str(path))
-    del model.metadata_props[:]
-    for key, value in info.to_props().items():
-        entry = model.metadata_props.add()
-        entry.key, entry.value = key, value
+    replace_metadata_props(model, info)
     onnx.save(model, str(path))
