@@ -4,12 +4,12 @@ losses), and the set criterion."""
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sp_ray.models.knet import MASK_STRIDE
-from sp_ray.models.matcher import HungarianMatcher
+from sp_ray.models.matcher import HungarianMatcher, Matches
+from sp_ray.models.set_criterion import SetCriterion
 from sp_ray.models.weak_mask_losses import (
     box_targets,
     color_affinity,
@@ -18,7 +18,6 @@ from sp_ray.models.weak_mask_losses import (
 )
 from sp_ray.types import ModelOutputs, Target
 
-Matches = list[tuple[Tensor, Tensor]]
 MASK_LOSSES = ("full", "weak")
 
 
@@ -82,17 +81,14 @@ def mask_bce_loss(mask_logits: Tensor, targets: Tensor) -> Tensor:
     return F.binary_cross_entropy_with_logits(mask_logits.float(), targets.to(torch.float32))
 
 
-def _mean_over_workers(value: Tensor) -> Tensor:
-    """Average a scalar over the torch.distributed workers, when there are several."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        value = value.clone()
-        dist.all_reduce(value)
-        value = value / dist.get_world_size()
-    return value
-
-
-class KNetCriterion(nn.Module):
+class KNetCriterion(SetCriterion):
     """K-Net set criterion: Hungarian matching per stage, focal class loss, BCE and dice mask losses.
+
+    K-Net (Zhang et al. 2021) section 3.4: stage 0 supervises the initial masks m^0 with
+    L = init_mask_weight L_ce + init_dice_weight L_dice, stage i = 1..S the kernels' masks and classes with
+    L = cls_weight L_cls + mask_weight L_ce + dice_weight L_dice; the focal class loss is summed over every
+    kernel and class and divided by the matched count (``SetCriterion``'s normaliser), BCE and dice are means
+    over the matched masks. ``SetCriterion`` runs the stages and names the losses.
 
     Losses and matching are computed at stride ``mask_stride`` (4): the stride-8 mask logits are upsampled
     bilinearly and the boolean target masks are resized bilinearly as float, so target borders are soft
@@ -120,6 +116,14 @@ class KNetCriterion(nn.Module):
         pairwise_color_threshold: tau of the colour affinity, "weak" only.
         pairwise_warmup_iters: the pairwise weight ramps linearly from 0 over this many calls in training
             mode (FreeSOLO: 1000 iterations); the count lives in the criterion, so a resumed run ramps again.
+
+    ``criterion(outputs, targets, *, return_matches=False)`` (``SetCriterion.forward``) takes the model's
+    ``ModelOutputs`` (mask logits at stride 8) and B ``Target`` dicts (``labels`` int64 [K], ``masks`` bool
+    [K, H, W] at the padded input size) and returns ``loss_mask_s0``, ``loss_dice_s0`` and, for i = 1..S,
+    ``loss_cls_s{i}``, ``loss_mask_s{i}``, ``loss_dice_s{i}``, float scalars already multiplied by their
+    weights. With ``mask_loss="weak"``, ``loss_proj_s{i}``, ``loss_proj_avg_s{i}`` and ``loss_pairwise_s{i}``
+    (i = 0..S) replace the mask and dice losses. With ``return_matches``, also the matches: a list over
+    [init, stage 1, .., stage S] of B pairs (pred_idx, tgt_idx) int64.
     """
 
     def __init__(
@@ -212,12 +216,11 @@ class KNetCriterion(nn.Module):
     def _mask_losses(
         self, mask_logits: Tensor, targets: list[dict[str, Tensor]], matches: Matches, *, initial: bool = False
     ) -> dict[str, Tensor]:
-        """The weighted mask losses of one stage, named without the stage suffix."""
+        """The weighted mask losses of one stage: ``mask`` and ``dice`` ("full") or ``proj``, ``proj_avg`` and
+        ``pairwise`` ("weak"), on mask_logits float [B, N, h, w] at the loss stride."""
         batch_idx = torch.cat([torch.full_like(p, b) for b, (p, _) in enumerate(matches)])
         pred_idx = torch.cat([p for p, _ in matches])
-        names = ("loss_mask", "loss_dice") if self.mask_loss == "full" else (
-            "loss_proj", "loss_proj_avg", "loss_pairwise"
-        )
+        names = ("mask", "dice") if self.mask_loss == "full" else ("proj", "proj_avg", "pairwise")
         if pred_idx.numel() == 0:
             zero = mask_logits.sum() * 0
             return dict.fromkeys(names, zero)
@@ -228,16 +231,15 @@ class KNetCriterion(nn.Module):
                 (self.init_mask_weight, self.init_dice_weight) if initial else (self.mask_weight, self.dice_weight)
             )
             pred, tgt = pred.flatten(1), tgt.flatten(1)  # (M, P)
-            return {"loss_mask": mask_bce_loss(pred, tgt) * mask_w, "loss_dice": dice_loss(pred, tgt).mean() * dice_w}
+            return {"mask": mask_bce_loss(pred, tgt) * mask_w, "dice": dice_loss(pred, tgt).mean() * dice_w}
         affinity = torch.cat(
             [t["affinity"][None].expand(len(ti), -1, -1, -1) for t, (_, ti) in zip(targets, matches, strict=True)]
         )
         warmup = min(1.0, self.calls / self.pairwise_warmup_iters) if self.pairwise_warmup_iters else 1.0
         return {
-            "loss_proj": projection_dice_loss(pred, tgt, reduce="max").mean() * self.projection_weight,
-            "loss_proj_avg": projection_dice_loss(pred, tgt, reduce="mean").mean() * self.avg_projection_weight,
-            "loss_pairwise": pairwise_affinity_loss(pred, affinity, box_targets(tgt))
-            * (self.pairwise_weight * warmup),
+            "proj": projection_dice_loss(pred, tgt, reduce="max").mean() * self.projection_weight,
+            "proj_avg": projection_dice_loss(pred, tgt, reduce="mean").mean() * self.avg_projection_weight,
+            "pairwise": pairwise_affinity_loss(pred, affinity, box_targets(tgt)) * (self.pairwise_weight * warmup),
         }
 
     def _class_loss(
@@ -250,25 +252,10 @@ class KNetCriterion(nn.Module):
         onehot[batch_idx, pred_idx, labels] = 1.0
         return sigmoid_focal_loss(logits, onehot) / num_pos
 
-    def forward(
-        self, outputs: ModelOutputs, targets: list[Target], *, return_matches: bool = False
-    ) -> dict[str, Tensor] | tuple[dict[str, Tensor], list[Matches]]:
-        """Match and compute the weighted losses of the initial masks and of every stage.
-
-        Args:
-            outputs: the model's ``ModelOutputs`` (mask logits at stride 8).
-            targets: B ``Target`` dicts; ``labels`` int64 [K], ``masks`` bool [K, H, W] at the padded
-                input size.
-            return_matches: also return the matches.
-
-        Returns:
-            Losses ``loss_mask_s0``, ``loss_dice_s0`` and, for i = 1..S, ``loss_cls_s{i}``,
-            ``loss_mask_s{i}``, ``loss_dice_s{i}``, float scalars already multiplied by their weights.
-            With ``mask_loss="weak"``, ``loss_proj_s{i}``, ``loss_proj_avg_s{i}`` and ``loss_pairwise_s{i}``
-            (i = 0..S) replace the mask and dice losses.
-            With ``return_matches``, also the matches: a list over [init, stage 1, .., stage S] of B pairs
-            (pred_idx, tgt_idx) int64.
-        """
+    def _prepare(
+        self, outputs: ModelOutputs, targets: list[Target]
+    ) -> tuple[list[dict[str, Tensor | None]], list[dict[str, Tensor]], torch.device]:
+        """Stages [init (masks only), aux stages..., final] and the targets at the loss stride."""
         init_masks = outputs["init_masks"]
         batch, _, h, w = init_masks.shape
         if len(targets) != batch:
@@ -277,41 +264,48 @@ class KNetCriterion(nn.Module):
             self.calls += 1
         size = (h * MASK_STRIDE // self.mask_stride, w * MASK_STRIDE // self.mask_stride)
         tgts = self._prepare_targets(targets, (h * MASK_STRIDE, w * MASK_STRIDE), size, init_masks.device)
-        stages = [*outputs["aux_outputs"], outputs]
+        stages = [{"pred_logits": None, "pred_masks": init_masks}]
+        stages += [{"pred_logits": s["pred_logits"], "pred_masks": s["pred_masks"]} for s in outputs["aux_outputs"]]
+        stages.append({"pred_logits": outputs["pred_logits"], "pred_masks": outputs["pred_masks"]})
+        return stages, tgts, init_masks.device
 
-        def upsample(masks: Tensor) -> Tensor:
-            return F.interpolate(masks, size=size, mode="bilinear", align_corners=False)
+    def _stage_inputs(self, stage_index: int, stage: dict[str, Tensor | None]) -> dict[str, Tensor | None]:
+        """The stage's class logits [B, N, C] (None at stage 0) and its mask logits [B, N, h, w] upsampled
+        bilinearly from stride 8 to the loss stride."""
+        h, w = stage["pred_masks"].shape[-2:]
+        size = (h * MASK_STRIDE // self.mask_stride, w * MASK_STRIDE // self.mask_stride)
+        masks = F.interpolate(stage["pred_masks"], size=size, mode="bilinear", align_corners=False)
+        return {"pred_logits": stage["pred_logits"], "pred_masks": masks}
 
-        losses: dict[str, Tensor] = {}
-        init_up = upsample(init_masks)
-        init_matches = self.matcher(None, init_up.detach(), tgts)
-        # Every image gets min(N, K) matches at every stage, so one normaliser serves all stages.
-        num_matched = sum(p.numel() for p, _ in init_matches)
-        num_pos = _mean_over_workers(torch.tensor(float(num_matched), device=init_masks.device)).clamp(
-            min=1.0
-        )
-        for name, value in self._mask_losses(init_up, tgts, init_matches, initial=True).items():
-            losses[f"{name}_s0"] = value
-        all_matches = [init_matches]
+    def _match(
+        self,
+        stage_index: int,
+        stage: dict[str, Tensor | None],
+        previous: dict[str, Tensor | None] | None,
+        previous_matches: Matches | None,
+        targets: list[dict[str, Tensor]],
+    ) -> Matches:
+        """Stage 0 on its masks; stage i on stage i-1's detached predictions (``match_previous_stage``, stage 1
+        reusing stage 0's matches) or on its own."""
+        logits, masks = stage["pred_logits"], stage["pred_masks"]
+        if stage_index == 0 or not self.match_previous_stage:
+            return self.matcher(None if logits is None else logits.detach(), masks.detach(), targets)
+        if previous["pred_logits"] is None:
+            return previous_matches
+        return self.matcher(previous["pred_logits"].detach(), previous["pred_masks"].detach(), targets)
 
-        prev_logits: Tensor | None = None
-        prev_masks = init_up
-        for i, stage in enumerate(stages, start=1):
-            logits = stage["pred_logits"]
-            masks_up = upsample(stage["pred_masks"])
-            if not self.match_previous_stage:
-                matches = self.matcher(logits.detach(), masks_up.detach(), tgts)
-            elif prev_logits is None:
-                matches = init_matches
-            else:
-                matches = self.matcher(prev_logits.detach(), prev_masks.detach(), tgts)
-            losses[f"loss_cls_s{i}"] = self._class_loss(logits, tgts, matches, num_pos) * self.cls_weight
-            for name, value in self._mask_losses(masks_up, tgts, matches).items():
-                losses[f"{name}_s{i}"] = value
-            all_matches.append(matches)
-            prev_logits, prev_masks = logits, masks_up
-        if return_matches:
-            return losses, all_matches
+    def _stage_losses(
+        self,
+        stage_index: int,
+        stage: dict[str, Tensor | None],
+        targets: list[dict[str, Tensor]],
+        matches: Matches,
+        num_pos: Tensor,
+    ) -> dict[str, Tensor]:
+        if stage_index == 0:
+            return self._mask_losses(stage["pred_masks"], targets, matches, initial=True)
+        losses = {"cls": self._class_loss(stage["pred_logits"], targets, matches, num_pos) * self.cls_weight}
+        losses.update(self._mask_losses(stage["pred_masks"], targets, matches))
         return losses
 
 

@@ -18,12 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sp_ray.models.losses import _mean_over_workers, mask_bce_loss
+from sp_ray.models.losses import mask_bce_loss
 from sp_ray.models.mask2former import MASK_STRIDE, Mask2FormerOutputs
-from sp_ray.models.matcher import HungarianMatcher
+from sp_ray.models.matcher import Matches, hungarian_match
+from sp_ray.models.set_criterion import SetCriterion
 from sp_ray.types import Target
-
-Matches = list[tuple[Tensor, Tensor]]
 
 
 def point_sample(inputs: Tensor, coords: Tensor) -> Tensor:
@@ -138,12 +137,12 @@ def softmax_class_cost(class_logits: Tensor, labels: Tensor) -> Tensor:
     return -class_logits.float().softmax(-1)[:, labels]
 
 
-class Mask2FormerMatcher(HungarianMatcher):
+class Mask2FormerMatcher(nn.Module):
     """Hungarian matching of Mask2Former: costs on ``num_points`` uniform points per image.
 
     cost = cost_class * (-p_class) + cost_mask * BCE + cost_dice * dice, the BCE and dice on the points (the
-    loss terms, so the cost approximates the loss of each pairing). ``HungarianMatcher`` does the per-image
-    assignment, validation and float32 costs.
+    loss terms, so the cost approximates the loss of each pairing). ``hungarian_match`` does the per-image
+    assignment in float32.
 
     Args:
         cost_class: weight of ``softmax_class_cost`` (2).
@@ -155,9 +154,12 @@ class Mask2FormerMatcher(HungarianMatcher):
     def __init__(
         self, *, cost_class: float = 2.0, cost_mask: float = 5.0, cost_dice: float = 5.0, num_points: int = 12544
     ) -> None:
-        super().__init__(cost_class=cost_class, cost_dice=cost_dice, cost_mask=cost_mask)
+        super().__init__()
         if num_points < 1:
             raise ValueError(f"Mask2FormerMatcher: num_points must be >= 1, got {num_points}")
+        self.cost_class = cost_class
+        self.cost_dice = cost_dice
+        self.cost_mask = cost_mask
         self.num_points = num_points
 
     def cost_matrix(self, logits: Tensor | None, mask_logits: Tensor, labels: Tensor, masks: Tensor) -> Tensor:
@@ -180,10 +182,11 @@ class Mask2FormerMatcher(HungarianMatcher):
         return cost
 
     @torch.no_grad()
-    def forward(
-        self, pred_logits: Tensor | None, pred_masks: Tensor, targets: list[dict[str, Tensor]]
-    ) -> list[tuple[Tensor, Tensor]]:
+    def forward(self, pred_logits: Tensor | None, pred_masks: Tensor, targets: list[dict[str, Tensor]]) -> Matches:
         """Match every image of the batch on freshly drawn uniform points.
+
+        Draws one ``torch.rand(B, num_points, 2)`` of point coordinates (the same points for the predictions
+        and targets of an image), then ``hungarian_match`` on ``cost_matrix``.
 
         Args:
             pred_logits: float [B, N, C + 1] softmax class logits, or None to match on masks only.
@@ -193,6 +196,9 @@ class Mask2FormerMatcher(HungarianMatcher):
 
         Returns:
             B pairs (pred_idx, tgt_idx), int64 [min(N, K)] each, sorted by pred_idx.
+
+        Raises:
+            ValueError: on a batch-size mismatch or a non-finite cost (NaN predictions).
         """
         if len(targets) != pred_masks.shape[0]:
             raise ValueError(f"matcher: {len(targets)} targets for a batch of {pred_masks.shape[0]} predictions")
@@ -206,15 +212,32 @@ class Mask2FormerMatcher(HungarianMatcher):
                 sampled = pred_points.new_zeros(0, 1, self.num_points)
             else:
                 sampled = point_sample(masks[None].to(pred_points.dtype), coords[b : b + 1])[0][:, None]  # (K, 1, P)
-            point_targets.append({"labels": target["labels"], "masks": sampled})
-        return super().forward(pred_logits, pred_points, point_targets)
+            point_targets.append(sampled)
+
+        def cost(b: int) -> Tensor:
+            logits = None if pred_logits is None else pred_logits[b]
+            return self.cost_matrix(logits, pred_points[b], targets[b]["labels"], point_targets[b])
+
+        return hungarian_match(cost, [t["labels"].numel() for t in targets], device=pred_masks.device)
 
 
-class Mask2FormerCriterion(nn.Module):
+class Mask2FormerCriterion(SetCriterion):
     """Mask2Former set criterion: per-layer Hungarian matching, softmax CE, point-sampled BCE and dice.
 
     Every prediction (the one from the queries before layer 1 and one per decoder layer) is matched on its
-    own detached outputs and supervised with the same weights (the paper's deep supervision).
+    own detached outputs and supervised with the same weights (the paper's deep supervision):
+    L_i = cls_weight L_ce + mask_weight L_bce + dice_weight L_dice (Mask2Former section 4.1), the mask terms
+    on points, summed over the matched masks and divided by the number of target masks of the batch averaged
+    over the workers (``SetCriterion``'s normaliser), the class term a weighted mean over every query.
+    Matching and losses draw their random points stage by stage: stage 0's matching, stage 0's losses,
+    stage 1's matching, ...
+
+    ``criterion(outputs, targets, *, return_matches=False)`` (``SetCriterion.forward``) takes the model's
+    ``Mask2FormerOutputs`` (mask logits at stride 4, ``pred_class_logits`` and ``init_class_logits``
+    [B, N, C + 1]) and B ``Target`` dicts (``labels`` int64 [K], ``masks`` bool [K, H, W] at the padded input
+    size) and returns ``loss_cls_s{i}``, ``loss_mask_s{i}``, ``loss_dice_s{i}`` for i = 0 (before layer 1)
+    .. L, float scalars already multiplied by their weights; with ``return_matches``, also the matches: a list
+    over [init, layer 1, .., layer L] of B pairs (pred_idx, tgt_idx) int64.
 
     Args:
         num_classes: C.
@@ -311,45 +334,50 @@ class Mask2FormerCriterion(nn.Module):
         loss_dice = naive_dice_loss(pred_points, tgt_points).sum() / num_masks
         return loss_mask, loss_dice
 
-    def forward(
-        self, outputs: Mask2FormerOutputs, targets: list[Target], *, return_matches: bool = False
-    ) -> dict[str, Tensor] | tuple[dict[str, Tensor], list[Matches]]:
-        """Match and compute the weighted losses of the initial prediction and of every decoder layer.
-
-        Args:
-            outputs: the model's ``Mask2FormerOutputs`` (mask logits at stride 4, ``pred_class_logits`` and
-                ``init_class_logits`` [B, N, C + 1]).
-            targets: B ``Target`` dicts; ``labels`` int64 [K], ``masks`` bool [K, H, W] at the padded input size.
-            return_matches: also return the matches.
-
-        Returns:
-            ``loss_cls_s{i}``, ``loss_mask_s{i}``, ``loss_dice_s{i}`` for i = 0 (before layer 1) .. L, float
-            scalars already multiplied by their weights. With ``return_matches``, also the matches: a list
-            over [init, layer 1, .., layer L] of B pairs (pred_idx, tgt_idx) int64.
-        """
+    def _prepare(
+        self, outputs: Mask2FormerOutputs, targets: list[Target]
+    ) -> tuple[list[dict[str, Tensor]], list[dict[str, Tensor]], torch.device]:
+        """Stages [init (queries before layer 1), layers 1..L-1, layer L] and the float targets."""
         init_masks = outputs["init_masks"]
         batch = init_masks.shape[0]
         if len(targets) != batch:
             raise ValueError(f"Mask2FormerCriterion: {len(targets)} targets for a batch of {batch} images")
         input_size = (init_masks.shape[-2] * MASK_STRIDE, init_masks.shape[-1] * MASK_STRIDE)
         tgts = self._prepare_targets(targets, input_size, init_masks.device)
-        num_targets = sum(int(t["labels"].numel()) for t in tgts)
-        num_masks = _mean_over_workers(torch.tensor(float(num_targets), device=init_masks.device)).clamp(min=1.0)
         stages = [
             {"pred_class_logits": outputs["init_class_logits"], "pred_masks": init_masks},
             *outputs["aux_outputs"],
             outputs,
         ]
-        losses: dict[str, Tensor] = {}
-        all_matches: list[Matches] = []
-        for i, stage in enumerate(stages):
-            class_logits, masks = stage["pred_class_logits"], stage["pred_masks"]
-            matches = self.matcher(class_logits.detach(), masks.detach(), tgts)
-            loss_mask, loss_dice = self._mask_losses(masks, tgts, matches, num_masks)
-            losses[f"loss_cls_s{i}"] = self._class_loss(class_logits, tgts, matches) * self.cls_weight
-            losses[f"loss_mask_s{i}"] = loss_mask * self.mask_weight
-            losses[f"loss_dice_s{i}"] = loss_dice * self.dice_weight
-            all_matches.append(matches)
-        if return_matches:
-            return losses, all_matches
-        return losses
+        return stages, tgts, init_masks.device
+
+    def _match(
+        self,
+        stage_index: int,
+        stage: dict[str, Tensor],
+        previous: dict[str, Tensor] | None,
+        previous_matches: Matches | None,
+        targets: list[dict[str, Tensor]],
+    ) -> Matches:
+        """Each stage on its own detached class logits and masks."""
+        return self.matcher(stage["pred_class_logits"].detach(), stage["pred_masks"].detach(), targets)
+
+    def _positive_count(self, targets: list[dict[str, Tensor]], matches: Matches) -> int:
+        """The number of target masks of the batch (DETR's ``num_boxes``), not of matched pairs."""
+        return sum(int(t["labels"].numel()) for t in targets)
+
+    def _stage_losses(
+        self,
+        stage_index: int,
+        stage: dict[str, Tensor],
+        targets: list[dict[str, Tensor]],
+        matches: Matches,
+        num_pos: Tensor,
+    ) -> dict[str, Tensor]:
+        class_logits, masks = stage["pred_class_logits"], stage["pred_masks"]
+        loss_mask, loss_dice = self._mask_losses(masks, targets, matches, num_pos)
+        return {
+            "cls": self._class_loss(class_logits, targets, matches) * self.cls_weight,
+            "mask": loss_mask * self.mask_weight,
+            "dice": loss_dice * self.dice_weight,
+        }

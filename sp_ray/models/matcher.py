@@ -1,10 +1,66 @@
-"""Hungarian matching of predicted masks to target instances (K-Net's ``MaskHungarianAssigner``)."""
+"""Hungarian matching: the one per-image assignment loop, ``hungarian_match``, and the mask matcher
+(K-Net's ``MaskHungarianAssigner``).
+
+Every family's matcher supplies only its per-image cost matrix: ``HungarianMatcher`` (mask dice + mask
+agreement + focal class, K-Net), ``Mask2FormerMatcher`` (point-sampled BCE + dice + softmax class,
+``sp_ray.models.mask2former_losses``) and ``BoxHungarianMatcher`` (L1 + GIoU + focal class, Sparse R-CNN /
+QueryInst, ``sp_ray.models.queryinst_losses``).
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable, Sequence
 
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
+
+# Per image of a batch, (pred_idx, tgt_idx), int64 [M_b] each: prediction pred_idx[j] is matched to target
+# tgt_idx[j]. The criteria return one such list per stage with ``return_matches=True``.
+Matches = list[tuple[Tensor, Tensor]]
+
+
+def hungarian_match(
+    cost: Callable[[int], Tensor], num_targets: Sequence[int], *, device: torch.device
+) -> Matches:
+    """The optimal one-to-one assignment of each image's predictions to its targets (DETR eq. 1).
+
+    sigma_b = argmin over injective pairings of sum_j cost(b)[pred_j, tgt_j], solved exactly by
+    ``scipy.optimize.linear_sum_assignment`` on the CPU; every image gets min(N, K_b) pairs.
+
+    Args:
+        cost: b -> float [N, K_b], the weighted matching cost of image b (predictions x targets). It runs with
+            autocast disabled, so costs are float32 even under AMP (bf16 sums over many pixels would blur
+            close costs), and is not called for an image without targets.
+        num_targets: K_b of each image b; its length is the batch size B.
+        device: where the returned indices live (the predictions' device).
+
+    Returns:
+        B pairs (pred_idx, tgt_idx), int64 [min(N, K_b)] each on ``device``, sorted by pred_idx; empty for
+        K_b = 0.
+
+    Raises:
+        ValueError: on a non-finite cost (NaN/inf predictions), naming the image.
+    """
+    indices: Matches = []
+    for b, count in enumerate(num_targets):
+        if count == 0:
+            empty = torch.zeros(0, dtype=torch.int64, device=device)
+            indices.append((empty, empty.clone()))
+            continue
+        with torch.autocast(device_type=device.type, enabled=False):
+            matrix = cost(b).cpu()
+        if not torch.isfinite(matrix).all():
+            raise ValueError(f"matcher: non-finite matching cost for image {b}; the predictions contain NaN/inf")
+        rows, cols = linear_sum_assignment(matrix.numpy())
+        # linear_sum_assignment returns rows in increasing order already.
+        indices.append(
+            (
+                torch.as_tensor(rows, dtype=torch.int64, device=device),
+                torch.as_tensor(cols, dtype=torch.int64, device=device),
+            )
+        )
+    return indices
 
 
 def focal_class_cost(logits: Tensor, labels: Tensor, *, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
@@ -122,10 +178,8 @@ class HungarianMatcher(nn.Module):
         return cost
 
     @torch.no_grad()
-    def forward(
-        self, pred_logits: Tensor | None, pred_masks: Tensor, targets: list[dict[str, Tensor]]
-    ) -> list[tuple[Tensor, Tensor]]:
-        """Match every image of the batch.
+    def forward(self, pred_logits: Tensor | None, pred_masks: Tensor, targets: list[dict[str, Tensor]]) -> Matches:
+        """Match every image of the batch (``hungarian_match`` on ``cost_matrix``).
 
         Args:
             pred_logits: float [B, N, C] class logits, or None to match on masks only.
@@ -143,33 +197,15 @@ class HungarianMatcher(nn.Module):
             raise ValueError(
                 f"matcher: {len(targets)} targets for a batch of {pred_masks.shape[0]} predictions"
             )
-        device = pred_masks.device
-        indices: list[tuple[Tensor, Tensor]] = []
         for b, target in enumerate(targets):
-            labels, masks = target["labels"], target["masks"]
-            if masks.shape[-2:] != pred_masks.shape[-2:]:
+            if target["masks"].shape[-2:] != pred_masks.shape[-2:]:
                 raise ValueError(
-                    f"matcher: target masks {tuple(masks.shape[-2:])} and predicted masks "
+                    f"matcher: target masks {tuple(target['masks'].shape[-2:])} and predicted masks "
                     f"{tuple(pred_masks.shape[-2:])} of image {b} differ in size; resize the targets first"
                 )
-            if labels.numel() == 0:
-                empty = torch.zeros(0, dtype=torch.int64, device=device)
-                indices.append((empty, empty.clone()))
-                continue
+
+        def cost(b: int) -> Tensor:
             logits = None if pred_logits is None else pred_logits[b]
-            # Costs in float32 even under AMP: bf16 sums over many pixels would blur close costs.
-            with torch.autocast(device_type=device.type, enabled=False):
-                cost = self.cost_matrix(logits, pred_masks[b], labels, masks).cpu()
-            if not torch.isfinite(cost).all():
-                raise ValueError(
-                    f"matcher: non-finite matching cost for image {b}; the predictions contain NaN/inf"
-                )
-            rows, cols = linear_sum_assignment(cost.numpy())
-            # linear_sum_assignment returns rows in increasing order already.
-            indices.append(
-                (
-                    torch.as_tensor(rows, dtype=torch.int64, device=device),
-                    torch.as_tensor(cols, dtype=torch.int64, device=device),
-                )
-            )
-        return indices
+            return self.cost_matrix(logits, pred_masks[b], targets[b]["labels"], targets[b]["masks"])
+
+        return hungarian_match(cost, [t["labels"].numel() for t in targets], device=pred_masks.device)

@@ -9,16 +9,14 @@ mask cut out of the ground truth at the query's predicted box (mmdet ``mask_targ
 from __future__ import annotations
 
 import torch
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 from torchvision.ops import generalized_box_iou, generalized_box_iou_loss, roi_align
 
-from sp_ray.models.losses import _mean_over_workers, dice_loss, mask_bce_loss, sigmoid_focal_loss
-from sp_ray.models.matcher import focal_class_cost
+from sp_ray.models.losses import dice_loss, mask_bce_loss, sigmoid_focal_loss
+from sp_ray.models.matcher import Matches, focal_class_cost, hungarian_match
 from sp_ray.models.queryinst import MASK_STRIDE
+from sp_ray.models.set_criterion import SetCriterion
 from sp_ray.types import ModelOutputs, Target
-
-Matches = list[tuple[Tensor, Tensor]]
 
 # QueryInst's dice smoothing (mmdet ``DiceLoss(eps=1e-5)`` of ``DynamicMaskHead``).
 DICE_EPS = 1e-5
@@ -80,10 +78,8 @@ class BoxHungarianMatcher(nn.Module):
         return cost
 
     @torch.no_grad()
-    def forward(
-        self, pred_logits: Tensor | None, pred_boxes: Tensor, targets: list[dict[str, Tensor]]
-    ) -> list[tuple[Tensor, Tensor]]:
-        """Match every image of the batch.
+    def forward(self, pred_logits: Tensor | None, pred_boxes: Tensor, targets: list[dict[str, Tensor]]) -> Matches:
+        """Match every image of the batch (``hungarian_match`` on ``cost_matrix``).
 
         Args:
             pred_logits: float [B, N, C] class logits, or None to match on boxes only.
@@ -99,28 +95,13 @@ class BoxHungarianMatcher(nn.Module):
         """
         if len(targets) != pred_boxes.shape[0]:
             raise ValueError(f"matcher: {len(targets)} targets for a batch of {pred_boxes.shape[0]} predictions")
-        device = pred_boxes.device
-        indices: list[tuple[Tensor, Tensor]] = []
-        for b, target in enumerate(targets):
-            if target["labels"].numel() == 0:
-                empty = torch.zeros(0, dtype=torch.int64, device=device)
-                indices.append((empty, empty.clone()))
-                continue
+
+        def cost(b: int) -> Tensor:
             logits = None if pred_logits is None else pred_logits[b]
-            with torch.autocast(device_type=device.type, enabled=False):
-                cost = self.cost_matrix(
-                    logits, pred_boxes[b], target["labels"], target["boxes"], target["scale"]
-                ).cpu()
-            if not torch.isfinite(cost).all():
-                raise ValueError(f"matcher: non-finite matching cost for image {b}; the predictions contain NaN/inf")
-            rows, cols = linear_sum_assignment(cost.numpy())
-            indices.append(
-                (
-                    torch.as_tensor(rows, dtype=torch.int64, device=device),
-                    torch.as_tensor(cols, dtype=torch.int64, device=device),
-                )
-            )
-        return indices
+            target = targets[b]
+            return self.cost_matrix(logits, pred_boxes[b], target["labels"], target["boxes"], target["scale"])
+
+        return hungarian_match(cost, [t["labels"].numel() for t in targets], device=pred_boxes.device)
 
 
 def roi_mask_targets(masks: Tensor, boxes: Tensor, target_idx: Tensor, *, size: int) -> Tensor:
@@ -145,16 +126,28 @@ def roi_mask_targets(masks: Tensor, boxes: Tensor, target_idx: Tensor, *, size: 
     return (cut[:, 0] >= 0.5).float()
 
 
-class QueryInstCriterion(nn.Module):
+class QueryInstCriterion(SetCriterion):
     """QueryInst set criterion: per-stage Hungarian matching; focal class, L1 + GIoU box and dice + BCE mask losses.
 
     Stage i is matched on its own detached class logits and boxes (Sparse R-CNN). The class loss covers
     every query (unmatched ones are background) and, like the box and dice losses, is divided by the number
     of matched queries averaged over the workers; BCE is a mean over the pixels of the matched RoI masks.
 
-    QueryInst has no stage-0 loss: the learned proposal boxes and features are trained through stage 1.
-    ``return_matches`` still gives a stage-0 entry, with no pairs, so the matches line up with
-    [init, stage 1, .., stage S] as for K-Net.
+    Stage i's loss (QueryInst, Fang et al. 2021, eq. 6; Sparse R-CNN's set loss):
+    L_i = cls_weight L_focal + l1_weight L_L1 + giou_weight L_giou + mask_weight L_bce + dice_weight L_dice.
+
+    QueryInst has no stage-0 loss: the learned proposal boxes and features are trained through stage 1
+    (``first_stage`` = 1). ``return_matches`` still gives a stage-0 entry, with no pairs, so the matches line
+    up with [init, stage 1, .., stage S] as for K-Net. Every stage is matched before any loss
+    (``match_ahead``), so that one RoIAlign per image cuts the mask targets of all stages.
+
+    ``criterion(outputs, targets, *, return_matches=False)`` (``SetCriterion.forward``) takes the model's
+    ``ModelOutputs`` with ``pred_boxes`` [B, N, 4] and ``pred_roi_masks`` [B, N, m, m] at every stage and B
+    ``Target`` dicts (``labels`` int64 [K], ``boxes`` float [K, 4] xyxy input pixels, ``masks`` bool
+    [K, H, W] at the padded input size, ``image_size`` the valid (H, W)) and returns, for i = 1..S,
+    ``loss_cls_s{i}``, ``loss_l1_s{i}``, ``loss_giou_s{i}``, ``loss_mask_s{i}``, ``loss_dice_s{i}``, float
+    scalars already weighted; with ``return_matches``, also the matches over [init (no pairs), stage 1, ..,
+    stage S].
 
     Args:
         num_classes: C.
@@ -165,6 +158,9 @@ class QueryInstCriterion(nn.Module):
         mask_weight: weight of ``loss_mask_s{i}`` (BCE of the RoI masks).
         dice_weight: weight of ``loss_dice_s{i}`` (dice of the RoI masks; QueryInst's mask loss, 8).
     """
+
+    first_stage = 1
+    match_ahead = True
 
     def __init__(
         self,
@@ -212,23 +208,10 @@ class QueryInstCriterion(nn.Module):
             raise ValueError(f"target labels must be in 0..{self.num_classes - 1} (contiguous class indices)")
         return prepared
 
-    def forward(
-        self, outputs: ModelOutputs, targets: list[Target], *, return_matches: bool = False
-    ) -> dict[str, Tensor] | tuple[dict[str, Tensor], list[Matches]]:
-        """Match and compute the weighted losses of every stage.
-
-        Args:
-            outputs: the model's ``ModelOutputs`` with ``pred_boxes`` [B, N, 4] and ``pred_roi_masks``
-                [B, N, m, m] at every stage.
-            targets: B ``Target`` dicts; ``labels`` int64 [K], ``boxes`` float [K, 4] xyxy input pixels,
-                ``masks`` bool [K, H, W] at the padded input size, ``image_size`` the valid (H, W).
-            return_matches: also return the matches.
-
-        Returns:
-            For i = 1..S: ``loss_cls_s{i}``, ``loss_l1_s{i}``, ``loss_giou_s{i}``, ``loss_mask_s{i}``,
-            ``loss_dice_s{i}``, float scalars already weighted. With ``return_matches``, also the matches: a
-            list over [init (no pairs), stage 1, .., stage S] of B pairs (pred_idx, tgt_idx) int64.
-        """
+    def _prepare(
+        self, outputs: ModelOutputs, targets: list[Target]
+    ) -> tuple[list[dict[str, Tensor]], list[dict[str, Tensor]], torch.device]:
+        """Stages [stage 1, .., stage S] and the targets with their L1 scale."""
         stages = [*outputs["aux_outputs"], outputs]
         missing = [i for i, s in enumerate(stages, start=1) if "pred_boxes" not in s or "pred_roi_masks" not in s]
         if missing:
@@ -241,21 +224,25 @@ class QueryInstCriterion(nn.Module):
         # The pasted masks' grid times their stride is the padded input size.
         grid_h, grid_w = outputs["pred_masks"].shape[-2:]
         input_size = (grid_h * MASK_STRIDE, grid_w * MASK_STRIDE)
-        tgts = self._prepare_targets(targets, input_size, device)
-        matches = [self.matcher(s["pred_logits"].detach(), s["pred_boxes"].detach(), tgts) for s in stages]
-        # Every image gets min(N, K) matches at every stage, so one normaliser serves all stages.
-        num_matched = float(sum(p.numel() for p, _ in matches[0]))
-        num_pos = _mean_over_workers(torch.tensor(num_matched, device=device)).clamp(min=1.0)
-        mask_targets = self._mask_targets(stages, tgts, matches)
-        losses: dict[str, Tensor] = {}
-        for i, (stage, stage_matches, stage_mask_targets) in enumerate(
-            zip(stages, matches, mask_targets, strict=True), start=1
-        ):
-            losses.update(self._stage_losses(i, stage, tgts, stage_matches, stage_mask_targets, num_pos))
-        if return_matches:
-            empty = torch.zeros(0, dtype=torch.int64, device=device)
-            return losses, [[(empty, empty) for _ in range(batch)], *matches]
-        return losses
+        return stages, self._prepare_targets(targets, input_size, device), device
+
+    def _match(
+        self,
+        stage_index: int,
+        stage: dict[str, Tensor],
+        previous: dict[str, Tensor] | None,
+        previous_matches: Matches | None,
+        targets: list[dict[str, Tensor]],
+    ) -> Matches:
+        """Each stage on its own detached class logits and boxes (Sparse R-CNN)."""
+        return self.matcher(stage["pred_logits"].detach(), stage["pred_boxes"].detach(), targets)
+
+    def _matched(
+        self, stages: list[dict[str, Tensor]], targets: list[dict[str, Tensor]], matches: list[Matches]
+    ) -> list[dict[str, Tensor]]:
+        """Every stage with the RoI mask targets of its matched queries added as ``mask_targets``."""
+        mask_targets = self._mask_targets(stages, targets, matches)
+        return [{**stage, "mask_targets": cut} for stage, cut in zip(stages, mask_targets, strict=True)]
 
     def _mask_targets(
         self, stages: list, targets: list[dict[str, Tensor]], matches: list[Matches]
@@ -276,13 +263,13 @@ class QueryInstCriterion(nn.Module):
     def _stage_losses(
         self,
         stage_index: int,
-        stage: dict,
+        stage: dict[str, Tensor],
         targets: list[dict[str, Tensor]],
         matches: Matches,
-        mask_targets: Tensor,
         num_pos: Tensor,
     ) -> dict[str, Tensor]:
         logits, boxes, roi_masks = stage["pred_logits"], stage["pred_boxes"], stage["pred_roi_masks"]
+        mask_targets = stage["mask_targets"]
         batch_idx = torch.cat([torch.full_like(p, b) for b, (p, _) in enumerate(matches)])
         pred_idx = torch.cat([p for p, _ in matches])
         tgt = {key: torch.cat([t[key][ti] for t, (_, ti) in zip(targets, matches, strict=True)])
@@ -290,21 +277,20 @@ class QueryInstCriterion(nn.Module):
         scale = torch.cat([t["scale"].expand(len(ti), 4) for t, (_, ti) in zip(targets, matches, strict=True)])
         onehot = torch.zeros_like(logits, dtype=torch.float32)
         onehot[batch_idx, pred_idx, tgt["labels"]] = 1.0
-        i = stage_index
-        losses = {f"loss_cls_s{i}": sigmoid_focal_loss(logits, onehot) / num_pos * self.cls_weight}
+        losses = {"cls": sigmoid_focal_loss(logits, onehot) / num_pos * self.cls_weight}
         if pred_idx.numel() == 0:
             # Zero terms keep every parameter in the graph when nothing matched (DDP needs that).
             zero = boxes.sum() * 0 + roi_masks.sum() * 0
             for name in ("l1", "giou", "mask", "dice"):
-                losses[f"loss_{name}_s{i}"] = zero
+                losses[name] = zero
             return losses
         pred_boxes = boxes[batch_idx, pred_idx].float()
         l1 = (pred_boxes / scale - tgt["boxes"] / scale).abs().sum()
         giou = generalized_box_iou_loss(pred_boxes, tgt["boxes"], reduction="sum")
         pred_masks = roi_masks[batch_idx, pred_idx].flatten(1)
         flat_targets = mask_targets.flatten(1)
-        losses[f"loss_l1_s{i}"] = l1 / num_pos * self.l1_weight
-        losses[f"loss_giou_s{i}"] = giou / num_pos * self.giou_weight
-        losses[f"loss_mask_s{i}"] = mask_bce_loss(pred_masks, flat_targets) * self.mask_weight
-        losses[f"loss_dice_s{i}"] = dice_loss(pred_masks, flat_targets, eps=DICE_EPS).sum() / num_pos * self.dice_weight
+        losses["l1"] = l1 / num_pos * self.l1_weight
+        losses["giou"] = giou / num_pos * self.giou_weight
+        losses["mask"] = mask_bce_loss(pred_masks, flat_targets) * self.mask_weight
+        losses["dice"] = dice_loss(pred_masks, flat_targets, eps=DICE_EPS).sum() / num_pos * self.dice_weight
         return losses
