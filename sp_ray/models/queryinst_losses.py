@@ -133,7 +133,7 @@ class QueryInstCriterion(SetCriterion):
     every query (unmatched ones are background) and, like the box and dice losses, is divided by the number
     of matched queries averaged over the workers; BCE is a mean over the pixels of the matched RoI masks.
 
-    Stage i's loss (QueryInst, Fang et al. 2021, eq. 6; Sparse R-CNN's set loss):
+    Stage i's loss (QueryInst, Fang et al. 2021: Sparse R-CNN's set prediction loss plus the mask terms):
     L_i = cls_weight L_focal + l1_weight L_L1 + giou_weight L_giou + mask_weight L_bce + dice_weight L_dice.
 
     QueryInst has no stage-0 loss: the learned proposal boxes and features are trained through stage 1
