@@ -86,8 +86,8 @@ class SetCriterion(nn.Module):
         Returns:
             The losses ``loss_<name>_s<i>``, float scalars already multiplied by their weights, stage by stage
             in the order of each stage's terms. With ``return_matches``, also the matches: a list over
-            [stage 0, stage 1, .., stage S] of B pairs (pred_idx, tgt_idx) int64 (stage 0 without pairs when
-            ``first_stage`` is 1).
+            [stage 0, stage 1, .., stage S] of B pairs (pred_idx, tgt_idx) int64 (no pairs for the stages before
+            ``first_stage``).
         """
         raw_stages, tgts, device = self._prepare(outputs, targets)
         losses: dict[str, Tensor] = {}
@@ -110,10 +110,10 @@ class SetCriterion(nn.Module):
                 self._store(losses, i, self._stage_losses(i, stage, tgts, matches, num_pos))
         if not return_matches:
             return losses
-        if self.first_stage == 1:
-            empty = torch.zeros(0, dtype=torch.int64, device=device)
-            all_matches = [[(empty, empty) for _ in tgts], *all_matches]
-        return losses, all_matches
+        # Stages before the first supervised one get no pairs, so that entry i is stage i.
+        empty = torch.zeros(0, dtype=torch.int64, device=device)
+        unsupervised = [[(empty, empty) for _ in tgts] for _ in range(self.first_stage)]
+        return losses, [*unsupervised, *all_matches]
 
     @staticmethod
     def normaliser(count: int, device: torch.device) -> Tensor:
