@@ -19,7 +19,7 @@ import typing
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import yaml
 
@@ -75,7 +75,15 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    # K-Net's weights (METHODS.md section 5); the matcher costs mirror the loss weights.
+    """Base of the per-family loss sections: ``loss`` of a Config is the one ``LOSS_SECTIONS`` gives for
+    ``model.name``, so a key of another family (K-Net's ``init_dice_weight`` in a QueryInst config, QueryInst's
+    ``l1_weight`` in a K-Net one) is an error that names it. The defaults of a key are the same in every family."""
+
+
+@dataclass
+class KNetLoss(LossConfig):
+    """K-Net's weights (METHODS.md section 5); the matcher costs mirror the loss weights."""
+
     cls_weight: float = 2.0
     mask_weight: float = 1.0
     dice_weight: float = 4.0
@@ -86,24 +94,61 @@ class LossConfig:
     cost_mask: float = 1.0
     # "full": BCE + dice on the whole target mask (K-Net). "weak": FreeSOLO's losses for noisy pseudo masks
     # (sp_ray.models.weak_mask_losses), which see a target only through its x/y projections and its box:
-    # max-projection dice, average-projection dice and the LAB colour-affinity pairwise term. K-Net only.
+    # max-projection dice, average-projection dice and the LAB colour-affinity pairwise term.
     mask_loss: str = "full"
     projection_weight: float = 4.0  # max-projection dice (FreeSOLO: the dice weight x 1.0)
     avg_projection_weight: float = 0.4  # average-projection dice (FreeSOLO: the dice weight x 0.1)
     pairwise_weight: float = 1.0  # colour-affinity pairwise term (BoxInst / FreeSOLO: 1.0)
     pairwise_color_threshold: float = 0.3  # pairs count where exp(-||LAB_i - LAB_j|| / 2) >= this
     pairwise_warmup_iters: int = 1000  # the pairwise weight ramps up linearly over this many criterion calls
-    # Mask2Former (cls/mask/dice weights and costs above; its paper values are 2 / 5 / 5, every layer alike).
+
+
+@dataclass
+class Mask2FormerLoss(LossConfig):
+    """Mask2Former's weights and costs (its paper values are 2 / 5 / 5, every layer alike) and point sampling."""
+
+    mask_loss: ClassVar[str] = "full"  # not a key: the weak mask losses are K-Net's (KNetLoss.mask_loss)
+    cls_weight: float = 2.0
+    mask_weight: float = 1.0
+    dice_weight: float = 4.0
+    cost_class: float = 2.0
+    cost_dice: float = 4.0
+    cost_mask: float = 1.0
     no_object_weight: float = 0.1  # class weight of "no object" in the softmax cross-entropy
     num_points: int = 12544  # points per mask for the matching costs and the mask losses (112 x 112)
     oversample_ratio: float = 3.0  # candidate points per kept point of the importance sampling
     importance_sample_ratio: float = 0.75  # share of the points taken where the prediction is most uncertain
-    # QueryInst's box terms (Sparse R-CNN: focal 2 = cls_weight, L1 5, GIoU 2; the same values as matching
-    # costs, cost_class for the class). Its RoI masks take mask_weight (BCE) and dice_weight (paper: dice 8).
+
+
+@dataclass
+class QueryInstLoss(LossConfig):
+    """QueryInst's box terms (Sparse R-CNN: focal 2 = cls_weight, L1 5, GIoU 2; the same values as matching
+    costs, cost_class for the class); its RoI masks take mask_weight (BCE) and dice_weight (paper: dice 8)."""
+
+    mask_loss: ClassVar[str] = "full"  # not a key: the weak mask losses are K-Net's (KNetLoss.mask_loss)
+    cls_weight: float = 2.0
+    mask_weight: float = 1.0
+    dice_weight: float = 4.0
+    cost_class: float = 2.0
     l1_weight: float = 5.0  # L1 of boxes normalised by the image size
     giou_weight: float = 2.0
     cost_l1: float = 5.0
     cost_giou: float = 2.0
+
+
+@dataclass
+class MaskRCNNLoss(LossConfig):
+    """Mask R-CNN has no loss keys: torchvision's heads compute their losses as they are."""
+
+
+# model.name -> (its loss section, its name in messages). The family table itself is sp_ray.models.FAMILIES
+# (a test keeps the two key sets equal); this one sits here because the config layer cannot import models.
+LOSS_SECTIONS: dict[str, tuple[type[LossConfig], str]] = {
+    "knet": (KNetLoss, "K-Net"),
+    "mask2former": (Mask2FormerLoss, "Mask2Former"),
+    "queryinst": (QueryInstLoss, "QueryInst"),
+    "maskrcnn": (MaskRCNNLoss, "Mask R-CNN"),
+}
 
 
 @dataclass
@@ -329,7 +374,8 @@ class InstanceUniqueConfig:
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
+    # The section of model.name's family (LOSS_SECTIONS); None picks that family's defaults.
+    loss: LossConfig | None = None
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -339,6 +385,27 @@ class Config:
     selftrain: SelfTrainConfig = field(default_factory=SelfTrainConfig)
     clip: ClipConfig = field(default_factory=ClipConfig)
     iuq: InstanceUniqueConfig = field(default_factory=InstanceUniqueConfig)
+
+    def __post_init__(self) -> None:
+        schema, title = _family_section(self.model.name, source="Config")
+        if self.loss is None:
+            self.loss = schema()
+        elif type(self.loss) is not schema:
+            raise ConfigError(
+                f"Config: loss is a {type(self.loss).__name__}, but model.name {self.model.name!r} ({title}) "
+                f"takes a {schema.__name__}"
+            )
+
+
+def _family_section(name: Any, *, source: str) -> tuple[type[LossConfig], str]:
+    """The loss section and the title of model.name ``name``; an unknown name is a ConfigError."""
+    if isinstance(name, str) and name in LOSS_SECTIONS:
+        return LOSS_SECTIONS[name]
+    close = difflib.get_close_matches(str(name), list(LOSS_SECTIONS), n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    raise ConfigError(
+        f"{source}: model.name {name!r} is not a model family{hint}; families: {', '.join(sorted(LOSS_SECTIONS))}"
+    )
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -356,7 +423,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             file (or the override) and the dotted key.
     """
     if path is None:
-        return apply_overrides(Config(), overrides)
+        merged: dict[str, Any] = {}
+        origins: dict[str, str] = {}
+        for item in overrides:
+            _merge(merged, _parse_override(item, Config), origins, source=f"override {item!r}")
+        return _build_config(merged, origins, source="the defaults")
     return load_yaml_dataclass(Config, path, overrides)
 
 
@@ -366,18 +437,31 @@ def load_yaml_dataclass(schema: type[T], path: str | Path, overrides: list[str] 
     Every key is checked against ``schema`` as ``load_config`` checks a Config (the sweep files of
     ``sp-ray tune`` use it with their own schema).
     """
-    merged = _read_with_bases(Path(path), chain=(), schema=schema)
+    origins: dict[str, str] = {}
+    merged = _read_with_bases(Path(path), chain=(), schema=schema, origins=origins)
     for item in overrides:
-        _merge(merged, _parse_override(item, schema))
+        _merge(merged, _parse_override(item, schema), origins, source=f"override {item!r}")
+    if schema is Config:
+        return _build_config(merged, origins, source=str(Path(path).resolve()))  # type: ignore[return-value]
     return _build(schema, merged, prefix="")
 
 
 def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:
-    """Return a copy of ``cfg`` with ``dotted.key=value`` overrides applied (checked like a file's keys)."""
+    """Return a copy of ``cfg`` with ``dotted.key=value`` overrides applied (checked like a file's keys).
+
+    An override of ``model.name`` that changes the family keeps the loss values of ``cfg`` that the new
+    family has too and drops the others (they were ``cfg``'s, not the overrides'); a loss key in the
+    overrides must apply to the resulting family.
+    """
     data = config_to_dict(cfg)
+    origins: dict[str, str] = {}
     for item in overrides:
-        _merge(data, _parse_override(item, Config))
-    return _build(Config, data, prefix="")
+        _merge(data, _parse_override(item, Config), origins, source=f"override {item!r}")
+    name = data["model"]["name"]
+    if name != cfg.model.name and name in LOSS_SECTIONS:
+        keys = _field_names(LOSS_SECTIONS[name][0])
+        data["loss"] = {k: v for k, v in data["loss"].items() if k in keys or f"loss.{k}" in origins}
+    return _build_config(data, origins, source="the config")
 
 
 def _parse_override(item: str, schema: type) -> dict[str, Any]:
@@ -404,9 +488,35 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
 
 
 def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
-    """Rebuild a Config from ``config_to_dict`` output (e.g. a checkpoint's config.yaml), strictly."""
+    """Rebuild a Config from ``config_to_dict`` output (e.g. a run's ``train_loop_config``), strictly."""
     _check_tree(data, Config, source=source)
-    return _build(Config, data, prefix="")
+    return _build_config(data, {}, source=source)
+
+
+# Every key of the one LossConfig of sp-ray before the loss settings were split per family: config.yaml
+# files of checkpoints written then carry all of them, whatever the family.
+SHARED_LOSS_KEYS_BEFORE_SPLIT = (
+    "cls_weight", "mask_weight", "dice_weight", "init_mask_weight", "init_dice_weight", "cost_class",
+    "cost_dice", "cost_mask", "mask_loss", "projection_weight", "avg_projection_weight", "pairwise_weight",
+    "pairwise_color_threshold", "pairwise_warmup_iters", "no_object_weight", "num_points", "oversample_ratio",
+    "importance_sample_ratio", "l1_weight", "giou_weight", "cost_l1", "cost_giou",
+)
+
+
+def checkpoint_config_from_dict(data: dict[str, Any], source: str = "<checkpoint>") -> Config:
+    """``config_from_dict`` for the config.yaml of a checkpoint, which may predate the per-family loss sections.
+
+    The one rule for old checkpoints: a key of ``loss`` that the checkpoint's family (its ``model.name``)
+    does not have is dropped when it is one of ``SHARED_LOSS_KEYS_BEFORE_SPLIT`` (that family never read
+    it); every other key is checked as ``config_from_dict`` checks it. Only checkpoint loading uses this.
+    """
+    model, loss = data.get("model"), data.get("loss")
+    name = model.get("name", ModelConfig.name) if isinstance(model, dict) else ModelConfig.name
+    if isinstance(loss, dict) and name in LOSS_SECTIONS:
+        keys = _field_names(LOSS_SECTIONS[name][0])
+        loss = {k: v for k, v in loss.items() if k in keys or k not in SHARED_LOSS_KEYS_BEFORE_SPLIT}
+        data = {**data, "loss": loss}
+    return config_from_dict(data, source=source)
 
 
 # The settings that name a local file or folder. Ray workers do not run in the driver's directory, so a
@@ -442,7 +552,10 @@ def config_hash(cfg: Config) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def _read_with_bases(path: Path, chain: tuple[Path, ...], schema: type) -> dict[str, Any]:
+def _read_with_bases(
+    path: Path, chain: tuple[Path, ...], schema: type, origins: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """The merged keys of ``path`` and its ``_base_`` parents; ``origins`` gets the file of each dotted key."""
     path = path.resolve()
     if path in chain:
         cycle = " -> ".join(str(p) for p in (*chain, path))
@@ -456,33 +569,83 @@ def _read_with_bases(path: Path, chain: tuple[Path, ...], schema: type) -> dict[
             raise ConfigError(f"{path}: not valid YAML: {err}") from err
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+    bases = read_bases(path, data)
+    _check_tree(data, schema, source=str(path))
+    merged: dict[str, Any] = {}
+    origins = {} if origins is None else origins
+    for base in bases:
+        _merge(merged, _read_with_bases(path.parent / base, chain=(*chain, path), schema=schema, origins=origins))
+    _merge(merged, data, origins, source=str(path))
+    return merged
+
+
+def read_bases(path: Path, data: dict[str, Any]) -> list[str]:
+    """Pop the ``_base_`` entry of the YAML mapping ``data`` of ``path``: its parents, as written."""
     bases = data.pop("_base_", [])
     if isinstance(bases, str):
         bases = [bases]
     if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
         raise ConfigError(f"{path}: _base_ must be a path or a list of paths")
-    _check_tree(data, schema, source=str(path))
+    return bases
+
+
+def _merge(
+    into: dict[str, Any], new: dict[str, Any], origins: dict[str, str] | None = None, *, source: str = "",
+    prefix: str = "",
+) -> None:
+    for key, value in new.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value, origins, source=source, prefix=f"{dotted}.")
+        else:
+            into[key] = value
+            if origins is not None:
+                for leaf in _leaves(value, dotted):
+                    origins[leaf] = source
+
+
+def _leaves(value: Any, dotted: str) -> Iterator[str]:
+    if isinstance(value, dict) and value:
+        for key, item in value.items():
+            yield from _leaves(item, f"{dotted}.{key}")
+    else:
+        yield dotted
+
+
+def _field_names(schema: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(schema))
+
+
+def _hints(schema: type) -> dict[str, Any]:
+    """The annotations of the fields of ``schema`` (ClassVars excluded)."""
+    hints = typing.get_type_hints(schema)
+    return {name: hints[name] for name in _field_names(schema)}
+
+
+def _loss_hints(family: str | None) -> dict[str, Any]:
+    """The loss keys of ``family``, or (None: a tree without its model.name yet) of any family."""
+    if family is not None:
+        return _hints(LOSS_SECTIONS[family][0])
     merged: dict[str, Any] = {}
-    for base in bases:
-        _merge(merged, _read_with_bases(path.parent / base, chain=(*chain, path), schema=schema))
-    _merge(merged, data)
+    for schema, _ in LOSS_SECTIONS.values():
+        merged.update(_hints(schema))
     return merged
 
 
-def _merge(into: dict[str, Any], new: dict[str, Any]) -> None:
-    for key, value in new.items():
-        if isinstance(value, dict) and isinstance(into.get(key), dict):
-            _merge(into[key], value)
-        else:
-            into[key] = value
+def _check_tree(
+    data: Any, schema: type, *, source: str, prefix: str = "", hints: dict[str, Any] | None = None,
+    family: str | None = None,
+) -> None:
+    """Check keys and value types of a (partial) config tree against a dataclass schema.
 
-
-def _check_tree(data: Any, schema: type, *, source: str, prefix: str = "") -> None:
-    """Check keys and value types of a (partial) config tree against a dataclass schema."""
+    The ``loss`` section of a Config is checked against ``family``'s keys, or against every family's keys
+    where the tree's family is not known yet (a file with a ``_base_``, an override); ``_build_config``
+    checks the merged tree against its own family.
+    """
     if not isinstance(data, dict):
         where = prefix.rstrip(".") or "the top level"
         raise ConfigError(f"{source}: {where} must be a mapping, got {data!r}")
-    hints = typing.get_type_hints(schema)
+    hints = _hints(schema) if hints is None else hints
     for key, value in data.items():
         dotted = f"{prefix}{key}"
         if key not in hints:
@@ -491,13 +654,42 @@ def _check_tree(data: Any, schema: type, *, source: str, prefix: str = "") -> No
             raise ConfigError(
                 f"{source}: unknown key '{dotted}'{hint}; valid keys here: {', '.join(sorted(hints))}"
             )
+        section = _loss_hints(family) if schema is Config and key == "loss" else None
         expected = hints[key]
-        if dataclasses.is_dataclass(expected):
+        if section is not None:
+            _check_tree(value, object, source=source, prefix=f"{dotted}.", hints=section)
+        elif dataclasses.is_dataclass(expected):
             _check_tree(value, expected, source=source, prefix=f"{dotted}.")
         elif not _fits(value, expected):
             raise ConfigError(
                 f"{source}: '{dotted}' must be {_type_name(expected)}, got {value!r} ({type(value).__name__})"
             )
+
+
+def _check_family(data: dict[str, Any], origins: dict[str, str], source: str) -> type[LossConfig]:
+    """Check the ``loss`` keys of a whole (merged) config tree against its model.name's loss section.
+
+    Raises:
+        ConfigError: an unknown model.name, or a loss key its family does not have, naming the key, the file
+            or override that set it, the family, the loss keys of that family and a close name if there is one.
+    """
+    model = data.get("model") or {}
+    name = model.get("name", ModelConfig.name)
+    schema, title = _family_section(name, source=origins.get("model.name", source))
+    keys = _field_names(schema)
+    for key in data.get("loss") or {}:
+        if key in keys:
+            continue
+        others = [t for s, t in LOSS_SECTIONS.values() if key in _field_names(s)]
+        close = difflib.get_close_matches(str(key), list(keys), n=1)
+        hint = f" (did you mean 'loss.{close[0]}'?)" if close else ""
+        owner = f" (a key of {', '.join(others)})" if others else ""
+        applies = f"its loss keys: {', '.join(keys)}" if keys else f"{title} has no loss keys ({schema.__doc__})"
+        raise ConfigError(
+            f"{origins.get(f'loss.{key}', source)}: 'loss.{key}'{owner} does not apply to model.name "
+            f"{name!r} ({title}){hint}; {applies}"
+        )
+    return schema
 
 
 def _fits(value: Any, expected: Any) -> bool:
@@ -533,8 +725,17 @@ def _type_name(expected: Any) -> str:
     return "null" if expected is type(None) else f"a {expected.__name__}"
 
 
+def _build_config(data: dict[str, Any], origins: dict[str, str], *, source: str) -> Config:
+    """A Config from a merged, checked tree: its ``loss`` section is the one of its model.name."""
+    loss_schema = _check_family(data, origins, source)
+    tree = dict(data)
+    loss = _build(loss_schema, tree.pop("loss", None) or {}, prefix="loss.")
+    config = _build(Config, tree, prefix="")
+    return dataclasses.replace(config, loss=loss)
+
+
 def _build(schema: type, data: dict[str, Any], prefix: str) -> Any:
-    hints = typing.get_type_hints(schema)
+    hints = _hints(schema)
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         expected = hints[key]
@@ -679,6 +880,9 @@ def check_config_values(cfg: Config, *, task: str) -> None:
     for dotted, choices in _CHOICES.items():
         if task == "ssl" and not dotted.startswith("train."):
             continue
+        section, key = dotted.split(".")
+        if key not in _field_names(type(getattr(cfg, section))):
+            continue  # a loss key of another family (loss.mask_loss is K-Net's)
         value = _get_dotted(cfg, dotted)
         if value not in choices:
             raise ConfigError(f"{dotted} is {value!r}: it must be one of {', '.join(choices)}")
