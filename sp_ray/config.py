@@ -138,7 +138,7 @@ class QueryInstLoss(LossConfig):
 
 @dataclass
 class MaskRCNNLoss(LossConfig):
-    """Mask R-CNN has no loss keys: torchvision's heads compute their losses as they are."""
+    """torchvision's heads compute the losses of Mask R-CNN as they are."""
 
 
 # model.name -> (its loss section, its name in messages). The family table itself is sp_ray.models.FAMILIES
@@ -493,6 +493,31 @@ def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
     return _build_config(data, {}, source=source)
 
 
+def check_config_tree(data: dict[str, Any], source: str) -> None:
+    """Check a partial config tree (keys and value types) whose family may be any: a ``loss`` key must be a key
+    of some family (``config_from_dict`` then checks it against the family of the whole config).
+
+    Raises:
+        ConfigError: an unknown key (with a close name) or a value of the wrong type, naming ``source``.
+    """
+    _check_tree(data, Config, source=source)
+    loss = data.get("loss")
+    known = _loss_hints(None)
+    for key in loss if isinstance(loss, dict) else ():
+        if key not in known:
+            close = difflib.get_close_matches(str(key), list(known), n=1)
+            hint = f" (did you mean 'loss.{close[0]}'?)" if close else ""
+            families = "; ".join(f"{t}: {', '.join(_field_names(c)) or 'none'}" for c, t in LOSS_SECTIONS.values())
+            raise ConfigError(f"{source}: unknown key 'loss.{key}'{hint}; loss keys of the families: {families}")
+
+
+def field_annotation(dotted: str) -> Any:
+    """The annotation of a dotted Config key (``loss.KEY`` in whichever family has it); KeyError if none."""
+    section, _, key = dotted.partition(".")
+    hints = _loss_hints(None) if section == "loss" else _hints(_hints(Config)[section])
+    return hints[key]
+
+
 # Every key of the one LossConfig of sp-ray before the loss settings were split per family: config.yaml
 # files of checkpoints written then carry all of them, whatever the family.
 SHARED_LOSS_KEYS_BEFORE_SPLIT = (
@@ -648,6 +673,8 @@ def _check_tree(
     hints = _hints(schema) if hints is None else hints
     for key, value in data.items():
         dotted = f"{prefix}{key}"
+        if key not in hints and family is None and prefix == "loss." and schema is LossConfig:
+            continue  # not a key of any family: _check_family names it with the keys of the config's family
         if key not in hints:
             close = difflib.get_close_matches(str(key), list(hints), n=1)
             hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
@@ -657,7 +684,7 @@ def _check_tree(
         section = _loss_hints(family) if schema is Config and key == "loss" else None
         expected = hints[key]
         if section is not None:
-            _check_tree(value, object, source=source, prefix=f"{dotted}.", hints=section)
+            _check_tree(value, LossConfig, source=source, prefix=f"{dotted}.", hints=section, family=family)
         elif dataclasses.is_dataclass(expected):
             _check_tree(value, expected, source=source, prefix=f"{dotted}.")
         elif not _fits(value, expected):
@@ -680,15 +707,16 @@ def _check_family(data: dict[str, Any], origins: dict[str, str], source: str) ->
     for key in data.get("loss") or {}:
         if key in keys:
             continue
+        where = origins.get(f"loss.{key}", source)
+        family = f"model.name {name!r} ({title})"
+        applies = (f"{family} has the loss keys: {', '.join(keys)}" if keys else
+                   f"{family} has no loss keys ({schema.__doc__.strip().rstrip('.')}): remove the loss section")
         others = [t for s, t in LOSS_SECTIONS.values() if key in _field_names(s)]
+        if others:
+            raise ConfigError(f"{where}: 'loss.{key}' is a loss key of {', '.join(others)}, not of {title}; {applies}")
         close = difflib.get_close_matches(str(key), list(keys), n=1)
         hint = f" (did you mean 'loss.{close[0]}'?)" if close else ""
-        owner = f" (a key of {', '.join(others)})" if others else ""
-        applies = f"its loss keys: {', '.join(keys)}" if keys else f"{title} has no loss keys ({schema.__doc__})"
-        raise ConfigError(
-            f"{origins.get(f'loss.{key}', source)}: 'loss.{key}'{owner} does not apply to model.name "
-            f"{name!r} ({title}){hint}; {applies}"
-        )
+        raise ConfigError(f"{where}: unknown key 'loss.{key}'{hint}; {applies}")
     return schema
 
 

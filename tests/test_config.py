@@ -1,17 +1,25 @@
+import dataclasses
 from pathlib import Path
 
 import pytest
+import yaml
 
 from sp_ray.cli import main
 from sp_ray.config import (
+    LOSS_SECTIONS,
     Config,
     ConfigError,
+    KNetLoss,
+    MaskRCNNLoss,
+    ModelConfig,
+    QueryInstLoss,
     absolute_paths,
     apply_overrides,
     check_config_values,
     config_from_dict,
     config_hash,
     config_to_dict,
+    dump_config,
     load_config,
 )
 
@@ -171,3 +179,172 @@ def test_absolute_paths_resolve_relative_files_against_the_driver_directory(tmp_
     assert resolved.train.storage_path == "s3://bucket/runs"  # a URI
     assert resolved.data.val_annotations == "" and resolved.model.backbone_weights is None  # unset
     assert resolved.model == cfg.model and resolved.train.lr == cfg.train.lr
+
+
+# --- the loss section per family, and the shipped configs' _base_ --------------------------------------------
+
+FAMILY_LOSS_KEYS = {name: [f.name for f in dataclasses.fields(schema)] for name, (schema, _) in LOSS_SECTIONS.items()}
+ALL_LOSS_KEYS = sorted({key for keys in FAMILY_LOSS_KEYS.values() for key in keys})
+
+
+def test_loss_sections_cover_the_model_families():
+    from sp_ray.models import FAMILIES
+
+    assert set(LOSS_SECTIONS) == set(FAMILIES)
+    # A key has one meaning: the same type and default in every family that has it.
+    for key in ALL_LOSS_KEYS:
+        found = {(f.type, f.default) for schema, _ in LOSS_SECTIONS.values() for f in dataclasses.fields(schema)
+                 if f.name == key}
+        assert len(found) == 1, key
+
+
+@pytest.mark.parametrize("family", sorted(LOSS_SECTIONS))
+def test_each_family_gets_its_loss_section_and_dumps_only_its_keys(family, tmp_path):
+    schema, _ = LOSS_SECTIONS[family]
+    cfg = load_config(None, [f"model.name={family}"])
+    assert type(cfg.loss) is schema and cfg == Config(model=ModelConfig(name=family))
+    dumped = yaml.safe_load(dump_config(cfg))
+    assert list(dumped["loss"]) == FAMILY_LOSS_KEYS[family]
+    again = load_config(write(tmp_path / "dumped.yaml", dump_config(cfg)))
+    assert again == cfg and config_from_dict(config_to_dict(cfg)) == cfg
+
+
+@pytest.mark.parametrize("family, key", [
+    (family, next(k for k in ALL_LOSS_KEYS if k not in keys)) for family, keys in sorted(FAMILY_LOSS_KEYS.items())
+])
+def test_a_loss_key_of_another_family_is_an_error_naming_key_and_family(family, key, tmp_path):
+    title = LOSS_SECTIONS[family][1]
+    applies = ", ".join(FAMILY_LOSS_KEYS[family]) if FAMILY_LOSS_KEYS[family] else "no loss keys"
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [f"model.name={family}", f"loss.{key}=1"])
+    message = str(err.value)
+    assert f"'loss.{key}'" in message and f"model.name '{family}' ({title})" in message and applies in message
+    # In a file whose family comes from its _base_: the message names the file that sets the key.
+    write(tmp_path / "base.yaml", f"model:\n  name: {family}\n")
+    child = write(tmp_path / "child.yaml", f"_base_: base.yaml\nloss:\n  {key}: 1\n")
+    with pytest.raises(ConfigError, match=rf"child\.yaml: 'loss\.{key}' is a loss key of .*not of {title}"):
+        load_config(child)
+    # A config built for the family refuses it as an override too, and so does a dict.
+    with pytest.raises(ConfigError, match=rf"loss\.{key}"):
+        apply_overrides(Config(model=ModelConfig(name=family)), [f"loss.{key}=1"])
+    with pytest.raises(ConfigError, match=rf"loss\.{key}"):
+        config_from_dict({"model": {"name": family}, "loss": {key: 1}})
+
+
+def test_knet_only_keys_and_the_box_weights_stay_in_their_family():
+    with pytest.raises(ConfigError, match=r"'loss\.l1_weight' is a loss key of QueryInst, not of K-Net"):
+        load_config(CONFIGS / "demo" / "knet_tiny_synthetic.yaml", ["loss.l1_weight=3"])
+    with pytest.raises(ConfigError, match=r"'loss\.mask_loss' is a loss key of K-Net, not of Mask2Former"):
+        load_config(CONFIGS / "demo" / "mask2former_tiny_synthetic.yaml", ["loss.mask_loss=weak"])
+    with pytest.raises(ConfigError, match=r"Mask R-CNN\) has no loss keys"):
+        load_config(CONFIGS / "demo" / "maskrcnn_tiny_synthetic.yaml", ["loss.cls_weight=3"])
+    assert load_config(None, ["loss.mask_loss=weak"]).loss.mask_loss == "weak"
+
+
+def test_an_unknown_loss_key_suggests_the_close_name_of_the_family():
+    with pytest.raises(ConfigError, match=r"unknown key 'loss\.l1_weigth' \(did you mean 'loss\.l1_weight'\?\); "
+                                          r"model\.name 'queryinst' \(QueryInst\) has the loss keys: cls_weight"):
+        load_config(None, ["model.name=queryinst", "loss.l1_weigth=3"])
+    with pytest.raises(ConfigError, match=r"model\.name 'knetz' is not a model family \(did you mean 'knet'\?\)"):
+        load_config(None, ["model.name=knetz"])
+
+
+def test_an_override_of_the_family_keeps_the_shared_loss_values():
+    cfg = load_config(CONFIGS / "demo" / "queryinst_tiny_synthetic.yaml", ["loss.cls_weight=3"])
+    switched = apply_overrides(cfg, ["model.name=knet"])
+    assert type(switched.loss) is KNetLoss
+    assert (switched.loss.cls_weight, switched.loss.dice_weight, switched.loss.init_dice_weight) == (3.0, 8.0, 4.0)
+    with pytest.raises(ConfigError, match=r"loss\.l1_weight"):
+        apply_overrides(cfg, ["model.name=knet", "loss.l1_weight=1"])
+    with pytest.raises(ConfigError, match="takes a KNetLoss"):
+        Config(loss=QueryInstLoss())
+
+
+# The model and loss sections of a QueryInst checkpoint's config.yaml as sp-ray wrote them before the loss
+# settings were split per family (every section was dumped; the others are left out here, they default).
+OLD_CHECKPOINT_CONFIG = """\
+model:
+  name: queryinst
+  depth: 18
+  backbone_weights: null
+  frozen_stages: -1
+  norm_eval: false
+  num_classes: 3
+  num_kernels: 16
+  num_stages: 3
+  feat_channels: 64
+  ffn_channels: 256
+  num_heads: 4
+  encoder_layers: 6
+  encoder_ffn_channels: 1024
+  deform_points: 4
+  dynamic_channels: 16
+loss:
+  cls_weight: 2.0
+  mask_weight: 1.0
+  dice_weight: 8.0
+  init_mask_weight: 1.0
+  init_dice_weight: 4.0
+  cost_class: 2.0
+  cost_dice: 4.0
+  cost_mask: 1.0
+  mask_loss: full
+  projection_weight: 4.0
+  avg_projection_weight: 0.4
+  pairwise_weight: 1.0
+  pairwise_color_threshold: 0.3
+  pairwise_warmup_iters: 1000
+  no_object_weight: 0.1
+  num_points: 12544
+  oversample_ratio: 3.0
+  importance_sample_ratio: 0.75
+  l1_weight: 5.0
+  giou_weight: 2.0
+  cost_l1: 5.0
+  cost_giou: 2.0
+train:
+  epochs: 40
+  batch_size: 4
+"""
+
+
+def test_a_checkpoint_config_written_before_the_split_still_loads(tmp_path):
+    from torch import nn
+
+    from sp_ray.train.checkpoint import CONFIG_FILE, load_checkpoint, save_checkpoint
+
+    def checkpoint(name: str, text: str):
+        path = save_checkpoint(tmp_path / name, model=nn.Linear(2, 2), config=Config(), meta={"epoch": 1})
+        (path / CONFIG_FILE).write_text(text)
+        return path
+
+    cfg = load_checkpoint(checkpoint("queryinst", OLD_CHECKPOINT_CONFIG)).config
+    assert cfg.model.name == "queryinst" and cfg.model.dynamic_channels == 16 and cfg.train.epochs == 40
+    assert cfg.loss == QueryInstLoss(dice_weight=8.0)
+    # Mask R-CNN's checkpoints carried every loss key as well: none applies.
+    maskrcnn = OLD_CHECKPOINT_CONFIG.replace("name: queryinst", "name: maskrcnn")
+    assert load_checkpoint(checkpoint("maskrcnn", maskrcnn)).config.loss == MaskRCNNLoss()
+    # Only the keys of the old LossConfig are dropped: anything else is still an error.
+    typo = OLD_CHECKPOINT_CONFIG.replace("  cost_giou: 2.0\n", "  cost_giou: 2.0\n  cost_gio: 2.0\n")
+    with pytest.raises(ConfigError, match=r"config\.yaml: unknown key 'loss\.cost_gio' \(did you mean 'loss\.cost_gi"):
+        load_checkpoint(checkpoint("typo", typo))
+    # The rule is the checkpoint's only: a config dict of the old shape is refused elsewhere.
+    with pytest.raises(ConfigError, match=r"'loss\.init_mask_weight' is a loss key of K-Net, not of QueryInst"):
+        config_from_dict(yaml.safe_load(OLD_CHECKPOINT_CONFIG))
+    # A checkpoint written now keeps the family's keys only.
+    written = save_checkpoint(tmp_path / "new", model=nn.Linear(2, 2), config=cfg, meta={"epoch": 1})
+    assert list(yaml.safe_load((written / CONFIG_FILE).read_text())["loss"]) == FAMILY_LOSS_KEYS["queryinst"]
+    assert load_checkpoint(written).config == cfg
+
+
+SP_CONFIGS = sorted(p for p in CONFIGS.rglob("*.yaml") if not {"cluster", "serve", "tune"} & set(p.parts))
+
+
+@pytest.mark.parametrize("path", SP_CONFIGS, ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_shipped_configs_have_at_most_one_base_level_of_their_own_family(path):
+    bases = yaml.safe_load(path.read_text()).get("_base_", [])
+    for base in [bases] if isinstance(bases, str) else bases:
+        parent = (path.parent / base).resolve()
+        assert parent.is_file(), base
+        assert "_base_" not in yaml.safe_load(parent.read_text()), f"{path.name}: its base {base} has a _base_"
+        assert load_config(parent).model.name == load_config(path).model.name, f"{path.name} crosses families"
