@@ -4,6 +4,10 @@ A YAML file may name one or more parents with ``_base_`` (paths relative to the 
 merged first, the file's own keys win. Every key of every file is checked against the dataclasses
 before merging, so an error names the file and the dotted key. Command-line overrides
 (``model.num_kernels=16``) are parsed as YAML scalars and checked the same way.
+
+``model.name`` picks the family's ``loss`` section and the family-only keys of ``model``
+(``FAMILY_SECTIONS``): a file or override is checked against the keys of every family, and the merged config
+against its own family, so that a key of another family is an error naming the key, the file and the family.
 """
 
 from __future__ import annotations
@@ -53,6 +57,9 @@ def _safe_load(text: Any) -> Any:
 
 @dataclass
 class ModelConfig:
+    """The model section of K-Net and Mask R-CNN, and the keys every family has (Mask R-CNN reads the ResNet
+    keys and num_classes); ``Mask2FormerModel`` and ``QueryInstModel`` add their own (``FAMILY_SECTIONS``)."""
+
     name: str = "knet"  # key of sp_ray.models.FAMILIES: knet, mask2former, queryinst, maskrcnn
     depth: int = 50  # ResNet depth: 18, 34 or 50
     backbone_weights: str | None = None  # local file (torchvision, MoCo-v2 or DenseCL layout); None = random init
@@ -64,18 +71,31 @@ class ModelConfig:
     feat_channels: int = 256
     ffn_channels: int = 2048
     num_heads: int = 8
-    # Mask2Former's pixel decoder; its queries are num_kernels, its decoder layers num_stages (9 in the paper)
-    # and its decoder FFN width ffn_channels.
+
+
+@dataclass
+class Mask2FormerModel(ModelConfig):
+    """The model section of Mask2Former: its queries are num_kernels, its decoder layers num_stages (9 in the
+    paper) and its decoder FFN width ffn_channels; the keys below are its pixel decoder's."""
+
+    name: str = "mask2former"
     encoder_layers: int = 6  # deformable-attention encoder layers
     encoder_ffn_channels: int = 1024  # their FFN hidden width
     deform_points: int = 4  # sampling points per head and level of the deformable attention
-    # QueryInst; its queries are num_kernels and its dynamic stages num_stages (6 in the paper).
+
+
+@dataclass
+class QueryInstModel(ModelConfig):
+    """The model section of QueryInst: its queries are num_kernels and its dynamic stages num_stages (6 in the
+    paper)."""
+
+    name: str = "queryinst"
     dynamic_channels: int = 64  # hidden width of its dynamic instance / mask interaction (DynamicConv)
 
 
 @dataclass
 class LossConfig:
-    """Base of the per-family loss sections: ``loss`` of a Config is the one ``LOSS_SECTIONS`` gives for
+    """Base of the per-family loss sections: ``loss`` of a Config is the one ``FAMILY_SECTIONS`` gives for
     ``model.name``, so a key of another family (K-Net's ``init_dice_weight`` in a QueryInst config, QueryInst's
     ``l1_weight`` in a K-Net one) is an error that names it. The defaults of a key are the same in every family."""
 
@@ -141,14 +161,24 @@ class MaskRCNNLoss(LossConfig):
     """torchvision's heads compute the losses of Mask R-CNN as they are."""
 
 
-# model.name -> (its loss section, its name in messages). The family table itself is sp_ray.models.FAMILIES
-# (a test keeps the two key sets equal); this one sits here because the config layer cannot import models.
-LOSS_SECTIONS: dict[str, tuple[type[LossConfig], str]] = {
-    "knet": (KNetLoss, "K-Net"),
-    "mask2former": (Mask2FormerLoss, "Mask2Former"),
-    "queryinst": (QueryInstLoss, "QueryInst"),
-    "maskrcnn": (MaskRCNNLoss, "Mask R-CNN"),
+@dataclass(frozen=True)
+class FamilySections:
+    """The sections of a config whose keys depend on ``model.name``, and the family's name in messages."""
+
+    title: str
+    model: type[ModelConfig]
+    loss: type[LossConfig]
+
+
+# model.name -> its sections. The family table itself is sp_ray.models.FAMILIES (a test keeps the two key
+# sets equal); this one sits here because the config layer cannot import models.
+FAMILY_SECTIONS: dict[str, FamilySections] = {
+    "knet": FamilySections("K-Net", ModelConfig, KNetLoss),
+    "mask2former": FamilySections("Mask2Former", Mask2FormerModel, Mask2FormerLoss),
+    "queryinst": FamilySections("QueryInst", QueryInstModel, QueryInstLoss),
+    "maskrcnn": FamilySections("Mask R-CNN", ModelConfig, MaskRCNNLoss),
 }
+FAMILY_SECTION_NAMES = ("model", "loss")
 
 
 @dataclass
@@ -374,7 +404,7 @@ class InstanceUniqueConfig:
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
-    # The section of model.name's family (LOSS_SECTIONS); None picks that family's defaults.
+    # The loss section of model.name's family (FAMILY_SECTIONS); None picks that family's defaults.
     loss: LossConfig | None = None
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -387,24 +417,28 @@ class Config:
     iuq: InstanceUniqueConfig = field(default_factory=InstanceUniqueConfig)
 
     def __post_init__(self) -> None:
-        schema, title = _family_section(self.model.name, source="Config")
+        family = _family(self.model.name, source="Config")
+        if type(self.model) is ModelConfig and family.model is not ModelConfig:  # the family's keys at their defaults
+            self.model = family.model(**dataclasses.asdict(self.model))
         if self.loss is None:
-            self.loss = schema()
-        elif type(self.loss) is not schema:
-            raise ConfigError(
-                f"Config: loss is a {type(self.loss).__name__}, but model.name {self.model.name!r} ({title}) "
-                f"takes a {schema.__name__}"
-            )
+            self.loss = family.loss()
+        for section in FAMILY_SECTION_NAMES:
+            value, schema = getattr(self, section), getattr(family, section)
+            if type(value) is not schema:
+                raise ConfigError(
+                    f"Config: {section} is a {type(value).__name__}, but model.name {self.model.name!r} "
+                    f"({family.title}) takes a {schema.__name__}"
+                )
 
 
-def _family_section(name: Any, *, source: str) -> tuple[type[LossConfig], str]:
-    """The loss section and the title of model.name ``name``; an unknown name is a ConfigError."""
-    if isinstance(name, str) and name in LOSS_SECTIONS:
-        return LOSS_SECTIONS[name]
-    close = difflib.get_close_matches(str(name), list(LOSS_SECTIONS), n=1)
+def _family(name: Any, *, source: str) -> FamilySections:
+    """The sections of model.name ``name``; an unknown name is a ConfigError."""
+    if isinstance(name, str) and name in FAMILY_SECTIONS:
+        return FAMILY_SECTIONS[name]
+    close = difflib.get_close_matches(str(name), list(FAMILY_SECTIONS), n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
     raise ConfigError(
-        f"{source}: model.name {name!r} is not a model family{hint}; families: {', '.join(sorted(LOSS_SECTIONS))}"
+        f"{source}: model.name {name!r} is not a model family{hint}; families: {', '.join(sorted(FAMILY_SECTIONS))}"
     )
 
 
@@ -449,18 +483,19 @@ def load_yaml_dataclass(schema: type[T], path: str | Path, overrides: list[str] 
 def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:
     """Return a copy of ``cfg`` with ``dotted.key=value`` overrides applied (checked like a file's keys).
 
-    An override of ``model.name`` that changes the family keeps the loss values of ``cfg`` that the new
-    family has too and drops the others (they were ``cfg``'s, not the overrides'); a loss key in the
-    overrides must apply to the resulting family.
+    An override of ``model.name`` that changes the family keeps the model and loss values of ``cfg`` that the
+    new family has too and drops the others (they were ``cfg``'s, not the overrides'); a model or loss key in
+    the overrides must apply to the resulting family.
     """
     data = config_to_dict(cfg)
     origins: dict[str, str] = {}
     for item in overrides:
         _merge(data, _parse_override(item, Config), origins, source=f"override {item!r}")
     name = data["model"]["name"]
-    if name != cfg.model.name and name in LOSS_SECTIONS:
-        keys = _field_names(LOSS_SECTIONS[name][0])
-        data["loss"] = {k: v for k, v in data["loss"].items() if k in keys or f"loss.{k}" in origins}
+    if name != cfg.model.name and name in FAMILY_SECTIONS:
+        for section in FAMILY_SECTION_NAMES:
+            keys = _field_names(getattr(FAMILY_SECTIONS[name], section))
+            data[section] = {k: v for k, v in data[section].items() if k in keys or f"{section}.{k}" in origins}
     return _build_config(data, origins, source="the config")
 
 
@@ -494,53 +529,63 @@ def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
 
 
 def check_config_tree(data: dict[str, Any], source: str) -> None:
-    """Check a partial config tree (keys and value types) whose family may be any: a ``loss`` key must be a key
-    of some family (``config_from_dict`` then checks it against the family of the whole config).
+    """Check a partial config tree (keys and value types) whose family may be any: a ``model`` or ``loss`` key
+    must be a key of some family (``config_from_dict`` then checks it against the family of the whole config).
 
     Raises:
         ConfigError: an unknown key (with a close name) or a value of the wrong type, naming ``source``.
     """
     _check_tree(data, Config, source=source)
-    loss = data.get("loss")
-    known = _loss_hints(None)
-    for key in loss if isinstance(loss, dict) else ():
-        if key not in known:
-            close = difflib.get_close_matches(str(key), list(known), n=1)
-            hint = f" (did you mean 'loss.{close[0]}'?)" if close else ""
-            families = "; ".join(f"{t}: {', '.join(_field_names(c)) or 'none'}" for c, t in LOSS_SECTIONS.values())
-            raise ConfigError(f"{source}: unknown key 'loss.{key}'{hint}; loss keys of the families: {families}")
+    for section in FAMILY_SECTION_NAMES:
+        keys = data.get(section)
+        known = _section_hints(section, None)
+        for key in keys if isinstance(keys, dict) else ():
+            if key not in known:
+                close = difflib.get_close_matches(str(key), list(known), n=1)
+                hint = f" (did you mean '{section}.{close[0]}'?)" if close else ""
+                families = "; ".join(f"{f.title}: {', '.join(_field_names(getattr(f, section))) or 'none'}"
+                                     for f in FAMILY_SECTIONS.values())
+                raise ConfigError(
+                    f"{source}: unknown key '{section}.{key}'{hint}; {section} keys of the families: {families}"
+                )
 
 
 def field_annotation(dotted: str) -> Any:
-    """The annotation of a dotted Config key (``loss.KEY`` in whichever family has it); KeyError if none."""
+    """The annotation of a dotted Config key (a model or loss key in whichever family has it); KeyError if none."""
     section, _, key = dotted.partition(".")
-    hints = _loss_hints(None) if section == "loss" else _hints(_hints(Config)[section])
+    hints = _section_hints(section, None) if section in FAMILY_SECTION_NAMES else _hints(_hints(Config)[section])
     return hints[key]
 
 
-# Every key of the one LossConfig of sp-ray before the loss settings were split per family: config.yaml
-# files of checkpoints written then carry all of them, whatever the family.
-SHARED_LOSS_KEYS_BEFORE_SPLIT = (
-    "cls_weight", "mask_weight", "dice_weight", "init_mask_weight", "init_dice_weight", "cost_class",
-    "cost_dice", "cost_mask", "mask_loss", "projection_weight", "avg_projection_weight", "pairwise_weight",
-    "pairwise_color_threshold", "pairwise_warmup_iters", "no_object_weight", "num_points", "oversample_ratio",
-    "importance_sample_ratio", "l1_weight", "giou_weight", "cost_l1", "cost_giou",
-)
+# The keys of the model and loss sections of every family before those sections were split per family
+# (one ModelConfig, one LossConfig): a checkpoint's config.yaml written then carries all of them.
+KEYS_BEFORE_SPLIT = {
+    "model": ("encoder_layers", "encoder_ffn_channels", "deform_points", "dynamic_channels"),
+    "loss": (
+        "cls_weight", "mask_weight", "dice_weight", "init_mask_weight", "init_dice_weight", "cost_class",
+        "cost_dice", "cost_mask", "mask_loss", "projection_weight", "avg_projection_weight", "pairwise_weight",
+        "pairwise_color_threshold", "pairwise_warmup_iters", "no_object_weight", "num_points", "oversample_ratio",
+        "importance_sample_ratio", "l1_weight", "giou_weight", "cost_l1", "cost_giou",
+    ),
+}
 
 
 def checkpoint_config_from_dict(data: dict[str, Any], source: str = "<checkpoint>") -> Config:
-    """``config_from_dict`` for the config.yaml of a checkpoint, which may predate the per-family loss sections.
+    """``config_from_dict`` for the config.yaml of a checkpoint, which may predate the per-family sections.
 
-    The one rule for old checkpoints: a key of ``loss`` that the checkpoint's family (its ``model.name``)
-    does not have is dropped when it is one of ``SHARED_LOSS_KEYS_BEFORE_SPLIT`` (that family never read
+    The one rule for old checkpoints: a key of ``model`` or ``loss`` that the checkpoint's family (its
+    ``model.name``) does not have is dropped when it is one of ``KEYS_BEFORE_SPLIT`` (that family never read
     it); every other key is checked as ``config_from_dict`` checks it. Only checkpoint loading uses this.
     """
-    model, loss = data.get("model"), data.get("loss")
+    model = data.get("model")
     name = model.get("name", ModelConfig.name) if isinstance(model, dict) else ModelConfig.name
-    if isinstance(loss, dict) and name in LOSS_SECTIONS:
-        keys = _field_names(LOSS_SECTIONS[name][0])
-        loss = {k: v for k, v in loss.items() if k in keys or k not in SHARED_LOSS_KEYS_BEFORE_SPLIT}
-        data = {**data, "loss": loss}
+    if name in FAMILY_SECTIONS:
+        data = dict(data)
+        for section in FAMILY_SECTION_NAMES:
+            if isinstance(data.get(section), dict):
+                keys = _field_names(getattr(FAMILY_SECTIONS[name], section))
+                data[section] = {k: v for k, v in data[section].items()
+                                 if k in keys or k not in KEYS_BEFORE_SPLIT[section]}
     return config_from_dict(data, source=source)
 
 
@@ -647,25 +692,24 @@ def _hints(schema: type) -> dict[str, Any]:
     return {name: hints[name] for name in _field_names(schema)}
 
 
-def _loss_hints(family: str | None) -> dict[str, Any]:
-    """The loss keys of ``family``, or (None: a tree without its model.name yet) of any family."""
+def _section_hints(section: str, family: str | None) -> dict[str, Any]:
+    """The keys of ``section`` (model or loss) of ``family``, or (None: a tree whose model.name is not known yet)
+    of any family."""
     if family is not None:
-        return _hints(LOSS_SECTIONS[family][0])
+        return _hints(getattr(FAMILY_SECTIONS[family], section))
     merged: dict[str, Any] = {}
-    for schema, _ in LOSS_SECTIONS.values():
-        merged.update(_hints(schema))
+    for sections in FAMILY_SECTIONS.values():
+        merged.update(_hints(getattr(sections, section)))
     return merged
 
 
-def _check_tree(
-    data: Any, schema: type, *, source: str, prefix: str = "", hints: dict[str, Any] | None = None,
-    family: str | None = None,
-) -> None:
+def _check_tree(data: Any, schema: type, *, source: str, prefix: str = "", hints: dict[str, Any] | None = None,
+                defer_unknown: bool = False) -> None:
     """Check keys and value types of a (partial) config tree against a dataclass schema.
 
-    The ``loss`` section of a Config is checked against ``family``'s keys, or against every family's keys
-    where the tree's family is not known yet (a file with a ``_base_``, an override); ``_build_config``
-    checks the merged tree against its own family.
+    The ``model`` and ``loss`` sections of a Config are checked against the keys of every family, as the
+    tree's family may not be known yet (a file with a ``_base_``, an override); a key that no family has is
+    left to ``_check_family``, which checks the merged tree against its own family and names the key.
     """
     if not isinstance(data, dict):
         where = prefix.rstrip(".") or "the top level"
@@ -673,18 +717,18 @@ def _check_tree(
     hints = _hints(schema) if hints is None else hints
     for key, value in data.items():
         dotted = f"{prefix}{key}"
-        if key not in hints and family is None and prefix == "loss." and schema is LossConfig:
-            continue  # not a key of any family: _check_family names it with the keys of the config's family
+        if key not in hints and defer_unknown:
+            continue
         if key not in hints:
             close = difflib.get_close_matches(str(key), list(hints), n=1)
             hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
             raise ConfigError(
                 f"{source}: unknown key '{dotted}'{hint}; valid keys here: {', '.join(sorted(hints))}"
             )
-        section = _loss_hints(family) if schema is Config and key == "loss" else None
         expected = hints[key]
-        if section is not None:
-            _check_tree(value, LossConfig, source=source, prefix=f"{dotted}.", hints=section, family=family)
+        if schema is Config and key in FAMILY_SECTION_NAMES:
+            _check_tree(value, object, source=source, prefix=f"{dotted}.", hints=_section_hints(key, None),
+                        defer_unknown=True)
         elif dataclasses.is_dataclass(expected):
             _check_tree(value, expected, source=source, prefix=f"{dotted}.")
         elif not _fits(value, expected):
@@ -693,31 +737,35 @@ def _check_tree(
             )
 
 
-def _check_family(data: dict[str, Any], origins: dict[str, str], source: str) -> type[LossConfig]:
-    """Check the ``loss`` keys of a whole (merged) config tree against its model.name's loss section.
+def _check_family(data: dict[str, Any], origins: dict[str, str], source: str) -> FamilySections:
+    """Check the ``model`` and ``loss`` keys of a whole (merged) config tree against its model.name's sections.
 
     Raises:
-        ConfigError: an unknown model.name, or a loss key its family does not have, naming the key, the file
-            or override that set it, the family, the loss keys of that family and a close name if there is one.
+        ConfigError: an unknown model.name, or a model or loss key its family does not have, naming the key,
+            the file or override that set it, the family, the keys of that family's section and a close name
+            if there is one.
     """
-    model = data.get("model") or {}
-    name = model.get("name", ModelConfig.name)
-    schema, title = _family_section(name, source=origins.get("model.name", source))
-    keys = _field_names(schema)
-    for key in data.get("loss") or {}:
-        if key in keys:
-            continue
-        where = origins.get(f"loss.{key}", source)
-        family = f"model.name {name!r} ({title})"
-        applies = (f"{family} has the loss keys: {', '.join(keys)}" if keys else
-                   f"{family} has no loss keys ({schema.__doc__.strip().rstrip('.')}): remove the loss section")
-        others = [t for s, t in LOSS_SECTIONS.values() if key in _field_names(s)]
-        if others:
-            raise ConfigError(f"{where}: 'loss.{key}' is a loss key of {', '.join(others)}, not of {title}; {applies}")
-        close = difflib.get_close_matches(str(key), list(keys), n=1)
-        hint = f" (did you mean 'loss.{close[0]}'?)" if close else ""
-        raise ConfigError(f"{where}: unknown key 'loss.{key}'{hint}; {applies}")
-    return schema
+    name = (data.get("model") or {}).get("name", ModelConfig.name)
+    family = _family(name, source=origins.get("model.name", source))
+    for section in FAMILY_SECTION_NAMES:
+        schema = getattr(family, section)
+        keys = _field_names(schema)
+        for key in data.get(section) or {}:
+            if key in keys:
+                continue
+            where = origins.get(f"{section}.{key}", source)
+            what = f"model.name {name!r} ({family.title})"
+            applies = (f"{what} has the {section} keys: {', '.join(keys)}" if keys else
+                       f"{what} has no {section} keys ({schema.__doc__.strip().rstrip('.')}): remove the {section} "
+                       "section")
+            others = [f.title for f in FAMILY_SECTIONS.values() if key in _field_names(getattr(f, section))]
+            if others:
+                raise ConfigError(f"{where}: '{section}.{key}' is a {section} key of {', '.join(others)}, not of "
+                                  f"{family.title}; {applies}")
+            close = difflib.get_close_matches(str(key), list(keys), n=1)
+            hint = f" (did you mean '{section}.{close[0]}'?)" if close else ""
+            raise ConfigError(f"{where}: unknown key '{section}.{key}'{hint}; {applies}")
+    return family
 
 
 def _fits(value: Any, expected: Any) -> bool:
@@ -754,17 +802,17 @@ def _type_name(expected: Any) -> str:
 
 
 def _build_config(data: dict[str, Any], origins: dict[str, str], *, source: str) -> Config:
-    """A Config from a merged, checked tree: its ``loss`` section is the one of its model.name."""
-    loss_schema = _check_family(data, origins, source)
+    """A Config from a merged, checked tree: its ``model`` and ``loss`` sections are those of its model.name."""
+    family = _check_family(data, origins, source)
     tree = dict(data)
-    loss = _build(loss_schema, tree.pop("loss", None) or {}, prefix="loss.")
-    config = _build(Config, tree, prefix="")
-    return dataclasses.replace(config, loss=loss)
+    sections = {name: _build(getattr(family, name), tree.pop(name, None) or {}, prefix=f"{name}.")
+                for name in FAMILY_SECTION_NAMES}
+    return _build(Config, tree, prefix="", extra=sections)
 
 
-def _build(schema: type, data: dict[str, Any], prefix: str) -> Any:
+def _build(schema: type, data: dict[str, Any], prefix: str, extra: dict[str, Any] | None = None) -> Any:
     hints = _hints(schema)
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = dict(extra or {})
     for key, value in data.items():
         expected = hints[key]
         if dataclasses.is_dataclass(expected):

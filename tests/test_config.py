@@ -6,13 +6,15 @@ import yaml
 
 from sp_ray.cli import main
 from sp_ray.config import (
-    LOSS_SECTIONS,
+    FAMILY_SECTIONS,
     Config,
     ConfigError,
     KNetLoss,
+    Mask2FormerModel,
     MaskRCNNLoss,
     ModelConfig,
     QueryInstLoss,
+    QueryInstModel,
     absolute_paths,
     apply_overrides,
     check_config_values,
@@ -183,52 +185,70 @@ def test_absolute_paths_resolve_relative_files_against_the_driver_directory(tmp_
 
 # --- the loss section per family, and the shipped configs' _base_ --------------------------------------------
 
-FAMILY_LOSS_KEYS = {name: [f.name for f in dataclasses.fields(schema)] for name, (schema, _) in LOSS_SECTIONS.items()}
+def section_keys(section: str) -> dict[str, list[str]]:
+    return {name: [f.name for f in dataclasses.fields(getattr(family, section))]
+            for name, family in FAMILY_SECTIONS.items()}
+
+
+FAMILY_LOSS_KEYS, FAMILY_MODEL_KEYS = section_keys("loss"), section_keys("model")
 ALL_LOSS_KEYS = sorted({key for keys in FAMILY_LOSS_KEYS.values() for key in keys})
+ALL_MODEL_KEYS = sorted({key for keys in FAMILY_MODEL_KEYS.values() for key in keys})
+TITLES = {name: family.title for name, family in FAMILY_SECTIONS.items()}
 
 
-def test_loss_sections_cover_the_model_families():
+def test_family_sections_cover_the_model_families():
     from sp_ray.models import FAMILIES
 
-    assert set(LOSS_SECTIONS) == set(FAMILIES)
-    # A key has one meaning: the same type and default in every family that has it.
-    for key in ALL_LOSS_KEYS:
-        found = {(f.type, f.default) for schema, _ in LOSS_SECTIONS.values() for f in dataclasses.fields(schema)
-                 if f.name == key}
-        assert len(found) == 1, key
+    assert set(FAMILY_SECTIONS) == set(FAMILIES)
+    # A key has one meaning: the same type and default in every family that has it (but model.name).
+    for section, keys in (("loss", ALL_LOSS_KEYS), ("model", ALL_MODEL_KEYS)):
+        for key in set(keys) - {"name"}:
+            found = {(f.type, f.default) for family in FAMILY_SECTIONS.values()
+                     for f in dataclasses.fields(getattr(family, section)) if f.name == key}
+            assert len(found) == 1, key
+    assert [f.name for f in dataclasses.fields(Mask2FormerModel)][-3:] == [
+        "encoder_layers", "encoder_ffn_channels", "deform_points"]
+    assert [f.name for f in dataclasses.fields(QueryInstModel)][-1] == "dynamic_channels"
 
 
-@pytest.mark.parametrize("family", sorted(LOSS_SECTIONS))
-def test_each_family_gets_its_loss_section_and_dumps_only_its_keys(family, tmp_path):
-    schema, _ = LOSS_SECTIONS[family]
+@pytest.mark.parametrize("family", sorted(FAMILY_SECTIONS))
+def test_each_family_gets_its_sections_and_dumps_only_their_keys(family, tmp_path):
     cfg = load_config(None, [f"model.name={family}"])
-    assert type(cfg.loss) is schema and cfg == Config(model=ModelConfig(name=family))
+    assert type(cfg.loss) is FAMILY_SECTIONS[family].loss and type(cfg.model) is FAMILY_SECTIONS[family].model
+    assert cfg == Config(model=ModelConfig(name=family))
     dumped = yaml.safe_load(dump_config(cfg))
-    assert list(dumped["loss"]) == FAMILY_LOSS_KEYS[family]
+    assert list(dumped["loss"]) == FAMILY_LOSS_KEYS[family] and list(dumped["model"]) == FAMILY_MODEL_KEYS[family]
     again = load_config(write(tmp_path / "dumped.yaml", dump_config(cfg)))
     assert again == cfg and config_from_dict(config_to_dict(cfg)) == cfg
 
 
-@pytest.mark.parametrize("family, key", [
-    (family, next(k for k in ALL_LOSS_KEYS if k not in keys)) for family, keys in sorted(FAMILY_LOSS_KEYS.items())
-])
-def test_a_loss_key_of_another_family_is_an_error_naming_key_and_family(family, key, tmp_path):
-    title = LOSS_SECTIONS[family][1]
-    applies = ", ".join(FAMILY_LOSS_KEYS[family]) if FAMILY_LOSS_KEYS[family] else "no loss keys"
+INAPPLICABLE = [
+    (section, family, next(k for k in all_keys if k not in keys[family]))
+    for section, keys, all_keys in (("loss", FAMILY_LOSS_KEYS, ALL_LOSS_KEYS),
+                                    ("model", FAMILY_MODEL_KEYS, ALL_MODEL_KEYS))
+    for family in sorted(FAMILY_SECTIONS)
+]
+
+
+@pytest.mark.parametrize("section, family, key", INAPPLICABLE, ids=lambda v: str(v))
+def test_a_key_of_another_family_is_an_error_naming_key_and_family(section, family, key, tmp_path):
+    title = TITLES[family]
+    keys = FAMILY_LOSS_KEYS[family] if section == "loss" else FAMILY_MODEL_KEYS[family]
+    applies = f"has the {section} keys: {', '.join(keys)}" if keys else f"has no {section} keys"
     with pytest.raises(ConfigError) as err:
-        load_config(None, [f"model.name={family}", f"loss.{key}=1"])
+        load_config(None, [f"model.name={family}", f"{section}.{key}=1"])
     message = str(err.value)
-    assert f"'loss.{key}'" in message and f"model.name '{family}' ({title})" in message and applies in message
+    assert f"'{section}.{key}'" in message and f"model.name '{family}' ({title})" in message and applies in message
     # In a file whose family comes from its _base_: the message names the file that sets the key.
     write(tmp_path / "base.yaml", f"model:\n  name: {family}\n")
-    child = write(tmp_path / "child.yaml", f"_base_: base.yaml\nloss:\n  {key}: 1\n")
-    with pytest.raises(ConfigError, match=rf"child\.yaml: 'loss\.{key}' is a loss key of .*not of {title}"):
+    child = write(tmp_path / "child.yaml", f"_base_: base.yaml\n{section}:\n  {key}: 1\n")
+    with pytest.raises(ConfigError, match=rf"child\.yaml: '{section}\.{key}' is a {section} key of .*not of {title}"):
         load_config(child)
     # A config built for the family refuses it as an override too, and so does a dict.
-    with pytest.raises(ConfigError, match=rf"loss\.{key}"):
-        apply_overrides(Config(model=ModelConfig(name=family)), [f"loss.{key}=1"])
-    with pytest.raises(ConfigError, match=rf"loss\.{key}"):
-        config_from_dict({"model": {"name": family}, "loss": {key: 1}})
+    with pytest.raises(ConfigError, match=rf"{section}\.{key}"):
+        apply_overrides(Config(model=ModelConfig(name=family)), [f"{section}.{key}=1"])
+    with pytest.raises(ConfigError, match=rf"{section}\.{key}"):
+        config_from_dict({"model": {"name": family}, section: {key: 1}})
 
 
 def test_knet_only_keys_and_the_box_weights_stay_in_their_family():
@@ -239,6 +259,10 @@ def test_knet_only_keys_and_the_box_weights_stay_in_their_family():
     with pytest.raises(ConfigError, match=r"Mask R-CNN\) has no loss keys"):
         load_config(CONFIGS / "demo" / "maskrcnn_tiny_synthetic.yaml", ["loss.cls_weight=3"])
     assert load_config(None, ["loss.mask_loss=weak"]).loss.mask_loss == "weak"
+    with pytest.raises(ConfigError, match=r"'model\.dynamic_channels' is a model key of QueryInst, not of Mask2Former"):
+        load_config(CONFIGS / "demo" / "mask2former_tiny_synthetic.yaml", ["model.dynamic_channels=8"])
+    with pytest.raises(ConfigError, match=r"'model\.encoder_layers' is a model key of Mask2Former, not of K-Net"):
+        load_config(CONFIGS / "demo" / "knet_tiny_synthetic.yaml", ["model.encoder_layers=1"])
 
 
 def test_an_unknown_loss_key_suggests_the_close_name_of_the_family():
@@ -254,14 +278,17 @@ def test_an_override_of_the_family_keeps_the_shared_loss_values():
     switched = apply_overrides(cfg, ["model.name=knet"])
     assert type(switched.loss) is KNetLoss
     assert (switched.loss.cls_weight, switched.loss.dice_weight, switched.loss.init_dice_weight) == (3.0, 8.0, 4.0)
+    assert type(switched.model) is ModelConfig and switched.model.num_kernels == cfg.model.num_kernels == 16
     with pytest.raises(ConfigError, match=r"loss\.l1_weight"):
         apply_overrides(cfg, ["model.name=knet", "loss.l1_weight=1"])
     with pytest.raises(ConfigError, match="takes a KNetLoss"):
         Config(loss=QueryInstLoss())
+    with pytest.raises(ConfigError, match="takes a Mask2FormerModel"):
+        Config(model=QueryInstModel(name="mask2former"))
 
 
-# The model and loss sections of a QueryInst checkpoint's config.yaml as sp-ray wrote them before the loss
-# settings were split per family (every section was dumped; the others are left out here, they default).
+# The model and loss sections of a QueryInst checkpoint's config.yaml as sp-ray wrote them before these
+# sections were split per family (every section was dumped; the others are left out here, they default).
 OLD_CHECKPOINT_CONFIG = """\
 model:
   name: queryinst
@@ -320,20 +347,23 @@ def test_a_checkpoint_config_written_before_the_split_still_loads(tmp_path):
 
     cfg = load_checkpoint(checkpoint("queryinst", OLD_CHECKPOINT_CONFIG)).config
     assert cfg.model.name == "queryinst" and cfg.model.dynamic_channels == 16 and cfg.train.epochs == 40
-    assert cfg.loss == QueryInstLoss(dice_weight=8.0)
+    assert cfg.loss == QueryInstLoss(dice_weight=8.0) and not hasattr(cfg.model, "encoder_layers")
     # Mask R-CNN's checkpoints carried every loss key as well: none applies.
     maskrcnn = OLD_CHECKPOINT_CONFIG.replace("name: queryinst", "name: maskrcnn")
-    assert load_checkpoint(checkpoint("maskrcnn", maskrcnn)).config.loss == MaskRCNNLoss()
-    # Only the keys of the old LossConfig are dropped: anything else is still an error.
+    old = load_checkpoint(checkpoint("maskrcnn", maskrcnn)).config
+    assert old.loss == MaskRCNNLoss() and type(old.model) is ModelConfig
+    # Only the keys of the old ModelConfig and LossConfig are dropped: anything else is still an error.
     typo = OLD_CHECKPOINT_CONFIG.replace("  cost_giou: 2.0\n", "  cost_giou: 2.0\n  cost_gio: 2.0\n")
     with pytest.raises(ConfigError, match=r"config\.yaml: unknown key 'loss\.cost_gio' \(did you mean 'loss\.cost_gi"):
         load_checkpoint(checkpoint("typo", typo))
     # The rule is the checkpoint's only: a config dict of the old shape is refused elsewhere.
-    with pytest.raises(ConfigError, match=r"'loss\.init_mask_weight' is a loss key of K-Net, not of QueryInst"):
+    with pytest.raises(ConfigError, match=r"'model\.encoder_layers' is a model key of Mask2Former, not of QueryInst"):
         config_from_dict(yaml.safe_load(OLD_CHECKPOINT_CONFIG))
     # A checkpoint written now keeps the family's keys only.
     written = save_checkpoint(tmp_path / "new", model=nn.Linear(2, 2), config=cfg, meta={"epoch": 1})
-    assert list(yaml.safe_load((written / CONFIG_FILE).read_text())["loss"]) == FAMILY_LOSS_KEYS["queryinst"]
+    again = yaml.safe_load((written / CONFIG_FILE).read_text())
+    assert list(again["loss"]) == FAMILY_LOSS_KEYS["queryinst"]
+    assert list(again["model"]) == FAMILY_MODEL_KEYS["queryinst"]
     assert load_checkpoint(written).config == cfg
 
 
