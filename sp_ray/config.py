@@ -613,6 +613,7 @@ def absolute_paths(cfg: Config, base: str | Path | None = None) -> Config:
 
 
 def dump_config(cfg: Config) -> str:
+    """The resolved config as YAML; its model and loss sections hold the keys of its family only."""
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
 
 
@@ -639,7 +640,7 @@ def _read_with_bases(
             raise ConfigError(f"{path}: not valid YAML: {err}") from err
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
-    bases = read_bases(path, data)
+    bases = _read_bases(path, data)
     _check_tree(data, schema, source=str(path))
     merged: dict[str, Any] = {}
     origins = {} if origins is None else origins
@@ -649,7 +650,7 @@ def _read_with_bases(
     return merged
 
 
-def read_bases(path: Path, data: dict[str, Any]) -> list[str]:
+def _read_bases(path: Path, data: dict[str, Any]) -> list[str]:
     """Pop the ``_base_`` entry of the YAML mapping ``data`` of ``path``: its parents, as written."""
     bases = data.pop("_base_", [])
     if isinstance(bases, str):
