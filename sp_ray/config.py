@@ -4,6 +4,10 @@ A YAML file may name one or more parents with ``_base_`` (paths relative to the 
 merged first, the file's own keys win. Every key of every file is checked against the dataclasses
 before merging, so an error names the file and the dotted key. Command-line overrides
 (``model.num_kernels=16``) are parsed as YAML scalars and checked the same way.
+
+``model.name`` picks the family's ``loss`` section and the family-only keys of ``model``
+(``FAMILY_SECTIONS``): a file or override is checked against the keys of every family, and the merged config
+against its own family, so that a key of another family is an error naming the key, the file and the family.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import typing
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import yaml
 
@@ -53,6 +57,9 @@ def _safe_load(text: Any) -> Any:
 
 @dataclass
 class ModelConfig:
+    """The model section of K-Net and Mask R-CNN, and the keys every family has (Mask R-CNN reads the ResNet
+    keys and num_classes); ``Mask2FormerModel`` and ``QueryInstModel`` add their own (``FAMILY_SECTIONS``)."""
+
     name: str = "knet"  # key of sp_ray.models.FAMILIES: knet, mask2former, queryinst, maskrcnn
     depth: int = 50  # ResNet depth: 18, 34 or 50
     backbone_weights: str | None = None  # local file (torchvision, MoCo-v2 or DenseCL layout); None = random init
@@ -64,18 +71,39 @@ class ModelConfig:
     feat_channels: int = 256
     ffn_channels: int = 2048
     num_heads: int = 8
-    # Mask2Former's pixel decoder; its queries are num_kernels, its decoder layers num_stages (9 in the paper)
-    # and its decoder FFN width ffn_channels.
+
+
+@dataclass
+class Mask2FormerModel(ModelConfig):
+    """The model section of Mask2Former: its queries are num_kernels, its decoder layers num_stages (9 in the
+    paper) and its decoder FFN width ffn_channels; the keys below are its pixel decoder's."""
+
+    name: str = "mask2former"
     encoder_layers: int = 6  # deformable-attention encoder layers
     encoder_ffn_channels: int = 1024  # their FFN hidden width
     deform_points: int = 4  # sampling points per head and level of the deformable attention
-    # QueryInst; its queries are num_kernels and its dynamic stages num_stages (6 in the paper).
+
+
+@dataclass
+class QueryInstModel(ModelConfig):
+    """The model section of QueryInst: its queries are num_kernels and its dynamic stages num_stages (6 in the
+    paper)."""
+
+    name: str = "queryinst"
     dynamic_channels: int = 64  # hidden width of its dynamic instance / mask interaction (DynamicConv)
 
 
 @dataclass
 class LossConfig:
-    # K-Net's weights (METHODS.md section 5); the matcher costs mirror the loss weights.
+    """Base of the per-family loss sections: ``loss`` of a Config is the one ``FAMILY_SECTIONS`` gives for
+    ``model.name``, so a key of another family (K-Net's ``init_dice_weight`` in a QueryInst config, QueryInst's
+    ``l1_weight`` in a K-Net one) is an error that names it. The defaults of a key are the same in every family."""
+
+
+@dataclass
+class KNetLoss(LossConfig):
+    """K-Net's weights (METHODS.md section 5); the matcher costs mirror the loss weights."""
+
     cls_weight: float = 2.0
     mask_weight: float = 1.0
     dice_weight: float = 4.0
@@ -86,24 +114,71 @@ class LossConfig:
     cost_mask: float = 1.0
     # "full": BCE + dice on the whole target mask (K-Net). "weak": FreeSOLO's losses for noisy pseudo masks
     # (sp_ray.models.weak_mask_losses), which see a target only through its x/y projections and its box:
-    # max-projection dice, average-projection dice and the LAB colour-affinity pairwise term. K-Net only.
+    # max-projection dice, average-projection dice and the LAB colour-affinity pairwise term.
     mask_loss: str = "full"
     projection_weight: float = 4.0  # max-projection dice (FreeSOLO: the dice weight x 1.0)
     avg_projection_weight: float = 0.4  # average-projection dice (FreeSOLO: the dice weight x 0.1)
     pairwise_weight: float = 1.0  # colour-affinity pairwise term (BoxInst / FreeSOLO: 1.0)
     pairwise_color_threshold: float = 0.3  # pairs count where exp(-||LAB_i - LAB_j|| / 2) >= this
     pairwise_warmup_iters: int = 1000  # the pairwise weight ramps up linearly over this many criterion calls
-    # Mask2Former (cls/mask/dice weights and costs above; its paper values are 2 / 5 / 5, every layer alike).
+
+
+@dataclass
+class Mask2FormerLoss(LossConfig):
+    """Mask2Former's weights and costs (its paper values are 2 / 5 / 5, every layer alike) and point sampling."""
+
+    mask_loss: ClassVar[str] = "full"  # not a key: the weak mask losses are K-Net's (KNetLoss.mask_loss)
+    cls_weight: float = 2.0
+    mask_weight: float = 1.0
+    dice_weight: float = 4.0
+    cost_class: float = 2.0
+    cost_dice: float = 4.0
+    cost_mask: float = 1.0
     no_object_weight: float = 0.1  # class weight of "no object" in the softmax cross-entropy
     num_points: int = 12544  # points per mask for the matching costs and the mask losses (112 x 112)
     oversample_ratio: float = 3.0  # candidate points per kept point of the importance sampling
     importance_sample_ratio: float = 0.75  # share of the points taken where the prediction is most uncertain
-    # QueryInst's box terms (Sparse R-CNN: focal 2 = cls_weight, L1 5, GIoU 2; the same values as matching
-    # costs, cost_class for the class). Its RoI masks take mask_weight (BCE) and dice_weight (paper: dice 8).
+
+
+@dataclass
+class QueryInstLoss(LossConfig):
+    """QueryInst's box terms (Sparse R-CNN: focal 2 = cls_weight, L1 5, GIoU 2; the same values as matching
+    costs, cost_class for the class); its RoI masks take mask_weight (BCE) and dice_weight (paper: dice 8)."""
+
+    mask_loss: ClassVar[str] = "full"  # not a key: the weak mask losses are K-Net's (KNetLoss.mask_loss)
+    cls_weight: float = 2.0
+    mask_weight: float = 1.0
+    dice_weight: float = 4.0
+    cost_class: float = 2.0
     l1_weight: float = 5.0  # L1 of boxes normalised by the image size
     giou_weight: float = 2.0
     cost_l1: float = 5.0
     cost_giou: float = 2.0
+
+
+@dataclass
+class MaskRCNNLoss(LossConfig):
+    """torchvision's heads compute the losses of Mask R-CNN as they are."""
+
+
+@dataclass(frozen=True)
+class FamilySections:
+    """The sections of a config whose keys depend on ``model.name``, and the family's name in messages."""
+
+    title: str
+    model: type[ModelConfig]
+    loss: type[LossConfig]
+
+
+# model.name -> its sections. The family table itself is sp_ray.models.FAMILIES (a test keeps the two key
+# sets equal); this one sits here because the config layer cannot import models.
+FAMILY_SECTIONS: dict[str, FamilySections] = {
+    "knet": FamilySections("K-Net", ModelConfig, KNetLoss),
+    "mask2former": FamilySections("Mask2Former", Mask2FormerModel, Mask2FormerLoss),
+    "queryinst": FamilySections("QueryInst", QueryInstModel, QueryInstLoss),
+    "maskrcnn": FamilySections("Mask R-CNN", ModelConfig, MaskRCNNLoss),
+}
+FAMILY_SECTION_NAMES = ("model", "loss")
 
 
 @dataclass
@@ -329,7 +404,8 @@ class InstanceUniqueConfig:
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
+    # The loss section of model.name's family (FAMILY_SECTIONS); None picks that family's defaults.
+    loss: LossConfig | None = None
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -339,6 +415,31 @@ class Config:
     selftrain: SelfTrainConfig = field(default_factory=SelfTrainConfig)
     clip: ClipConfig = field(default_factory=ClipConfig)
     iuq: InstanceUniqueConfig = field(default_factory=InstanceUniqueConfig)
+
+    def __post_init__(self) -> None:
+        family = _family(self.model.name, source="Config")
+        if type(self.model) is ModelConfig and family.model is not ModelConfig:  # the family's keys at their defaults
+            self.model = family.model(**dataclasses.asdict(self.model))
+        if self.loss is None:
+            self.loss = family.loss()
+        for section in FAMILY_SECTION_NAMES:
+            value, schema = getattr(self, section), getattr(family, section)
+            if type(value) is not schema:
+                raise ConfigError(
+                    f"Config: {section} is a {type(value).__name__}, but model.name {self.model.name!r} "
+                    f"({family.title}) takes a {schema.__name__}"
+                )
+
+
+def _family(name: Any, *, source: str) -> FamilySections:
+    """The sections of model.name ``name``; an unknown name is a ConfigError."""
+    if isinstance(name, str) and name in FAMILY_SECTIONS:
+        return FAMILY_SECTIONS[name]
+    close = difflib.get_close_matches(str(name), list(FAMILY_SECTIONS), n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    raise ConfigError(
+        f"{source}: model.name {name!r} is not a model family{hint}; families: {', '.join(sorted(FAMILY_SECTIONS))}"
+    )
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -356,7 +457,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             file (or the override) and the dotted key.
     """
     if path is None:
-        return apply_overrides(Config(), overrides)
+        merged: dict[str, Any] = {}
+        origins: dict[str, str] = {}
+        for item in overrides:
+            _merge(merged, _parse_override(item, Config), origins, source=f"override {item!r}")
+        return _build_config(merged, origins, source="the defaults")
     return load_yaml_dataclass(Config, path, overrides)
 
 
@@ -366,18 +471,32 @@ def load_yaml_dataclass(schema: type[T], path: str | Path, overrides: list[str] 
     Every key is checked against ``schema`` as ``load_config`` checks a Config (the sweep files of
     ``sp-ray tune`` use it with their own schema).
     """
-    merged = _read_with_bases(Path(path), chain=(), schema=schema)
+    origins: dict[str, str] = {}
+    merged = _read_with_bases(Path(path), chain=(), schema=schema, origins=origins)
     for item in overrides:
-        _merge(merged, _parse_override(item, schema))
+        _merge(merged, _parse_override(item, schema), origins, source=f"override {item!r}")
+    if schema is Config:
+        return _build_config(merged, origins, source=str(Path(path).resolve()))  # type: ignore[return-value]
     return _build(schema, merged, prefix="")
 
 
 def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:
-    """Return a copy of ``cfg`` with ``dotted.key=value`` overrides applied (checked like a file's keys)."""
+    """Return a copy of ``cfg`` with ``dotted.key=value`` overrides applied (checked like a file's keys).
+
+    An override of ``model.name`` that changes the family keeps the model and loss values of ``cfg`` that the
+    new family has too and drops the others (they were ``cfg``'s, not the overrides'); a model or loss key in
+    the overrides must apply to the resulting family.
+    """
     data = config_to_dict(cfg)
+    origins: dict[str, str] = {}
     for item in overrides:
-        _merge(data, _parse_override(item, Config))
-    return _build(Config, data, prefix="")
+        _merge(data, _parse_override(item, Config), origins, source=f"override {item!r}")
+    name = data["model"]["name"]
+    if name != cfg.model.name and name in FAMILY_SECTIONS:
+        for section in FAMILY_SECTION_NAMES:
+            keys = _field_names(getattr(FAMILY_SECTIONS[name], section))
+            data[section] = {k: v for k, v in data[section].items() if k in keys or f"{section}.{k}" in origins}
+    return _build_config(data, origins, source="the config")
 
 
 def _parse_override(item: str, schema: type) -> dict[str, Any]:
@@ -404,9 +523,70 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
 
 
 def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
-    """Rebuild a Config from ``config_to_dict`` output (e.g. a checkpoint's config.yaml), strictly."""
+    """Rebuild a Config from ``config_to_dict`` output (e.g. a run's ``train_loop_config``), strictly."""
     _check_tree(data, Config, source=source)
-    return _build(Config, data, prefix="")
+    return _build_config(data, {}, source=source)
+
+
+def check_config_tree(data: dict[str, Any], source: str) -> None:
+    """Check a partial config tree (keys and value types) whose family may be any: a ``model`` or ``loss`` key
+    must be a key of some family (``config_from_dict`` then checks it against the family of the whole config).
+
+    Raises:
+        ConfigError: an unknown key (with a close name) or a value of the wrong type, naming ``source``.
+    """
+    _check_tree(data, Config, source=source)
+    for section in FAMILY_SECTION_NAMES:
+        keys = data.get(section)
+        known = _section_hints(section, None)
+        for key in keys if isinstance(keys, dict) else ():
+            if key not in known:
+                close = difflib.get_close_matches(str(key), list(known), n=1)
+                hint = f" (did you mean '{section}.{close[0]}'?)" if close else ""
+                families = "; ".join(f"{f.title}: {', '.join(_field_names(getattr(f, section))) or 'none'}"
+                                     for f in FAMILY_SECTIONS.values())
+                raise ConfigError(
+                    f"{source}: unknown key '{section}.{key}'{hint}; {section} keys of the families: {families}"
+                )
+
+
+def field_annotation(dotted: str) -> Any:
+    """The annotation of a dotted Config key (a model or loss key in whichever family has it); KeyError if none."""
+    section, _, key = dotted.partition(".")
+    hints = _section_hints(section, None) if section in FAMILY_SECTION_NAMES else _hints(_hints(Config)[section])
+    return hints[key]
+
+
+# The keys of the model and loss sections of every family before those sections were split per family
+# (one ModelConfig, one LossConfig): a checkpoint's config.yaml written then carries all of them.
+KEYS_BEFORE_SPLIT = {
+    "model": ("encoder_layers", "encoder_ffn_channels", "deform_points", "dynamic_channels"),
+    "loss": (
+        "cls_weight", "mask_weight", "dice_weight", "init_mask_weight", "init_dice_weight", "cost_class",
+        "cost_dice", "cost_mask", "mask_loss", "projection_weight", "avg_projection_weight", "pairwise_weight",
+        "pairwise_color_threshold", "pairwise_warmup_iters", "no_object_weight", "num_points", "oversample_ratio",
+        "importance_sample_ratio", "l1_weight", "giou_weight", "cost_l1", "cost_giou",
+    ),
+}
+
+
+def checkpoint_config_from_dict(data: dict[str, Any], source: str = "<checkpoint>") -> Config:
+    """``config_from_dict`` for the config.yaml of a checkpoint, which may predate the per-family sections.
+
+    The one rule for old checkpoints: a key of ``model`` or ``loss`` that the checkpoint's family (its
+    ``model.name``) does not have is dropped when it is one of ``KEYS_BEFORE_SPLIT`` (that family never read
+    it); every other key is checked as ``config_from_dict`` checks it. Only checkpoint loading uses this.
+    """
+    model = data.get("model")
+    name = model.get("name", ModelConfig.name) if isinstance(model, dict) else ModelConfig.name
+    if name in FAMILY_SECTIONS:
+        data = dict(data)
+        for section in FAMILY_SECTION_NAMES:
+            if isinstance(data.get(section), dict):
+                keys = _field_names(getattr(FAMILY_SECTIONS[name], section))
+                data[section] = {k: v for k, v in data[section].items()
+                                 if k in keys or k not in KEYS_BEFORE_SPLIT[section]}
+    return config_from_dict(data, source=source)
 
 
 # The settings that name a local file or folder. Ray workers do not run in the driver's directory, so a
@@ -433,6 +613,7 @@ def absolute_paths(cfg: Config, base: str | Path | None = None) -> Config:
 
 
 def dump_config(cfg: Config) -> str:
+    """The resolved config as YAML; its model and loss sections hold the keys of its family only."""
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
 
 
@@ -442,7 +623,10 @@ def config_hash(cfg: Config) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def _read_with_bases(path: Path, chain: tuple[Path, ...], schema: type) -> dict[str, Any]:
+def _read_with_bases(
+    path: Path, chain: tuple[Path, ...], schema: type, origins: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """The merged keys of ``path`` and its ``_base_`` parents; ``origins`` gets the file of each dotted key."""
     path = path.resolve()
     if path in chain:
         cycle = " -> ".join(str(p) for p in (*chain, path))
@@ -456,35 +640,86 @@ def _read_with_bases(path: Path, chain: tuple[Path, ...], schema: type) -> dict[
             raise ConfigError(f"{path}: not valid YAML: {err}") from err
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+    bases = _read_bases(path, data)
+    _check_tree(data, schema, source=str(path))
+    merged: dict[str, Any] = {}
+    origins = {} if origins is None else origins
+    for base in bases:
+        _merge(merged, _read_with_bases(path.parent / base, chain=(*chain, path), schema=schema, origins=origins))
+    _merge(merged, data, origins, source=str(path))
+    return merged
+
+
+def _read_bases(path: Path, data: dict[str, Any]) -> list[str]:
+    """Pop the ``_base_`` entry of the YAML mapping ``data`` of ``path``: its parents, as written."""
     bases = data.pop("_base_", [])
     if isinstance(bases, str):
         bases = [bases]
     if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
         raise ConfigError(f"{path}: _base_ must be a path or a list of paths")
-    _check_tree(data, schema, source=str(path))
+    return bases
+
+
+def _merge(
+    into: dict[str, Any], new: dict[str, Any], origins: dict[str, str] | None = None, *, source: str = "",
+    prefix: str = "",
+) -> None:
+    for key, value in new.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value, origins, source=source, prefix=f"{dotted}.")
+        else:
+            into[key] = value
+            if origins is not None:
+                for leaf in _leaves(value, dotted):
+                    origins[leaf] = source
+
+
+def _leaves(value: Any, dotted: str) -> Iterator[str]:
+    if isinstance(value, dict) and value:
+        for key, item in value.items():
+            yield from _leaves(item, f"{dotted}.{key}")
+    else:
+        yield dotted
+
+
+def _field_names(schema: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(schema))
+
+
+def _hints(schema: type) -> dict[str, Any]:
+    """The annotations of the fields of ``schema`` (ClassVars excluded)."""
+    hints = typing.get_type_hints(schema)
+    return {name: hints[name] for name in _field_names(schema)}
+
+
+def _section_hints(section: str, family: str | None) -> dict[str, Any]:
+    """The keys of ``section`` (model or loss) of ``family``, or (None: a tree whose model.name is not known yet)
+    of any family."""
+    if family is not None:
+        return _hints(getattr(FAMILY_SECTIONS[family], section))
     merged: dict[str, Any] = {}
-    for base in bases:
-        _merge(merged, _read_with_bases(path.parent / base, chain=(*chain, path), schema=schema))
-    _merge(merged, data)
+    for sections in FAMILY_SECTIONS.values():
+        merged.update(_hints(getattr(sections, section)))
     return merged
 
 
-def _merge(into: dict[str, Any], new: dict[str, Any]) -> None:
-    for key, value in new.items():
-        if isinstance(value, dict) and isinstance(into.get(key), dict):
-            _merge(into[key], value)
-        else:
-            into[key] = value
+def _check_tree(data: Any, schema: type, *, source: str, prefix: str = "", hints: dict[str, Any] | None = None,
+                defer_unknown: bool = False) -> None:
+    """Check keys and value types of a (partial) config tree against a dataclass schema.
 
-
-def _check_tree(data: Any, schema: type, *, source: str, prefix: str = "") -> None:
-    """Check keys and value types of a (partial) config tree against a dataclass schema."""
+    The ``model`` and ``loss`` sections of a Config are checked against the keys of every family, as the
+    tree's family may not be known yet (a file with a ``_base_``, an override); a key that no family has is
+    left to ``_check_family``, which checks the merged tree against its own family and names the key.
+    """
     if not isinstance(data, dict):
         where = prefix.rstrip(".") or "the top level"
         raise ConfigError(f"{source}: {where} must be a mapping, got {data!r}")
-    hints = typing.get_type_hints(schema)
+    hints = _hints(schema) if hints is None else hints
     for key, value in data.items():
         dotted = f"{prefix}{key}"
+        if key not in hints and defer_unknown:
+            continue
         if key not in hints:
             close = difflib.get_close_matches(str(key), list(hints), n=1)
             hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
@@ -492,12 +727,46 @@ def _check_tree(data: Any, schema: type, *, source: str, prefix: str = "") -> No
                 f"{source}: unknown key '{dotted}'{hint}; valid keys here: {', '.join(sorted(hints))}"
             )
         expected = hints[key]
-        if dataclasses.is_dataclass(expected):
+        if schema is Config and key in FAMILY_SECTION_NAMES:
+            _check_tree(value, object, source=source, prefix=f"{dotted}.", hints=_section_hints(key, None),
+                        defer_unknown=True)
+        elif dataclasses.is_dataclass(expected):
             _check_tree(value, expected, source=source, prefix=f"{dotted}.")
         elif not _fits(value, expected):
             raise ConfigError(
                 f"{source}: '{dotted}' must be {_type_name(expected)}, got {value!r} ({type(value).__name__})"
             )
+
+
+def _check_family(data: dict[str, Any], origins: dict[str, str], source: str) -> FamilySections:
+    """Check the ``model`` and ``loss`` keys of a whole (merged) config tree against its model.name's sections.
+
+    Raises:
+        ConfigError: an unknown model.name, or a model or loss key its family does not have, naming the key,
+            the file or override that set it, the family, the keys of that family's section and a close name
+            if there is one.
+    """
+    name = (data.get("model") or {}).get("name", ModelConfig.name)
+    family = _family(name, source=origins.get("model.name", source))
+    for section in FAMILY_SECTION_NAMES:
+        schema = getattr(family, section)
+        keys = _field_names(schema)
+        for key in data.get(section) or {}:
+            if key in keys:
+                continue
+            where = origins.get(f"{section}.{key}", source)
+            what = f"model.name {name!r} ({family.title})"
+            applies = (f"{what} has the {section} keys: {', '.join(keys)}" if keys else
+                       f"{what} has no {section} keys ({schema.__doc__.strip().rstrip('.')}): remove the {section} "
+                       "section")
+            others = [f.title for f in FAMILY_SECTIONS.values() if key in _field_names(getattr(f, section))]
+            if others:
+                raise ConfigError(f"{where}: '{section}.{key}' is a {section} key of {', '.join(others)}, not of "
+                                  f"{family.title}; {applies}")
+            close = difflib.get_close_matches(str(key), list(keys), n=1)
+            hint = f" (did you mean '{section}.{close[0]}'?)" if close else ""
+            raise ConfigError(f"{where}: unknown key '{section}.{key}'{hint}; {applies}")
+    return family
 
 
 def _fits(value: Any, expected: Any) -> bool:
@@ -533,9 +802,18 @@ def _type_name(expected: Any) -> str:
     return "null" if expected is type(None) else f"a {expected.__name__}"
 
 
-def _build(schema: type, data: dict[str, Any], prefix: str) -> Any:
-    hints = typing.get_type_hints(schema)
-    kwargs: dict[str, Any] = {}
+def _build_config(data: dict[str, Any], origins: dict[str, str], *, source: str) -> Config:
+    """A Config from a merged, checked tree: its ``model`` and ``loss`` sections are those of its model.name."""
+    family = _check_family(data, origins, source)
+    tree = dict(data)
+    sections = {name: _build(getattr(family, name), tree.pop(name, None) or {}, prefix=f"{name}.")
+                for name in FAMILY_SECTION_NAMES}
+    return _build(Config, tree, prefix="", extra=sections)
+
+
+def _build(schema: type, data: dict[str, Any], prefix: str, extra: dict[str, Any] | None = None) -> Any:
+    hints = _hints(schema)
+    kwargs: dict[str, Any] = dict(extra or {})
     for key, value in data.items():
         expected = hints[key]
         if dataclasses.is_dataclass(expected):
@@ -679,6 +957,9 @@ def check_config_values(cfg: Config, *, task: str) -> None:
     for dotted, choices in _CHOICES.items():
         if task == "ssl" and not dotted.startswith("train."):
             continue
+        section, key = dotted.split(".")
+        if key not in _field_names(type(getattr(cfg, section))):
+            continue  # a loss key of another family (loss.mask_loss is K-Net's)
         value = _get_dotted(cfg, dotted)
         if value not in choices:
             raise ConfigError(f"{dotted} is {value!r}: it must be one of {', '.join(choices)}")

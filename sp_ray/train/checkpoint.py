@@ -23,7 +23,7 @@ import yaml
 from torch import nn
 
 from sp_ray import __version__
-from sp_ray.config import Config, config_from_dict, config_hash, dump_config
+from sp_ray.config import Config, checkpoint_config_from_dict, config_hash, dump_config
 from sp_ray.errors import UserError
 
 MODEL_FILE = "model.pt"
@@ -187,7 +187,7 @@ def load_checkpoint(path: str | Path, *, with_training_state: bool = False) -> C
         raise UserError(f"{path}: {CONFIG_FILE} or {META_FILE} is damaged ({first_line}); use an intact copy") from None
     if not isinstance(raw_config, dict) or not isinstance(meta, dict):
         raise UserError(f"{path}: {CONFIG_FILE} and {META_FILE} must each hold a mapping; use an intact copy")
-    config = config_from_dict(raw_config, source=str(path / CONFIG_FILE))
+    config = checkpoint_config_from_dict(raw_config, source=str(path / CONFIG_FILE))  # old loss keys: see there
     training_state = None
     if with_training_state:
         training_state = load_tensor_file(path / OPTIMIZER_FILE, what=f"the training state of checkpoint {path}")

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from ray import tune
 
-from sp_ray.config import Config, ConfigError, config_from_dict, config_to_dict
+from sp_ray.config import Config, ConfigError, check_config_tree, config_from_dict, config_to_dict, field_annotation
 
 SAMPLERS = ("choice", "grid", "uniform", "loguniform", "randint")
 STAGES = ("pretrain", "finetune")
@@ -102,16 +102,27 @@ def _parse_entry(stage: str, path: str, spec: object) -> Param:
 
 
 def _check_value(where: str, path: str, value: object) -> None:
-    """A value for ``path`` must pass the strict config checker (an unknown key gets a did-you-mean)."""
-    config_from_dict(_nested(path, value), source=where)
+    """A value for ``path`` must pass the strict config checker (an unknown key gets a did-you-mean); a loss
+    key must be one of some family's (``check_space`` checks it against the stage config's family)."""
+    check_config_tree(_nested(path, value), source=where)
+
+
+def check_space(params: list[Param], bases: dict[str, dict[str, Any] | None]) -> None:
+    """Check every parameter against its stage's run config (``{stage: config_to_dict or None}``), e.g. that a
+    loss key applies to that config's model.name, before any trial starts.
+
+    Raises:
+        ConfigError: naming ``space.<stage>.<path>``.
+    """
+    for p in params:
+        base = bases.get(p.stage)
+        if base is not None:
+            apply_params(config_from_dict(base), {p.path: p.args[0]}, source=f"space.{p.stage}.{p.path}")
 
 
 def _field_type(path: str) -> Any:
     """The annotation of a dotted Config path that ``_check_value`` accepted a number for."""
-    annotation: Any = Config
-    for part in path.split("."):
-        annotation = typing.get_type_hints(annotation)[part]
-    return annotation
+    return field_annotation(path)
 
 
 def _accepts(annotation: Any, expected: type) -> bool:

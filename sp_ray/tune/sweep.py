@@ -28,7 +28,7 @@ from sp_ray.train.ray_train import init_ray
 from sp_ray.tune.cache import settings_key
 from sp_ray.tune.results import UNFINISHED, TrialRecord, collect_trials, write_results
 from sp_ray.tune.scheduler import FractionASHA
-from sp_ray.tune.space import FRACTION, Param, param_space, parse_space
+from sp_ray.tune.space import FRACTION, Param, check_space, param_space, parse_space
 from sp_ray.tune.spec import ResourcesConfig, SweepConfig, dump_sweep
 from sp_ray.tune.trial import TrialContext, run_trial
 
@@ -64,6 +64,7 @@ def run_sweep(sweep: SweepConfig, *, resume: bool = False) -> SweepOutcome:
 
     params = parse_space({"pretrain": sweep.space.pretrain, "finetune": sweep.space.finetune})
     finetune_base, pretrain_base = _run_configs(sweep)
+    check_space(params, {"finetune": finetune_base, "pretrain": pretrain_base})
     experiment = sweep.experiment_dir
     init_ray()
     exists = tune.Tuner.can_restore(str(experiment))

@@ -20,7 +20,7 @@ from sp_ray.data.synthetic import write_synthetic_dataset
 from sp_ray.tune.cache import cached_build, settings_key
 from sp_ray.tune.results import DONE, ERROR, STOPPED, TrialRecord, error_summary, markdown_table, write_results
 from sp_ray.tune.scheduler import FractionASHA
-from sp_ray.tune.space import apply_params, param_space, parse_space
+from sp_ray.tune.space import apply_params, check_space, param_space, parse_space
 from sp_ray.tune.spec import ResourcesConfig, SweepDataConfig, load_sweep
 from sp_ray.tune.sweep import max_epochs, run_sweep
 from sp_ray.tune.trial import TrialContext, finetune_config, pretrain_settings
@@ -93,6 +93,20 @@ def test_space_paths_and_types_are_checked():
     with pytest.raises(ConfigError, match="unknown stage"):
         parse_space({"propose": {"propose.top_k": 10}})
 
+
+
+def test_space_loss_keys_are_checked_against_the_stage_config_family():
+    params = parse_space({"finetune": {"loss.l1_weight": {"uniform": [1.0, 5.0]}}})  # a key of some family
+    with pytest.raises(ConfigError, match="did you mean 'loss.l1_weight'"):
+        parse_space({"finetune": {"loss.l1_weigth": {"uniform": [1.0, 5.0]}}})
+    with pytest.raises(ConfigError, match="uniform draws float values but 'loss.pairwise_warmup_iters'"):
+        parse_space({"finetune": {"loss.pairwise_warmup_iters": {"uniform": [1, 5]}}})
+    knet = config_to_dict(load_config(None, ["model.name=knet"]))
+    queryinst = config_to_dict(load_config(None, ["model.name=queryinst"]))
+    check_space(params, {"finetune": queryinst, "pretrain": None})
+    with pytest.raises(ConfigError, match=r"space\.finetune\.loss\.l1_weight: 'loss\.l1_weight' is a loss key of "
+                                          r"QueryInst, not of K-Net"):
+        check_space(params, {"finetune": knet, "pretrain": None})
 
 def test_param_space_and_apply_params():
     params = parse_space({
