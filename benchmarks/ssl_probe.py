@@ -49,8 +49,7 @@ from sp_ray.evaluation.proposal_quality import (
     proposal_recall,
     sample_pixel_features,
 )
-from sp_ray.pretrain.propose import build_frozen_backbone, input_size, prepare_image
-from sp_ray.pretrain.saliency import saliency_proposals
+from sp_ray.pretrain.saliency import build_frozen_backbone, input_size, prepare_image, saliency_proposals
 from sp_ray.pretrain.ssl_train import BACKBONE_FILE, train_densecl
 
 ROOT = Path(__file__).resolve().parents[1]
