@@ -40,6 +40,7 @@ from sp_ray.config import ProposeConfig, load_config
 from sp_ray.data.coco import read_coco_json
 from sp_ray.data.images import link_images, load_image_rgb
 from sp_ray.data.synthetic import write_synthetic_dataset
+from sp_ray.densecl.train import BACKBONE_FILE, train_densecl
 from sp_ray.evaluation.proposal_quality import (
     best_iou_per_instance,
     fit_linear_probe,
@@ -49,9 +50,7 @@ from sp_ray.evaluation.proposal_quality import (
     proposal_recall,
     sample_pixel_features,
 )
-from sp_ray.pretrain.propose import build_frozen_backbone, input_size, prepare_image
-from sp_ray.pretrain.saliency import saliency_proposals
-from sp_ray.pretrain.ssl_train import BACKBONE_FILE, train_densecl
+from sp_ray.pretrain.saliency import build_frozen_backbone, input_size, prepare_image, saliency_proposals
 
 ROOT = Path(__file__).resolve().parents[1]
 SSL_CONFIG = ROOT / "configs" / "demo" / "densecl_tiny.yaml"

@@ -336,8 +336,12 @@ def _train(
     check_config_values(cfg, task=task)  # before importing torch: a bad value fails in a second
     from sp_ray.train.preflight import check_training
 
+    worker = model_check = None
+    if task == "ssl":
+        from sp_ray.densecl.train import check_ssl as model_check
+        from sp_ray.densecl.train import ssl_worker as worker
     resume = _resume_dir(args, work_dir)
-    plan = check_training(cfg, work_dir, task=task, init=init, resume=resume, images=images)
+    plan = check_training(cfg, work_dir, task=task, init=init, resume=resume, images=images, model_check=model_check)
     if plan.finished and plan.final.exists():
         key = "ssl.epochs" if task == "ssl" else "train.epochs"
         print(f"{resume} is at epoch {plan.start_epoch} of {plan.epochs}: the run is complete and its model is "
@@ -345,7 +349,8 @@ def _train(
         return None
     from sp_ray.train.ray_train import run_training  # Ray is imported (seconds) only once the checks pass
 
-    return run_training(cfg, work_dir, init=init, resume=resume, task=task, images=images, checked=plan)
+    return run_training(cfg, work_dir, init=init, resume=resume, task=task, images=images, checked=plan,
+                        worker=worker, model_check=model_check)
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:

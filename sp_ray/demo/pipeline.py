@@ -134,7 +134,7 @@ def build_steps(layout: DemoLayout, settings: DemoSettings, ray_session: LocalRa
         split_fractions(layout.train_json, sorted(settings.fractions), seed=SPLIT_SEED, out_dir=layout.splits)
 
     def ssl() -> None:
-        from sp_ray.pretrain.ssl_train import train_densecl
+        from sp_ray.densecl.train import train_densecl
 
         shutil.rmtree(layout.ssl, ignore_errors=True)  # an interrupted run starts over
         cfg = load_config(SSL_CONFIG, ssl_overrides(settings))

@@ -136,7 +136,7 @@ class DemoLayout:
 
     @property
     def backbone(self) -> Path:
-        from sp_ray.pretrain.ssl_train import BACKBONE_FILE
+        from sp_ray.densecl.train import BACKBONE_FILE
 
         return self.ssl / "final" / BACKBONE_FILE
 

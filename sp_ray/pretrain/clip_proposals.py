@@ -49,15 +49,14 @@ import torch.nn.functional as F
 from scipy import ndimage
 from torch import Tensor, nn
 
-from sp_ray.config import ClipConfig, ConfigError
-from sp_ray.pretrain.saliency import Proposals, nms_top_k_masks
+from sp_ray.config import ClipConfig, ConfigError, ProposeConfig
+from sp_ray.pretrain.proposers import Proposals, Ready, c5_channels
+from sp_ray.pretrain.saliency import input_size, nms_top_k_masks
 
 MODES = ("produce", "rescore")
 # The keys of an open_clip config that make the library reach for the Hugging Face hub or timm.
 _HUB_KEYS = {"vision_cfg": ("timm_model_name",), "text_cfg": ("hf_model_name", "hf_tokenizer_name")}
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
-
-Ready = list[tuple[dict[str, Any], np.ndarray]]
 
 
 class ClipDenseEncoder(nn.Module):
@@ -489,7 +488,8 @@ def prepare_clip_image(
 
 
 class ClipProposer:
-    """A CLIP model as ``propose``'s proposal source: decoded images in, one ``Proposals`` per image out.
+    """A CLIP model as ``propose``'s proposal source (a ``Proposer``): decoded images in, one ``Proposals`` per
+    image out.
 
     Holds the dense image encoder on ``device`` and the word embeddings, computed once (the text tower is
     then dropped). A batch of images is stretched to ``clip.image_size`` squares and run as one forward.
@@ -500,6 +500,8 @@ class ClipProposer:
         seed: the random init's seed when ``clip.weights`` is null.
         saliency: in ``rescore`` mode, the callable giving the proposals to rescore for a batch of decoded
             (item, pixels) pairs (``propose``'s saliency proposals); unused in ``produce`` mode.
+        size_rule: the ``propose`` section whose backbone resize (`sp_ray.pretrain.saliency.input_size`) an
+            image must fit to be proposed on, as for the saliency proposer; None: any size.
 
     Attributes:
         backbone: the `ClipDenseEncoder`; its ``out_channels`` give the prompt width D.
@@ -517,6 +519,7 @@ class ClipProposer:
         device: torch.device,
         seed: int = 0,
         saliency: Callable[[Ready], list[Proposals]] | None = None,
+        size_rule: ProposeConfig | None = None,
     ) -> None:
         model, tokenizer = load_clip_model(cfg, seed=seed)
         self.backbone = ClipDenseEncoder(model.visual).to(device).eval()
@@ -538,6 +541,15 @@ class ClipProposer:
         self.cfg = cfg
         self.device = device
         self.saliency = saliency
+        self.size_rule = size_rule
+
+    @property
+    def prompt_width(self) -> int:
+        return c5_channels(self.backbone)
+
+    def check_size(self, height: int, width: int) -> None:
+        if self.size_rule is not None:
+            input_size(height, width, self.size_rule)
 
     @torch.inference_mode()
     def __call__(self, ready: Ready) -> list[Proposals]:

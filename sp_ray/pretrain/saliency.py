@@ -5,37 +5,32 @@ with the features, Y_ij = Conv(S_ij, X) in the SP paper (Li et al., CVPR 2023), 
 similarity and min-max normalised per query, is a soft mask. FreeSOLO (Wang et al., CVPR 2022, "Free
 Mask") ranks these masks by maskness, suppresses duplicates with Matrix NMS (SOLOv2, Wang et al.,
 NeurIPS 2020) and filters them. METHODS.md 1.1 lists the steps this module numbers below.
+
+``SaliencyProposer`` is the ``sp_ray.pretrain.proposers.Proposer`` of ``sp-ray propose`` built on them: a frozen
+ResNet (`build_frozen_backbone`) whose C5 of every resized image (`input_size`, `prepare_image`) gives its masks.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
-from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
+
+from sp_ray.config import Config, ProposeConfig
+from sp_ray.data.transforms import resize_for_inference
+from sp_ray.models.backbone import build_resnet
+from sp_ray.models.knet import IMAGENET_MEAN, IMAGENET_STD, SIZE_DIVISOR
+from sp_ray.pretrain.proposers import Proposals, Ready, c5_channels
 
 # Soft masks upsampled to the image at once are capped at this many floats (256 MiB), so that a
 # 20-mask batch of a multi-megapixel photo does not allocate gigabytes.
 _UPSAMPLE_BUDGET = 1 << 26
-
-
-@dataclass
-class Proposals:
-    """The saliency proposals of one image, best first.
-
-    Attributes:
-        masks: bool [L, H, W] at image size.
-        scores: float [L], the maskness after Matrix NMS decay.
-        boxes: float [L, 4], xyxy in image pixels, from the mask's x/y projections (step 10).
-        queries: float [L, C], the L2-normalised query vectors S_l that produced the masks.
-    """
-
-    masks: Tensor
-    scores: Tensor
-    boxes: Tensor
-    queries: Tensor
 
 
 def matrix_nms(masks: Tensor, scores: Tensor, *, sigma: float = 2.0) -> Tensor:
@@ -253,3 +248,137 @@ def upsample_binarise(soft: Tensor, size: tuple[int, int], threshold: float) -> 
         upsampled = F.interpolate(soft[None, start : start + chunk], size=size, mode="bilinear")[0]
         masks[start : start + chunk] = upsampled >= threshold
     return masks
+
+
+# ---------------------------------------------------------------- the saliency proposer of `sp-ray propose`
+
+
+def input_size(height: int, width: int, cfg: ProposeConfig) -> tuple[int, int]:
+    """(H, W) of the backbone input for an image of height x width.
+
+    keep_ratio false: (short_size, max_size), SP's fixed 1333x800 resize. keep_ratio true: the keep-ratio
+    resize of `resize_for_inference`. Each side is then rounded to the nearest multiple of 32 (at least
+    32) so that the C5 grid covers the input exactly.
+    """
+    if cfg.keep_ratio:
+        height, width = resize_for_inference(height, width, max_size=cfg.max_size, short_size=cfg.short_size)
+    else:
+        height, width = cfg.short_size, cfg.max_size
+    return (
+        max(SIZE_DIVISOR, round(height / SIZE_DIVISOR) * SIZE_DIVISOR),
+        max(SIZE_DIVISOR, round(width / SIZE_DIVISOR) * SIZE_DIVISOR),
+    )
+
+
+def prepare_image(pixels: np.ndarray, size: tuple[int, int], device: torch.device) -> Tensor:
+    """Resize (bilinear, antialiased) and normalise with the ImageNet mean/std of 0..255 input, as K-Net.
+
+    Args:
+        pixels: uint8 [H0, W0, 3] RGB.
+        size: (H, W) of the backbone input.
+        device: where the result lives.
+
+    Returns:
+        float [3, H, W].
+    """
+    image = torch.from_numpy(np.ascontiguousarray(pixels)).to(device).permute(2, 0, 1).float()  # (3, H0, W0)
+    image = F.interpolate(image[None], size=size, mode="bilinear", antialias=True)[0].clamp(0, 255)
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(3, 1, 1)
+    return (image - mean) / std
+
+
+def build_frozen_backbone(cfg: Config) -> nn.Module:
+    """The proposal backbone: ResNet ``model.depth`` with ``model.backbone_weights``, all stages frozen.
+
+    A random init (no weights file; meant for tests) is drawn from ``train.seed``, so every actor and
+    every rerun holds the same network and a recomputed shard equals the first computation.
+    """
+    if cfg.model.backbone_weights is None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.train.seed)
+            return build_resnet(cfg.model.depth, weights=None, frozen_stages=4, norm_eval=True).eval()
+    backbone = build_resnet(
+        cfg.model.depth, weights=cfg.model.backbone_weights, frozen_stages=4, norm_eval=True
+    )
+    return backbone.eval()
+
+
+def saliency_identity(cfg: Config) -> dict[str, Any]:
+    """What saliency proposals depend on besides the images, for ``propose``'s shard fingerprints: the
+    ``propose`` settings that change results (not batching, sharding or the proposer's name) and the backbone
+    (depth, weights file with its size and mtime, the seed of a random init)."""
+    propose = dataclasses.asdict(cfg.propose)
+    for unrelated in ("batch_size", "shard_size", "num_actors", "cpus_per_actor"):
+        propose.pop(unrelated)
+    propose.pop("proposer")  # saliency shards keep the fingerprints they had before CLIP existed
+    weights = cfg.model.backbone_weights
+    stamp = None
+    if weights is not None and Path(weights).is_file():
+        stat = Path(weights).stat()
+        stamp = [stat.st_size, stat.st_mtime_ns]
+    seed = cfg.train.seed if weights is None else None  # the random init depends on it
+    return {
+        "propose": propose,
+        "depth": cfg.model.depth,
+        "weights": weights,
+        "weights_stamp": stamp,
+        "seed": seed,
+    }
+
+
+class SaliencyProposer:
+    """Saliency proposals of a frozen backbone as ``propose``'s proposal source (a ``Proposer``).
+
+    A batch is resized by `input_size` and forwarded in groups of equal input size (one group when
+    ``propose.keep_ratio`` is false); `saliency_proposals` then reads each image's masks off its C5.
+
+    Args:
+        backbone: a module whose forward returns a list whose last element is C5 [B, C, h, w] and which
+            exposes ``out_channels`` (`build_frozen_backbone`).
+        cfg: the ``propose`` section.
+        device: where the backbone lives.
+    """
+
+    def __init__(self, backbone: nn.Module, cfg: ProposeConfig, *, device: torch.device) -> None:
+        self.backbone = backbone
+        self.cfg = cfg
+        self.device = device
+
+    @classmethod
+    def from_config(cls, cfg: Config, *, device: torch.device) -> SaliencyProposer:
+        """The proposer of ``cfg``: `build_frozen_backbone` on ``device``, settings ``propose.*``."""
+        return cls(build_frozen_backbone(cfg).to(device), cfg.propose, device=device)
+
+    @property
+    def prompt_width(self) -> int:
+        return c5_channels(self.backbone)
+
+    def check_size(self, height: int, width: int) -> None:
+        input_size(height, width, self.cfg)
+
+    def __call__(self, ready: Ready) -> list[Proposals]:
+        cfg, device = self.cfg, self.device
+        groups: dict[tuple[int, int], list[int]] = {}
+        for position, (_, pixels) in enumerate(ready):
+            groups.setdefault(input_size(pixels.shape[0], pixels.shape[1], cfg), []).append(position)
+        results: list[Proposals | None] = [None] * len(ready)
+        for size, positions in groups.items():
+            batch = torch.stack([prepare_image(ready[p][1], size, device) for p in positions])  # (B, 3, H, W)
+            with torch.inference_mode():
+                c5 = self.backbone(batch)[-1]  # (B, C, H/32, W/32)
+                for row, position in enumerate(positions):
+                    pixels = ready[position][1]
+                    results[position] = saliency_proposals(
+                        c5[row],
+                        (pixels.shape[0], pixels.shape[1]),
+                        scales=cfg.scales,
+                        mask_threshold=cfg.mask_threshold,
+                        min_area=cfg.min_area,
+                        sigma=cfg.nms_sigma,
+                        top_k=cfg.top_k,
+                        min_center_y=cfg.min_center_y,
+                        max_box_width=cfg.max_box_width,
+                        min_maskness=cfg.min_maskness,
+                    )
+        return [result for result in results if result is not None]

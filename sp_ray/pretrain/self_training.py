@@ -36,7 +36,8 @@ from sp_ray.data.transforms import resize_for_inference
 from sp_ray.models import build_model
 from sp_ray.models.knet import SIZE_DIVISOR
 from sp_ray.models.postprocess import paste_crops, paste_mask_logits
-from sp_ray.pretrain.saliency import Proposals, matrix_nms
+from sp_ray.pretrain.proposers import Proposals, Ready, c5_channels
+from sp_ray.pretrain.saliency import matrix_nms
 from sp_ray.train.checkpoint import MODEL_FILE, load_checkpoint, load_init_weights
 
 
@@ -156,7 +157,8 @@ def pooled_prompts(c5: Tensor, mask_logits: Tensor, *, threshold: float = 0.5) -
 
 
 class CheckpointProposer:
-    """A trained model as ``propose``'s proposal source: decoded images in, one ``Proposals`` per image out.
+    """A trained model as ``propose``'s proposal source (a ``Proposer``): decoded images in, one ``Proposals``
+    per image out.
 
     Images are resized as for evaluation (the checkpoint's ``data.max_size`` / ``data.short_size``), padded
     to a common multiple of 32 and run as one batch; C5 is read from the backbone by a forward hook, so the
@@ -183,8 +185,16 @@ class CheckpointProposer:
         data = self.model_config.data
         return resize_for_inference(height, width, max_size=data.max_size, short_size=data.short_size)
 
+    @property
+    def prompt_width(self) -> int:
+        return c5_channels(self.backbone)
+
+    def check_size(self, height: int, width: int) -> None:
+        """Images are checked against the resize that the model's evaluation applies."""
+        self.input_size(height, width)
+
     @torch.inference_mode()
-    def __call__(self, ready: list[tuple[dict[str, Any], np.ndarray]]) -> list[Proposals]:
+    def __call__(self, ready: Ready) -> list[Proposals]:
         """Pseudo masks of decoded images.
 
         Args:

@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -245,6 +246,7 @@ def check_training(
     init: str | Path | None = None,
     resume: str | Path | None = None,
     images: str | Path | None = None,
+    model_check: Callable[[Config, str | Path | None], tuple[nn.Module, int]] | None = None,
 ) -> TrainingPlan:
     """Check everything a training run reads, on the driver, before Ray starts.
 
@@ -255,6 +257,8 @@ def check_training(
         init: checkpoint directory whose weights initialise the model (``--init``).
         resume: checkpoint directory with training state to continue (``--resume`` / ``--resume-from``).
         images: the unlabeled image folder of "ssl".
+        model_check: the checks of a task that is not ``fit``'s ("ssl"): (cfg, images) -> (its model, its
+            epochs), raising a ``UserError``; ``sp_ray.densecl.train.check_ssl`` for "ssl".
 
     Returns:
         The plan: where the run starts, and whether a resumed run is already complete.
@@ -274,7 +278,9 @@ def check_training(
     if work_dir.exists() and not work_dir.is_dir():  # the cheap half now, the write probe once all else passed
         check_output_dir(work_dir, what="--work-dir")
     if task == "ssl":
-        model, epochs = _check_ssl(cfg, images)
+        if model_check is None:
+            raise ValueError("task 'ssl' is checked by its model_check (sp_ray.densecl.train.check_ssl)")
+        model, epochs = model_check(cfg, images)
     else:
         cfg, model = _build_fit_model(cfg, _check_fit_data(cfg))
         epochs = cfg.train.epochs
@@ -308,28 +314,3 @@ def check_training(
     # The write probe touches the folder: not for a finished run, which is left exactly as it is.
     work_dir = work_dir.absolute() if finished else check_output_dir(work_dir, what="--work-dir")
     return TrainingPlan(work_dir=work_dir, start_epoch=start_epoch, epochs=epochs, finished=finished)
-
-
-def _check_ssl(cfg: Config, images: str | Path | None) -> tuple[nn.Module, int]:
-    from sp_ray.data.images import list_image_files
-    from sp_ray.pretrain.ssl_train import build_densecl, check_batch_fits_queue
-
-    if images is None:
-        raise UserError("sp-ray ssl needs --images DIR, the folder of unlabeled images")
-    folder = check_image_folder(images, what="--images")
-    try:
-        check_batch_fits_queue(cfg.ssl, cfg.train.num_workers)
-    except ValueError as err:
-        raise UserError(str(err)) from None
-    count = len(list_image_files(folder))
-    global_batch = cfg.ssl.batch_size * cfg.train.num_workers
-    if count < global_batch:
-        raise UserError(
-            f"--images {folder} holds {count} images, fewer than one global batch "
-            f"(ssl.batch_size x workers = {global_batch}); lower ssl.batch_size or add images"
-        )
-    try:
-        model = build_densecl(cfg)
-    except (ValueError, FileNotFoundError) as err:
-        raise UserError(f"the DenseCL model of this config cannot be built: {err}") from None
-    return model, cfg.ssl.epochs

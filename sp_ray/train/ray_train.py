@@ -3,7 +3,8 @@
 The driver (``run_training``) first checks config, data and checkpoints (``sp_ray.train.preflight``),
 then connects to a Ray cluster (``RAY_ADDRESS``, as set by ``ray job submit``) or starts a local one,
 checks that the resources asked for exist, and builds the trainer.
-Each worker runs ``fit`` with a ``RaySession``: DDP through Ray's ``prepare_model``, metrics and
+Each worker runs ``fit`` (or the worker function of another task, such as DenseCL's
+``sp_ray.densecl.train.ssl_worker``) with a ``RaySession``: DDP through Ray's ``prepare_model``, metrics and
 rank-0 checkpoints through ``ray.train.report``, and the last reported checkpoint restored after a
 worker failure. A ``UserError`` in a worker ends the run without a retry (``sp_ray.train.failures``).
 """
@@ -16,7 +17,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,8 +54,11 @@ class RaySession:
         self.work_dir = work_dir
         self.device = torch.device("cuda", torch.cuda.current_device()) if cfg.train.use_gpu else torch.device("cpu")
 
-    def wrap_model(self, model: nn.Module) -> nn.Module:
-        return ray.train.torch.prepare_model(model, move_to_device=False)
+    def wrap_model(self, model: nn.Module, *, sync_buffers: bool = True) -> nn.Module:
+        return ray.train.torch.prepare_model(
+            model, move_to_device=False,
+            parallel_strategy_kwargs=None if sync_buffers else {"forward_sync_buffers": False},
+        )
 
     def all_reduce_sum(self, values: list[float]) -> list[float]:
         return all_reduce_sum(values, self.device)
@@ -96,7 +100,8 @@ class RaySession:
         (folder / f"rank{self.rank}.json").write_text(json.dumps(record))
 
 
-def _setup_worker(loop_config: dict[str, Any]) -> tuple[Config, Path]:
+def setup_worker(loop_config: dict[str, Any]) -> tuple[Config, Path]:
+    """A worker's logging and torch threads (its CPUs), then its config and work dir from ``train_loop_config``."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
     torch.set_num_threads(max(1, int(cpus)))
@@ -104,19 +109,13 @@ def _setup_worker(loop_config: dict[str, Any]) -> tuple[Config, Path]:
 
 
 def _finetune_worker(loop_config: dict[str, Any]) -> None:
-    cfg, work_dir = _setup_worker(loop_config)
+    cfg, work_dir = setup_worker(loop_config)
     fit(cfg, work_dir, init=loop_config["init"], resume=loop_config["resume"], session=RaySession(cfg, work_dir))
 
 
-def _ssl_worker(loop_config: dict[str, Any]) -> None:
-    from sp_ray.pretrain.ssl_train import train_densecl
-
-    cfg, work_dir = _setup_worker(loop_config)
-    train_densecl(cfg, loop_config["images"], work_dir, resume=loop_config["resume"])
-
-
-# What a worker runs, by command; every entry is a plain training function run with a session.
-WORKERS = {"finetune": _finetune_worker, "ssl": _ssl_worker}
+# What a worker runs, by task; every entry is a plain training function run with a session. A task of a
+# package above this one passes its own (``sp_ray.densecl.train.ssl_worker`` for "ssl") as ``worker``.
+WORKERS = {"finetune": _finetune_worker}
 
 
 class _InterruptibleTrainer(ray.train.torch.TorchTrainer):
@@ -176,6 +175,8 @@ def run_training(
     metric: str = "segm_AP",
     callbacks: Sequence[Any] = (),
     checked: TrainingPlan | None = None,
+    worker: Callable[[dict[str, Any]], None] | None = None,
+    model_check: Callable[[Config, str | Path | None], tuple[nn.Module, int]] | None = None,
 ) -> Path:
     """Run a training task (``WORKERS``) in ``train.num_workers`` Ray Train workers; returns ``work_dir/final``.
 
@@ -186,12 +187,16 @@ def run_training(
         init: checkpoint directory to initialise from (``finetune --init``).
         resume: checkpoint directory to continue from (``--resume``).
         run_name: the Ray run name (default: the work dir's name and a timestamp).
-        task: "finetune" (``fit``, also used by pre-training) or "ssl" (DenseCL on ``images``).
+        task: "finetune" (``fit``, also used by pre-training) or "ssl" (DenseCL on ``images``; run it with
+            ``sp_ray.densecl.train.run_ssl``, which passes ``worker`` and ``model_check``).
         images: the unlabeled image folder of the "ssl" task.
         metric: the reported value that ranks the kept checkpoints when every checkpoint is evaluated.
         callbacks: Ray ``RunConfig`` callbacks (a Tune trial passes ``TuneReportCallback``).
         checked: the plan of ``sp_ray.train.preflight.check_training`` when the caller ran it already;
             otherwise it runs here, before Ray starts.
+        worker: the training function of each worker (``train_loop_config`` in, a session inside); default
+            ``WORKERS[task]``.
+        model_check: the task's own checks for ``check_training`` (a task that is not ``fit``'s).
 
     Returns:
         ``work_dir/final``. A resumed run already at its last epoch (``checked.finished``) returns it
@@ -205,7 +210,12 @@ def run_training(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig
 
-    plan = checked or check_training(cfg, work_dir, task=task, init=init, resume=resume, images=images)
+    if worker is None:
+        if task not in WORKERS:
+            raise ValueError(f"task {task!r} has no worker here: pass worker= ('ssl': sp_ray.densecl.train.run_ssl)")
+        worker = WORKERS[task]
+    plan = checked or check_training(cfg, work_dir, task=task, init=init, resume=resume, images=images,
+                                     model_check=model_check)
     if plan.finished and plan.final.exists():
         log.info("%s is at epoch %d of %d: the run is complete, nothing to train", resume, plan.start_epoch,
                  plan.epochs)
@@ -220,7 +230,7 @@ def run_training(
     scored = bool(cfg.data.val_annotations) and cfg.train.eval_interval == cfg.train.checkpoint_interval
     storage = cfg.train.storage_path or str(work_dir / "ray")
     trainer = _InterruptibleTrainer(
-        WORKERS[task],
+        worker,
         train_loop_config={
             "config": config_to_dict(cfg), "work_dir": str(work_dir),
             "init": str(Path(init).resolve()) if init else None,

@@ -1,7 +1,9 @@
 """What a training process needs to know about its peers: rank, world size, how to report.
 
-``LocalSession`` is a single process. ``sp_ray.train.ray_train.RaySession`` is a Ray Train worker;
-the epoch loop talks only to this interface, so it runs unchanged in both.
+``LocalSession`` is a single process, ``ProcessGroupSession`` one process of a torch.distributed group that
+its launcher initialised (torchrun), ``sp_ray.train.ray_train.RaySession`` a Ray Train worker. The epoch loops
+(``sp_ray.train.loop.fit``, ``sp_ray.densecl.train.train_densecl``) talk only to this interface, so they run
+unchanged in each.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 
 class LocalSession:
@@ -21,7 +24,11 @@ class LocalSession:
     rank = 0
     world_size = 1
 
-    def wrap_model(self, model: nn.Module) -> nn.Module:
+    def wrap_model(self, model: nn.Module, *, sync_buffers: bool = True) -> nn.Module:
+        """The module to train: DDP over the workers when there are several, else ``model`` itself.
+
+        ``sync_buffers`` false: DDP does not broadcast rank 0's buffers at every forward (DenseCL, whose
+        queues receive the same gathered keys on every worker anyway)."""
         return model
 
     def all_reduce_sum(self, values: list[float]) -> list[float]:
@@ -40,6 +47,35 @@ class LocalSession:
 
     def finish(self, model: nn.Module) -> None:
         """Called by every rank with its trained model after the last epoch."""
+
+
+class ProcessGroupSession(LocalSession):
+    """One process of a torch.distributed group that its launcher initialised (torchrun): rank and world size
+    from the group, DDP over it, sums over it; reports and checkpoints go nowhere (no restarts)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.rank = torch.distributed.get_rank()
+        self.world_size = torch.distributed.get_world_size()
+        self.device = device
+
+    def wrap_model(self, model: nn.Module, *, sync_buffers: bool = True) -> nn.Module:
+        if self.world_size == 1:
+            return model
+        return DistributedDataParallel(
+            model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            **({} if sync_buffers else {"forward_sync_buffers": False}),
+        )
+
+    def all_reduce_sum(self, values: list[float]) -> list[float]:
+        return all_reduce_sum(values, self.device)
+
+
+def current_session(device: torch.device) -> LocalSession:
+    """The session of a process that was given none: a ``ProcessGroupSession`` when torch.distributed is
+    initialised (torchrun), else a ``LocalSession``."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return ProcessGroupSession(device)
+    return LocalSession()
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import io
 import json
 import os
@@ -34,8 +35,9 @@ from sp_ray.pretrain.clip_proposals import (
     produce_proposals,
     rescore_proposals,
 )
-from sp_ray.pretrain.propose import _fingerprint, _ShardActor, merge_shards, proposal_identity, propose
-from sp_ray.pretrain.saliency import Proposals
+from sp_ray.pretrain.propose import build_proposer, proposal_identity, propose
+from sp_ray.pretrain.proposers import Proposals
+from sp_ray.pretrain.shards import ShardActor, fingerprint, merge_shards
 
 open_clip = pytest.importorskip("open_clip")
 
@@ -398,7 +400,8 @@ def test_shard_actor_writes_the_propose_format_and_pretraining_loads_it(
         for image_id, name in zip((7, 8, 9), ("a_square.png", "b_blue.png", "c_broken.png"), strict=True)
     ]
     out = tmp_path / "pseudo"
-    actor = _ShardActor(cfg, str(out / "shards"), use_gpu=False)
+    actor = ShardActor(functools.partial(build_proposer, cfg, None), str(out / "shards"), use_gpu=False,
+                       cfg=cfg.propose, max_image_pixels=cfg.data.max_image_pixels)
     fingerprints = ["fp0", "fp1"]
     batch = {
         "shard": np.array([0, 1]),
@@ -444,7 +447,7 @@ def test_proposer_choice_is_checked_and_fingerprinted(tiny_json: Path, tmp_path:
     assert clip != saliency and clip["clip"]["clip"]["model"] == str(tiny_json)
     assert proposal_identity(_propose_config(tiny_json, "clip.words=[thing]")) != clip
     assert proposal_identity(_propose_config(tiny_json, "train.seed=5")) != clip  # the random init's seed
-    assert _fingerprint(clip, []) != _fingerprint(saliency, [])
+    assert fingerprint(clip, []) != fingerprint(saliency, [])
     folder = _write_images(tmp_path / "images")
     with pytest.raises(ConfigError, match=r"propose\.proposer must be"):
         propose(folder, tmp_path / "out", load_config(None, ["propose.proposer=dino"]))

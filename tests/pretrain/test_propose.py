@@ -16,21 +16,19 @@ from pycocotools.coco import COCO
 from torch import nn
 
 from sp_ray.cli import main
-from sp_ray.config import Config, ConfigError, load_config
+from sp_ray.config import Config, ConfigError, ProposeConfig, load_config
 from sp_ray.data.coco import SIZE_MISMATCH, DatasetSkipWarning
 from sp_ray.data.images import TOO_LARGE, UNREADABLE
+from sp_ray.data.listing import list_images
 from sp_ray.data.synthetic import write_synthetic_dataset
 from sp_ray.models.knet import IMAGENET_MEAN, IMAGENET_STD
-from sp_ray.pretrain.propose import (
+from sp_ray.pretrain.propose import check_propose_config, proposal_identity, propose
+from sp_ray.pretrain.saliency import SaliencyProposer, input_size
+from sp_ray.pretrain.shards import (
     TOO_ELONGATED,
     UNDECODABLE,
-    _fingerprint,
-    check_propose_config,
-    input_size,
-    list_images,
+    fingerprint,
     merge_shards,
-    proposal_identity,
-    propose,
     propose_images,
     write_shard,
 )
@@ -96,6 +94,11 @@ def label_folder(tmp_path: Path) -> tuple[Path, dict[str, np.ndarray]]:
     return folder, truths
 
 
+def _saliency(cfg: ProposeConfig, backbone: nn.Module | None = None) -> SaliencyProposer:
+    """The saliency proposer of ``cfg`` on the hand-made C5."""
+    return SaliencyProposer(backbone or _LabelBackbone(), cfg, device=torch.device("cpu"))
+
+
 def _decode(ann: dict) -> np.ndarray:
     return mask_utils.decode(ann["segmentation"]).astype(bool)
 
@@ -110,7 +113,7 @@ def test_propose_images_masks_prompts_and_skips(label_folder: tuple[Path, dict[s
         "d_broken.png",
     ]
     cfg = _small_config().propose
-    result = propose_images(items, _LabelBackbone(), cfg, device=torch.device("cpu"))
+    result = propose_images(items, _saliency(cfg), cfg)
 
     # The undecodable file is skipped with its reason; the uniform image is kept without annotations.
     assert [entry["file_name"] for entry in result.failed] == ["d_broken.png"]
@@ -143,12 +146,9 @@ def test_batched_equals_single_image(label_folder: tuple[Path, dict[str, np.ndar
     folder, _ = label_folder
     items = list_images(folder)
     backbone = _LabelBackbone()
-    one = propose_images(
-        items, backbone, _small_config("propose.batch_size=1").propose, device=torch.device("cpu")
-    )
-    three = propose_images(
-        items, backbone, _small_config("propose.batch_size=3").propose, device=torch.device("cpu")
-    )
+    one_cfg, three_cfg = _small_config("propose.batch_size=1").propose, _small_config("propose.batch_size=3").propose
+    one = propose_images(items, _saliency(one_cfg, backbone), one_cfg)
+    three = propose_images(items, _saliency(three_cfg, backbone), three_cfg)
     assert one.images == three.images and one.annotations == three.annotations and one.failed == three.failed
     np.testing.assert_allclose(one.prompts, three.prompts, atol=1e-6)
 
@@ -164,21 +164,19 @@ def test_truncated_jpegs_and_images_above_the_pixel_limit_are_counted_skips(
     write_bad_image(folder / "g_bomb.png", "bomb_warning")
     items = list_images(folder)
     cfg = _small_config().propose
-    result = propose_images(items, _LabelBackbone(), cfg, device=torch.device("cpu"))
+    result = propose_images(items, _saliency(cfg), cfg)
     reasons = {entry["file_name"]: entry["reason"] for entry in result.failed}
     assert reasons == {"d_broken.png": UNREADABLE, "e_cut.jpg": UNREADABLE, "f_bomb.png": TOO_LARGE,
                        "g_bomb.png": TOO_LARGE}
     assert [image["file_name"] for image in result.images] == ["a_two_objects.png", "b_uniform.png",
                                                                "c_one_object.png"]
     # A limit below the 128 x 128 images skips them too, with the size in the detail.
-    small = propose_images(
-        items[:1], _LabelBackbone(), cfg, device=torch.device("cpu"), max_image_pixels=SIZE * SIZE - 1
-    )
+    small = propose_images(items[:1], _saliency(cfg), cfg, max_image_pixels=SIZE * SIZE - 1)
     assert small.images == [] and small.failed[0]["reason"] == TOO_LARGE
     assert "128x128 (HxW), 16,384 pixels" in small.failed[0]["detail"]
     # The limit changes which images are skipped, so it is part of a shard's fingerprint (the default is not).
-    base = _fingerprint(proposal_identity(_small_config()), items)
-    assert _fingerprint(proposal_identity(_small_config("data.max_image_pixels=1000")), items) != base
+    base = fingerprint(proposal_identity(_small_config()), items)
+    assert fingerprint(proposal_identity(_small_config("data.max_image_pixels=1000")), items) != base
     with pytest.raises(ConfigError, match="data.max_image_pixels"):
         propose(folder, folder.parent / "out", _small_config("data.max_image_pixels=0"))
 
@@ -192,7 +190,7 @@ def test_merge_keeps_images_without_proposals(tmp_path: Path, label_folder: tupl
         write_shard(
             tmp_path / "shards",
             index,
-            propose_images(shard, backbone, cfg, device=torch.device("cpu")),
+            propose_images(shard, _saliency(cfg, backbone), cfg),
             fingerprint=f"f{index}",
         )
     summary = merge_shards(tmp_path, ["f0", "f1"])
@@ -215,7 +213,7 @@ def test_merge_keeps_images_without_proposals(tmp_path: Path, label_folder: tupl
 def test_merge_with_no_annotation_at_all(tmp_path: Path, label_folder: tuple[Path, dict]) -> None:
     folder, _ = label_folder
     items = list_images(folder)[1:2]  # the uniform image only
-    result = propose_images(items, _LabelBackbone(), _small_config().propose, device=torch.device("cpu"))
+    result = propose_images(items, _saliency(_small_config().propose), _small_config().propose)
     write_shard(tmp_path / "shards", 0, result, fingerprint="f")
     summary = merge_shards(tmp_path, ["f"])
     assert summary["images"] == 1 and summary["annotations"] == 0 and summary["images_without_proposals"] == 1
@@ -239,7 +237,7 @@ def test_json_image_list_keeps_ids_and_checks_sizes(tmp_path: Path, label_folder
     items = list_images(path, image_root=folder)
     assert [item["id"] for item in items] == [17, 4, 9]
     assert items[0]["path"] == str(folder / "a_two_objects.png")
-    result = propose_images(items, _LabelBackbone(), _small_config().propose, device=torch.device("cpu"))
+    result = propose_images(items, _saliency(_small_config().propose), _small_config().propose)
     assert [image["id"] for image in result.images] == [17, 9]
     assert [(entry["file_name"], entry["reason"]) for entry in result.failed] == [
         ("c_one_object.png", SIZE_MISMATCH)
@@ -255,7 +253,7 @@ def test_too_elongated_image_is_skipped_with_keep_ratio(
     Image.new("RGB", (400, 1)).save(folder / "e_line.png")
     items = [item for item in list_images(folder) if item["file_name"] in ("c_one_object.png", "e_line.png")]
     cfg = _small_config("propose.keep_ratio=true").propose
-    result = propose_images(items, _LabelBackbone(), cfg, device=torch.device("cpu"))
+    result = propose_images(items, _saliency(cfg), cfg)
     assert [image["file_name"] for image in result.images] == ["c_one_object.png"]
     assert [(entry["file_name"], entry["reason"]) for entry in result.failed] == [
         ("e_line.png", TOO_ELONGATED)
@@ -311,12 +309,12 @@ def test_bad_config_is_an_error_naming_the_key() -> None:
 
 def test_shard_fingerprint_follows_results_not_scheduling(label_folder: tuple[Path, dict]) -> None:
     items = list_images(label_folder[0])
-    base = _fingerprint(proposal_identity(_small_config()), items)
+    base = fingerprint(proposal_identity(_small_config()), items)
     scheduling = _small_config("propose.batch_size=7", "propose.num_actors=3", "propose.cpus_per_actor=2")
-    assert _fingerprint(proposal_identity(scheduling), items) == base
+    assert fingerprint(proposal_identity(scheduling), items) == base
     for change in ("propose.min_maskness=0.8", "model.depth=34", "train.seed=1", "propose.keep_ratio=true"):
-        assert _fingerprint(proposal_identity(_small_config(change)), items) != base, change
-    assert _fingerprint(proposal_identity(_small_config()), items[:2]) != base
+        assert fingerprint(proposal_identity(_small_config(change)), items) != base, change
+    assert fingerprint(proposal_identity(_small_config()), items[:2]) != base
 
 
 def _synthetic_folder(root: Path) -> Path:

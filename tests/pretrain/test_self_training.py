@@ -15,15 +15,9 @@ from pycocotools.coco import COCO
 
 from sp_ray.cli import main
 from sp_ray.config import ConfigError, SelfTrainConfig, load_config
+from sp_ray.data.listing import list_images
 from sp_ray.data.synthetic import write_synthetic_dataset
-from sp_ray.pretrain.propose import (
-    _fingerprint,
-    list_images,
-    merge_shards,
-    proposal_identity,
-    propose_images,
-    write_shard,
-)
+from sp_ray.pretrain.propose import proposal_identity
 from sp_ray.pretrain.self_training import (
     CheckpointProposer,
     check_selftrain_config,
@@ -32,6 +26,7 @@ from sp_ray.pretrain.self_training import (
     pooled_prompts,
     select_pseudo_masks,
 )
+from sp_ray.pretrain.shards import fingerprint, merge_shards, propose_images, write_shard
 from sp_ray.train.loop import fit
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -136,10 +131,10 @@ def _self_train(images: Path, out: Path, checkpoint: Path) -> dict:
     cfg = load_config(None, list(LOW))
     items = list_images(images)
     proposer = CheckpointProposer(checkpoint, cfg.selftrain, device=torch.device("cpu"))
-    result = propose_images(items, proposer.backbone, cfg.propose, device=torch.device("cpu"), propose_batch=proposer)
-    fingerprint = _fingerprint(proposal_identity(cfg, checkpoint), items)
-    write_shard(out / "shards", 0, result, fingerprint=fingerprint)
-    return merge_shards(out, [fingerprint])
+    result = propose_images(items, proposer, cfg.propose)
+    shard_fingerprint = fingerprint(proposal_identity(cfg, checkpoint), items)
+    write_shard(out / "shards", 0, result, fingerprint=shard_fingerprint)
+    return merge_shards(out, [shard_fingerprint])
 
 
 def _check_pseudo(out: Path, channels: int) -> COCO:
@@ -204,13 +199,13 @@ def test_proposer_matches_the_checkpoint_models_predictions(trained: dict[str, P
 def test_fingerprint_follows_the_checkpoint_and_the_selftrain_settings(trained: dict[str, Path]) -> None:
     items = list_images(trained["images"])
 
-    def fingerprint(*overrides: str, checkpoint: Path | None = trained["checkpoint"]) -> str:
-        return _fingerprint(proposal_identity(load_config(None, list(overrides)), checkpoint), items)
+    def of(*overrides: str, checkpoint: Path | None = trained["checkpoint"]) -> str:
+        return fingerprint(proposal_identity(load_config(None, list(overrides)), checkpoint), items)
 
-    base = fingerprint()
-    assert base != fingerprint(checkpoint=None)  # saliency proposals
-    assert base != fingerprint("selftrain.max_per_image=3")
-    assert base == fingerprint("propose.batch_size=1", "propose.min_maskness=0.1")  # not used by self-training
+    base = of()
+    assert base != of(checkpoint=None)  # saliency proposals
+    assert base != of("selftrain.max_per_image=3")
+    assert base == of("propose.batch_size=1", "propose.min_maskness=0.1")  # not used by self-training
 
 
 def test_a_mask_rcnn_checkpoint_is_refused(tmp_path: Path) -> None:

@@ -167,21 +167,3 @@ def test_resume_path_that_is_not_a_checkpoint(tiny_data, tmp_path, capsys):
                  f"data.train_images={tiny_data['images']}"])
     assert code == 2
     assert f"--resume-from {tmp_path}: {tmp_path} is not a checkpoint directory" in capsys.readouterr().err
-
-
-def test_ssl_runs_in_two_ray_workers(local_ray, tiny_data, tmp_path):
-    import torch
-
-    from sp_ray.models.backbone import build_resnet, load_backbone_weights
-
-    cfg = load_config(ROOT / "configs" / "demo" / "densecl_tiny.yaml",
-                      ["ssl.epochs=1", "ssl.batch_size=2", "ssl.base_batch_size=2", "ssl.queue_size=16",
-                       "ssl.hidden_dim=32", "ssl.image_size=64", "train.num_workers=2"])
-    final = run_training(cfg, tmp_path, task="ssl", images=tiny_data["images"])
-    state = load_checkpoint(final).model_state
-    # 10 images, 2 per worker per step, 2 workers: 2 steps, each enqueueing the 4 keys gathered from both.
-    assert int(state["queue_ptr"]) == 8
-    assert int(state["dense_queue_ptr"]) == 8
-    resnet = build_resnet(18, weights=None, frozen_stages=-1, norm_eval=False)
-    report = load_backbone_weights(resnet, str(final / "backbone.pth"))
-    assert report.loaded and torch.isfinite(next(resnet.parameters())).all()

@@ -13,9 +13,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from sp_ray.config import load_config
 from sp_ray.data.synthetic import write_synthetic_dataset
-from sp_ray.models import build_model
-from sp_ray.models.backbone import build_resnet, load_backbone_weights
-from sp_ray.pretrain.densecl import (
+from sp_ray.densecl.data import UnlabeledImageFolder, build_two_view_transform
+from sp_ray.densecl.model import (
     DenseCL,
     dense_contrastive_loss,
     dense_correspondence,
@@ -23,8 +22,9 @@ from sp_ray.pretrain.densecl import (
     export_backbone_weights,
     info_nce_loss,
 )
-from sp_ray.pretrain.ssl_data import UnlabeledImageFolder, build_two_view_transform
-from sp_ray.pretrain.ssl_train import check_batch_fits_queue, ssl_train_step, train_densecl
+from sp_ray.densecl.train import check_batch_fits_queue, ssl_train_step, train_densecl
+from sp_ray.models import build_model
+from sp_ray.models.backbone import build_resnet, load_backbone_weights
 from sp_ray.train.checkpoint import load_checkpoint
 
 TINY_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo" / "densecl_tiny.yaml"

@@ -1,8 +1,14 @@
-"""DenseCL pre-training loop: plain PyTorch, one process or one worker of a torch.distributed group.
+"""DenseCL pre-training loop (``sp-ray ssl``): plain PyTorch on the session interface of ``fit``.
 
-``train_densecl`` reads ``torch.distributed`` when someone has initialised it (a Ray Train worker,
-torchrun): the data are sharded, the model is wrapped in DDP, keys are gathered into the queues
-and rank 0 alone writes files. Without it, it is an ordinary single-process loop.
+``train_densecl`` talks to a session (``sp_ray.train.session``) as ``sp_ray.train.loop.fit`` does: rank and
+world size come from it, the model is wrapped by it (DDP over the workers), every epoch's metrics and
+rank 0's checkpoint are reported to it, and a checkpoint it restores (Ray Train after a worker failure)
+is where the run continues. With several workers the data are sharded, keys are gathered into the
+queues and rank 0 alone writes files. Without a session it is an ordinary single-process loop, or one
+process of a torch.distributed group that its launcher initialised (torchrun).
+
+``run_ssl`` runs it in Ray Train workers (``ssl_worker``, a ``RaySession`` each), after the driver's checks
+(``check_ssl``), like fine-tuning.
 """
 
 from __future__ import annotations
@@ -13,21 +19,24 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from sp_ray.config import Config, SSLConfig
+from sp_ray.densecl.data import UnlabeledImageFolder, build_two_view_transform
+from sp_ray.densecl.model import DenseCL, export_backbone_weights
 from sp_ray.errors import NonFiniteLossError, UserError
-from sp_ray.pretrain.densecl import DenseCL, export_backbone_weights
-from sp_ray.pretrain.ssl_data import UnlabeledImageFolder, build_two_view_transform
 from sp_ray.train.checkpoint import copy_as_final, load_checkpoint, save_checkpoint
 from sp_ray.train.device import select_device
 from sp_ray.train.loop import keep_metrics_through, seed_everything
+from sp_ray.train.session import LocalSession, current_session
+
+if TYPE_CHECKING:
+    from sp_ray.train.preflight import TrainingPlan
 
 log = logging.getLogger("sp_ray")
 
@@ -140,12 +149,6 @@ def ssl_train_step(
     return values
 
 
-def _distributed() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _write_backbone(model: nn.Module, path: Path) -> None:
     # Written beside its destination and renamed, like checkpoints: never a half-written file.
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -158,31 +161,41 @@ def _write_backbone(model: nn.Module, path: Path) -> None:
 
 
 def train_densecl(
-    cfg: Config, images: str | Path, work_dir: str | Path, *, resume: str | Path | None = None
+    cfg: Config,
+    images: str | Path,
+    work_dir: str | Path,
+    *,
+    resume: str | Path | None = None,
+    session: LocalSession | None = None,
 ) -> Path:
     """DenseCL pre-training on the images under ``images``.
 
-    Writes ``work_dir/last`` every ``train.checkpoint_interval`` epochs (model with queues and key
-    encoder, optimizer, scheduler, epoch, step), ``work_dir/metrics.jsonl`` (one line per epoch) and
-    at the end ``work_dir/final`` (a checkpoint) with ``final/backbone.pth``: the query ResNet in
-    torchvision layout, for ``model.backbone_weights`` of ``propose`` / ``pretrain`` / ``finetune``.
-    Logs loss, learning rate and images/s (all workers) per epoch.
+    Writes ``work_dir/last`` every ``train.checkpoint_interval`` epochs and in the last one (model with
+    queues and key encoder, optimizer, scheduler, epoch, step), ``work_dir/metrics.jsonl`` (one line per
+    epoch, each epoch once) and at the end ``work_dir/final`` (a checkpoint) with ``final/backbone.pth``:
+    the query ResNet in torchvision layout, for ``model.backbone_weights`` of ``propose`` / ``pretrain`` /
+    ``finetune``. Logs loss, learning rate and images/s (all workers) per epoch. Every epoch's metrics go
+    to ``session.report`` on every rank, with ``last`` on rank 0 when it was written.
 
     Args:
         cfg: resolved config (sections ``model``, ``ssl``, ``train``, ``data.num_workers``).
         images: folder of unlabeled images (searched recursively).
         work_dir: output directory.
-        resume: a checkpoint directory (``work_dir/last``) to continue from, queues included.
+        resume: a checkpoint directory (``work_dir/last``) to continue from, queues included. A
+            checkpoint restored by the session (after a worker failure) takes precedence.
+        session: rank, world size, DDP and reporting (``sp_ray.train.session``); default
+            ``current_session``: a ``LocalSession``, or the torch.distributed group a launcher initialised.
 
     Returns:
         The final checkpoint directory ``work_dir/final``.
     """
     work_dir = Path(work_dir)
-    rank, world_size = _distributed()
+    device = select_device(cfg.train.use_gpu)
+    session = session or current_session(device)
+    rank, world_size = session.rank, session.world_size
     check_batch_fits_queue(cfg.ssl, world_size)
     if rank == 0:
         work_dir.mkdir(parents=True, exist_ok=True)
-    device = select_device(cfg.train.use_gpu)
     seed_everything(cfg.train.seed)
     model = build_densecl(cfg).to(device)
     loader = build_ssl_loader(cfg, images, rank=rank, world_size=world_size)
@@ -190,36 +203,34 @@ def train_densecl(
     optimizer = build_ssl_optimizer(model, cfg.ssl, lr=lr)
     scheduler = build_ssl_scheduler(optimizer, total_iters=cfg.ssl.epochs * len(loader))
     start_epoch, step = 0, 0
-    if resume is not None:
-        ckpt = load_checkpoint(resume, with_training_state=True)
-        try:
-            model.load_state_dict(ckpt.model_state)
-        except RuntimeError as err:
-            raise UserError(
-                f"{resume} does not fit this DenseCL model (model.depth, ssl.queue_size, ssl.proj_dim and "
-                f"ssl.hidden_dim must match the run that wrote it): {err}"
-            ) from err
-        optimizer.load_state_dict(ckpt.training_state["optimizer"])
-        scheduler.load_state_dict(ckpt.training_state["scheduler"])
-        start_epoch, step = ckpt.training_state["epoch"], ckpt.training_state["step"]
-        log.info("resumed from %s at epoch %d, step %d", resume, start_epoch, step)
-    if start_epoch > cfg.ssl.epochs:
-        raise UserError(f"ssl.epochs={cfg.ssl.epochs} is below the epoch of {resume} ({start_epoch})")
     final = work_dir / "final"
-    if rank == 0:
-        # Epochs after the resumed one are trained again: their old rows go, so each epoch is logged once.
-        keep_metrics_through(work_dir / "metrics.jsonl", start_epoch)
-        if resume is not None and start_epoch == cfg.ssl.epochs and not final.exists():
-            copy_as_final(resume, final)  # stopped between writing `last` and `final`
-            _write_backbone(model, final / BACKBONE_FILE)
-    train_model: nn.Module = model
-    if world_size > 1:
-        # Buffers are synced once at construction, not at every forward: the queues receive the same
-        # gathered keys on every worker, and broadcasting them would move 2 x queue_size x proj_dim
-        # floats per step. BatchNorm statistics stay per worker, as in the official DenseCL runs.
-        train_model = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False
-        )
+    with session.restored_checkpoint() as restored:
+        source = restored or resume
+        if source is not None:
+            ckpt = load_checkpoint(source, with_training_state=True)
+            try:
+                model.load_state_dict(ckpt.model_state)
+            except RuntimeError as err:
+                raise UserError(
+                    f"{source} does not fit this DenseCL model (model.depth, ssl.queue_size, ssl.proj_dim and "
+                    f"ssl.hidden_dim must match the run that wrote it): {err}"
+                ) from err
+            optimizer.load_state_dict(ckpt.training_state["optimizer"])
+            scheduler.load_state_dict(ckpt.training_state["scheduler"])
+            start_epoch, step = ckpt.training_state["epoch"], ckpt.training_state["step"]
+            log.info("resumed from %s at epoch %d, step %d", source, start_epoch, step)
+        if start_epoch > cfg.ssl.epochs:
+            raise UserError(f"ssl.epochs={cfg.ssl.epochs} is below the epoch of {source} ({start_epoch})")
+        if rank == 0:
+            # Epochs after the resumed one are trained again: their old rows go, so each epoch is logged once.
+            keep_metrics_through(work_dir / "metrics.jsonl", start_epoch)
+            if source is not None and start_epoch == cfg.ssl.epochs and not final.exists():
+                copy_as_final(source, final)  # stopped between writing `last` and `final`
+                _write_backbone(model, final / BACKBONE_FILE)
+    # Buffers are synced once at construction, not at every forward: the queues receive the same
+    # gathered keys on every worker, and broadcasting them would move 2 x queue_size x proj_dim
+    # floats per step. BatchNorm statistics stay per worker, as in the official DenseCL runs.
+    train_model = session.wrap_model(model, sync_buffers=False)
     log.info("DenseCL: %d images, %d workers x %d images per batch, %d iterations per epoch, lr %.4g",
              len(loader.dataset), world_size, cfg.ssl.batch_size, len(loader), lr)
 
@@ -239,6 +250,7 @@ def train_densecl(
             for name in sums:
                 sums[name] += values[name]
             step += 1
+            session.on_step(step)
             if rank == 0 and cfg.train.log_interval and (it + 1) % cfg.train.log_interval == 0:
                 log.info("ssl epoch %d/%d iter %d/%d loss %.4f (global %.4f, dense %.4f) lr %.3e",
                          epoch + 1, cfg.ssl.epochs, it + 1, len(loader), values["loss"],
@@ -248,25 +260,89 @@ def train_densecl(
         metrics = {"epoch": epoch + 1, "step": step, **{k: v / max(1, len(loader)) for k, v in sums.items()},
                    "images_per_second": images_seen / max(seconds, 1e-9),
                    "lr": optimizer.param_groups[0]["lr"]}
-        if rank != 0:
-            continue
-        log.info("ssl epoch %d/%d done: loss %.4f (global %.4f, dense %.4f), %.1f images/s",
-                 epoch + 1, cfg.ssl.epochs, metrics["loss"], metrics["loss_global"], metrics["loss_dense"],
-                 metrics["images_per_second"])
-        with open(work_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        last = epoch + 1 == cfg.ssl.epochs
-        if last or (cfg.train.checkpoint_interval and (epoch + 1) % cfg.train.checkpoint_interval == 0):
-            save_checkpoint(
-                work_dir / "last", model=model, config=cfg, meta={"kind": "densecl", **metrics},
-                training_state={"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                "epoch": epoch + 1, "step": step},
-            )
+        checkpoint = None
+        if rank == 0:
+            log.info("ssl epoch %d/%d done: loss %.4f (global %.4f, dense %.4f), %.1f images/s",
+                     epoch + 1, cfg.ssl.epochs, metrics["loss"], metrics["loss_global"], metrics["loss_dense"],
+                     metrics["images_per_second"])
+            with open(work_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            last = epoch + 1 == cfg.ssl.epochs
+            if last or (cfg.train.checkpoint_interval and (epoch + 1) % cfg.train.checkpoint_interval == 0):
+                checkpoint = save_checkpoint(
+                    work_dir / "last", model=model, config=cfg, meta={"kind": "densecl", **metrics},
+                    training_state={"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                    "epoch": epoch + 1, "step": step},
+                )
+        session.report(metrics, checkpoint)
 
     if rank == 0 and start_epoch < cfg.ssl.epochs:
         save_checkpoint(final, model=model, config=cfg, meta={"kind": "densecl", **metrics})
         _write_backbone(model, final / BACKBONE_FILE)
         log.info("DenseCL backbone written to %s (use it as model.backbone_weights)", final / BACKBONE_FILE)
+    session.finish(model)
     if world_size > 1:
         dist.barrier()
     return final
+
+
+# ---------------------------------------------------------------- in Ray Train workers: `sp-ray ssl`
+
+
+def check_ssl(cfg: Config, images: str | Path | None) -> tuple[nn.Module, int]:
+    """The driver's checks of ``sp-ray ssl`` (``sp_ray.train.preflight.check_training``'s ``model_check``):
+    the image folder holds a global batch, the queue fits it, the model builds; returns (model, ssl.epochs).
+
+    Raises:
+        UserError: the first problem found, naming what to fix.
+    """
+    from sp_ray.data.images import list_image_files
+    from sp_ray.train.preflight import check_image_folder
+
+    if images is None:
+        raise UserError("sp-ray ssl needs --images DIR, the folder of unlabeled images")
+    folder = check_image_folder(images, what="--images")
+    try:
+        check_batch_fits_queue(cfg.ssl, cfg.train.num_workers)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    count = len(list_image_files(folder))
+    global_batch = cfg.ssl.batch_size * cfg.train.num_workers
+    if count < global_batch:
+        raise UserError(
+            f"--images {folder} holds {count} images, fewer than one global batch "
+            f"(ssl.batch_size x workers = {global_batch}); lower ssl.batch_size or add images"
+        )
+    try:
+        model = build_densecl(cfg)
+    except (ValueError, FileNotFoundError) as err:
+        raise UserError(f"the DenseCL model of this config cannot be built: {err}") from None
+    return model, cfg.ssl.epochs
+
+
+def ssl_worker(loop_config: dict[str, Any]) -> None:
+    """The training function of a Ray Train worker of ``sp-ray ssl``: `train_densecl` with a ``RaySession``."""
+    from sp_ray.train.ray_train import RaySession, setup_worker
+
+    cfg, work_dir = setup_worker(loop_config)
+    train_densecl(cfg, loop_config["images"], work_dir, resume=loop_config["resume"],
+                  session=RaySession(cfg, work_dir))
+
+
+def run_ssl(
+    cfg: Config,
+    work_dir: str | Path,
+    images: str | Path,
+    *,
+    resume: str | Path | None = None,
+    run_name: str | None = None,
+    checked: TrainingPlan | None = None,
+) -> Path:
+    """``sp-ray ssl``: DenseCL in ``train.num_workers`` Ray Train workers (``sp_ray.train.ray_train.run_training``
+    with `ssl_worker` and `check_ssl`), checkpoints reported to Ray and the run continued from the last one
+    after a worker failure (``train.max_failures``). ``checked``: the plan of ``check_training`` when the caller
+    ran it already. Returns ``work_dir/final``."""
+    from sp_ray.train.ray_train import run_training
+
+    return run_training(cfg, work_dir, resume=resume, run_name=run_name, task="ssl", images=images,
+                        worker=ssl_worker, model_check=check_ssl, checked=checked)
