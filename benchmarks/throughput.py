@@ -91,7 +91,7 @@ from export.quantize import INT8_KINDS, quantize_int8, quantize_static_int8
 from sp_ray.config import Config, load_config
 from sp_ray.machine import cpu_facts, describe_cpu
 from sp_ray.models import build_model
-from sp_ray.models.knet import IMAGENET_MEAN, IMAGENET_STD
+from sp_ray.models.common import IMAGENET_MEAN, IMAGENET_STD
 from sp_ray.models.maskrcnn import build_maskrcnn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package: its worker module

@@ -39,7 +39,8 @@ from sp_ray import __version__
 from sp_ray.config import Config, config_hash
 from sp_ray.data.images import load_image_rgb
 from sp_ray.models import build_model
-from sp_ray.models.knet import IMAGENET_MEAN, IMAGENET_STD, MASK_STRIDE
+from sp_ray.models.common import IMAGENET_MEAN, IMAGENET_STD
+from sp_ray.models.knet import MASK_STRIDE
 from sp_ray.models.mask2former import MASK_STRIDE as MASK2FORMER_STRIDE
 from sp_ray.models.postprocess import select_topk
 from sp_ray.models.queryinst import MASK_STRIDE as QUERYINST_STRIDE

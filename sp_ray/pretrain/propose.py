@@ -49,7 +49,7 @@ from sp_ray.data.coco import SIZE_MISMATCH, DatasetSkipWarning
 from sp_ray.data.images import UNREADABLE, UnusableImageError, list_image_files, load_image_rgb
 from sp_ray.data.transforms import resize_for_inference
 from sp_ray.models.backbone import build_resnet
-from sp_ray.models.knet import IMAGENET_MEAN, IMAGENET_STD, SIZE_DIVISOR
+from sp_ray.models.common import IMAGENET_MEAN, IMAGENET_STD, SIZE_DIVISOR
 from sp_ray.pretrain.clip_proposals import ClipProposer, check_clip_setup, clip_identity
 from sp_ray.pretrain.saliency import Proposals, saliency_proposals
 from sp_ray.pretrain.self_training import CheckpointProposer, check_selftrain_config, checkpoint_identity

@@ -20,7 +20,7 @@ from sp_ray.config import Config, ConfigError, load_config
 from sp_ray.data.coco import SIZE_MISMATCH, DatasetSkipWarning
 from sp_ray.data.images import TOO_LARGE, UNREADABLE
 from sp_ray.data.synthetic import write_synthetic_dataset
-from sp_ray.models.knet import IMAGENET_MEAN, IMAGENET_STD
+from sp_ray.models.common import IMAGENET_MEAN, IMAGENET_STD
 from sp_ray.pretrain.propose import (
     TOO_ELONGATED,
     UNDECODABLE,
