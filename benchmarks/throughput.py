@@ -17,7 +17,7 @@ not depend on them, with one exception handled below), and the same measurement.
   with the options of ``Segmenter`` (``export.runtime.session_options``); "torch" and "onnxruntime" rows only,
   as it has nothing to decode.
 - precision "int8" (onnxruntime rows): the fp32 graph after calibrated static QDQ quantization
-  (``export.quantize``: ``quantize_int8`` for the models, ``quantize_static_int8`` on ready batches for the
+  (``export.exporter.quantize``: ``quantize_int8`` for the models, ``quantize_static_int8`` on ready batches for the
   floor), calibrated on ``CALIBRATION_IMAGES`` synthetic images of S x S. PyTorch rows are fp32 only.
 - "x floor": a row's time per image over that of the fp32 floor of the same runtime and batch (the
   onnxruntime floor for "onnxruntime-e2e" rows): 1.00 is the backbone alone, 1.50 a model whose heads and
@@ -85,9 +85,9 @@ import onnxruntime as ort
 import torch
 from torch import Tensor, nn
 
+from export.exporter.onnx_export import DEFAULT_OPSET, FAMILIES, _quiet_converters, export_model, model_info
+from export.exporter.quantize import INT8_KINDS, quantize_int8, quantize_static_int8
 from export.metadata import INPUT_NAME, ModelInfo
-from export.onnx_export import DEFAULT_OPSET, FAMILIES, _quiet_converters, export_model, model_info
-from export.quantize import INT8_KINDS, quantize_int8, quantize_static_int8
 from sp_ray.config import Config, load_config
 from sp_ray.machine import cpu_facts, describe_cpu
 from sp_ray.models import build_model
@@ -171,7 +171,7 @@ def build_floor(job: dict, seed: int = 0) -> Floor:
 
 def export_floor(job: dict, out: Path) -> Path:
     """Export the floor of ``job`` to ``out``: uint8 [B, 3, S, S] ``images`` in (dynamic B, as K-Net's graph),
-    float P2..P5 out; the dynamo exporter, as for K-Net (``export.onnx_export._export_dynamo``)."""
+    float P2..P5 out; the dynamo exporter, as for K-Net (``export.exporter.onnx_export._export_dynamo``)."""
     import onnx
     from torch.export import Dim
 

@@ -10,7 +10,7 @@ Pipeline of ``export_checkpoint``: build the model from the checkpoint's config,
 (K-Net and Mask2Former with the dynamo exporter, ``32 * Dim`` sides; Mask R-CNN with the TorchScript exporter, which
 torchvision's detection models need), ``onnx.checker`` with shape inference, onnxruntime's basic
 (hardware-independent) graph optimisations, optional fp16 conversion or calibrated static int8
-quantization (``export.quantize``),
+quantization (``export.exporter.quantize``),
 metadata, and the parity check of the final model against PyTorch fp32 on sample images.
 """
 
@@ -32,8 +32,8 @@ import onnxruntime as ort
 import torch
 from torch import Tensor, nn
 
+from export.exporter.parity import ParityReport, compare_instances
 from export.metadata import INPUT_NAME, KNET_FORMAT, OUTPUT_NAMES, ROI_FORMAT, ModelInfo, replace_metadata_props
-from export.parity import ParityReport, compare_instances
 from export.runtime import Instances, Segmenter, check_image, decode_outputs, prepare_batch
 from sp_ray import __version__
 from sp_ray.config import Config, config_hash
@@ -331,9 +331,9 @@ def convert_precision(
 
     fp16: onnxruntime's converter (``onnxruntime.transformers.float16``) with the inputs and outputs
     kept in their types; its output is repaired where it is invalid ONNX (duplicate Cast nodes,
-    nodes out of topological order). int8: ``export.quantize.quantize_int8`` (QDQ, per-channel int8
+    nodes out of topological order). int8: ``export.exporter.quantize.quantize_int8`` (QDQ, per-channel int8
     weights, uint8 activations whose ranges come from the ``calibration`` images; ``int8_kinds``, default
-    ``export.quantize.INT8_KINDS`` of the family, says which kinds of node).
+    ``export.exporter.quantize.INT8_KINDS`` of the family, says which kinds of node).
 
     Returns:
         ``info`` with ``precision`` set.
@@ -347,10 +347,11 @@ def convert_precision(
         converted = convert_float_to_float16(onnx.load(str(path)), keep_io_types=True)
         _repair_graph(converted.graph)
     elif precision == "int8":
-        from export.quantize import quantize_int8
+        from export.exporter.quantize import quantize_int8
 
         kept = quantize_int8(path, path, info, calibration, kinds=int8_kinds)
-        log.info("int8: %d convolutions and matrix products kept in fp32 (export.quantize.INT8_KINDS)", len(kept))
+        log.info("int8: %d convolutions and matrix products kept in fp32 (export.exporter.quantize.INT8_KINDS)",
+                 len(kept))
         converted = onnx.load(str(path))
     else:
         return info

@@ -108,7 +108,7 @@ def _evaluate_job(checkpoint: str, annotations: str, images: str, out: str) -> N
 def _export_job(checkpoint: str, out: str, size: int) -> dict[str, Any]:
     import torch
 
-    from export.onnx_export import export_checkpoint
+    from export.exporter.onnx_export import export_checkpoint
 
     torch.set_num_threads(1)
     start = time.perf_counter()

@@ -11,8 +11,8 @@ import onnx
 import pytest
 import torch
 
-from export import onnx_export
-from export.onnx_export import (
+from export.exporter import onnx_export
+from export.exporter.onnx_export import (
     ParityError,
     check_parity,
     convert_precision,
@@ -21,7 +21,7 @@ from export.onnx_export import (
     model_info,
     sample_images,
 )
-from export.parity import BOUNDS, ParityReport, compare_instances
+from export.exporter.parity import BOUNDS, ParityReport, compare_instances
 from export.runtime import Instances, Segmenter, prepare_batch
 from sp_ray.cli import main
 from sp_ray.config import load_config

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from export import providers
+from export.exporter.onnx_export import export_model, model_info, sample_images
 from export.geometry import padded_size
 from export.metadata import KNET_FORMAT, ModelInfo
-from export.onnx_export import export_model, model_info, sample_images
 from export.providers import GpuSettings, input_shape_range, provider_options
 from export.runtime import Segmenter, input_size_for, prepare_batch
 from sp_ray.config import load_config
