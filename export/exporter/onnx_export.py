@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from export.exporter.parity import ParityReport, compare_instances
-from export.metadata import INPUT_NAME, KNET_FORMAT, OUTPUT_NAMES, ROI_FORMAT, ModelInfo, replace_metadata_props
+from export.metadata import INPUT_NAME, OUTPUT_NAMES, ROI_FORMAT, TOPK_FORMAT, ModelInfo, replace_metadata_props
 from export.runtime import Instances, Segmenter, check_image, decode_outputs, prepare_batch
 from sp_ray import __version__
 from sp_ray.config import Config, config_hash
@@ -55,11 +55,12 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 _MAX_SIDE_UNITS = 512
 
 
-class KNetExport(nn.Module):
-    """K-Net for export: uint8 images in, the k best (kernel, class) pairs out.
+class QueryExport(nn.Module):
+    """A query-based model for export (``TOPK_FORMAT``): uint8 images in, the k best (query, class) pairs out.
 
     Args:
-        model: a trained ``KNet`` or ``Mask2Former`` (eval mode).
+        model: a trained ``KNet``, ``Mask2Former`` or ``QueryInst`` (eval mode): any model whose outputs have
+            ``pred_logits`` [B, N, C] and ``pred_masks`` [B, N, h, w] at a fixed stride.
         k: detections per image (``eval.topk``, at most N * C).
     """
 
@@ -111,7 +112,7 @@ class ExportFamily:
         dynamo: True for the torch.export-based exporter, False for the TorchScript one.
         dynamic_batch: whether a dynamic batch dimension can be exported.
         fp16: whether onnxruntime's fp16 converter handles the graph.
-        mask_stride: stride of the ``mask_logits`` output relative to the input (``KNET_FORMAT``).
+        mask_stride: stride of the ``mask_logits`` output relative to the input (``TOPK_FORMAT``).
     """
 
     output_format: str
@@ -123,14 +124,14 @@ class ExportFamily:
 
 
 FAMILIES: dict[str, ExportFamily] = {
-    "knet": ExportFamily(KNET_FORMAT, lambda model, k: KNetExport(model, k=k), dynamo=True,
+    "knet": ExportFamily(TOPK_FORMAT, lambda model, k: QueryExport(model, k=k), dynamo=True,
                          dynamic_batch=True, fp16=True, mask_stride=MASK_STRIDE),
     # Same outputs as K-Net (sigmoid-compatible class logits, masks at stride 4): the same adapter.
-    "mask2former": ExportFamily(KNET_FORMAT, lambda model, k: KNetExport(model, k=k), dynamo=True,
+    "mask2former": ExportFamily(TOPK_FORMAT, lambda model, k: QueryExport(model, k=k), dynamo=True,
                                 dynamic_batch=True, fp16=True, mask_stride=MASK2FORMER_STRIDE),
     # QueryInst's RoI masks are pasted into a stride-4 grid inside the model, so it has K-Net's outputs too;
     # its RoIAlign exports as ONNX RoiAlign (opset >= 16, half_pixel = torchvision's aligned=True).
-    "queryinst": ExportFamily(KNET_FORMAT, lambda model, k: KNetExport(model, k=k), dynamo=True,
+    "queryinst": ExportFamily(TOPK_FORMAT, lambda model, k: QueryExport(model, k=k), dynamo=True,
                               dynamic_batch=True, fp16=True, mask_stride=QUERYINST_STRIDE),
     # torchvision's detection models only export with the TorchScript exporter, which unrolls the
     # per-image loops (fixed batch); onnxruntime's fp16 converter breaks the NMS subgraphs (If nodes).
@@ -182,7 +183,7 @@ def model_info(
 
 def topk_of(cfg: Config) -> int:
     """Detections per image in the graph: ``eval.topk``, capped at N * C for the top-k families."""
-    if FAMILIES[cfg.model.name].output_format == KNET_FORMAT:
+    if FAMILIES[cfg.model.name].output_format == TOPK_FORMAT:
         return min(cfg.eval.topk, cfg.model.num_kernels * cfg.model.num_classes)
     return cfg.eval.topk
 
