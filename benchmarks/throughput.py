@@ -85,7 +85,8 @@ import onnxruntime as ort
 import torch
 from torch import Tensor, nn
 
-from export.exporter.onnx_export import DEFAULT_OPSET, FAMILIES, _quiet_converters, export_model, model_info
+from export.exporter.adapters import export_adapter
+from export.exporter.onnx_export import DEFAULT_OPSET, _quiet_converters, export_model, model_info
 from export.exporter.quantize import INT8_KINDS, quantize_int8, quantize_static_int8
 from export.metadata import INPUT_NAME, ModelInfo
 from sp_ray.config import Config, load_config
@@ -196,7 +197,7 @@ def torch_module(job: dict) -> nn.Module:
     adapter around the random model (what the ONNX graph was exported from)."""
     if job["family"] == FLOOR:
         return build_floor(job)
-    return FAMILIES[job["family"]].wrap(build_random_model(job), job["topk"]).eval()
+    return export_adapter(job["family"]).wrap(build_random_model(job), job["topk"]).eval()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -392,7 +393,7 @@ def export_models(args: argparse.Namespace, folder: Path) -> dict[tuple[str, str
     for family in args.families:
         job = _job(args, family, "onnxruntime", 0)
         model = None if family == FLOOR else build_random_model(job)
-        dynamic = family == FLOOR or FAMILIES[family].dynamic_batch
+        dynamic = family == FLOOR or export_adapter(family).dynamic_batch
         for batch in [None] if dynamic else args.batches:
             start = time.perf_counter()
             if family == FLOOR:
@@ -499,11 +500,11 @@ def measure_image_sides(args: argparse.Namespace) -> list[dict]:
         models = {}
         for family in args.families:
             job = _job(args, family, "onnxruntime-e2e", 1)
-            dynamic = FAMILIES[family].dynamo  # Mask R-CNN's TorchScript graph has a fixed input
+            dynamic = export_adapter(family).dynamo  # Mask R-CNN's TorchScript graph has a fixed input
             info = model_info(bench_config(job), class_names=[f"class{i}" for i in range(args.num_classes)],
                               cat_ids=list(range(1, args.num_classes + 1)),
                               input_size=None if dynamic else (args.size, args.size),
-                              batch_size=None if FAMILIES[family].dynamic_batch else 1)
+                              batch_size=None if export_adapter(family).dynamic_batch else 1)
             sample = np.random.default_rng(0).integers(0, 256, (1, 3, args.size, args.size), np.uint8)
             models[family] = str(export_model(build_random_model(job), info, folder / f"{family}.onnx", sample=sample))
         return run_image_sides(models, args, folder)

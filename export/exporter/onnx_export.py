@@ -1,8 +1,8 @@
 """Checkpoint -> ONNX: export adapters outside the models, torch.onnx.export, checks, precision, parity.
 
-The adapters (detectron2's export style) run the unchanged model, so the exported graph is the
-trained graph, and add only what deployment needs inside the graph: the uint8 -> float cast
-(normalisation is already in the models' forward) and a fixed-size top-k for K-Net. Everything
+The adapters (``export.exporter.adapters``, detectron2's export style) run the unchanged model, so the
+exported graph is the trained graph, and add only what deployment needs inside the graph: the uint8 -> float
+cast (normalisation is already in the models' forward) and a fixed-size top-k for the query-based families. Everything
 data-dependent in size (thresholds, resampling to the original image, boxes from masks, RLE) is
 left to the numpy runtime, configured by the metadata stored in the model.
 
@@ -22,7 +22,7 @@ import logging
 import os
 import tempfile
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +32,7 @@ import onnxruntime as ort
 import torch
 from torch import Tensor, nn
 
+from export.exporter.adapters import export_adapter, metadata_mask_stride
 from export.exporter.parity import ParityReport, compare_instances
 from export.metadata import INPUT_NAME, OUTPUT_NAMES, ROI_FORMAT, TOPK_FORMAT, ModelInfo, replace_metadata_props
 from export.runtime import Instances, Segmenter, check_image, decode_outputs, prepare_batch
@@ -40,10 +41,6 @@ from sp_ray.config import Config, config_hash
 from sp_ray.data.images import load_image_rgb
 from sp_ray.models import build_model
 from sp_ray.models.common import IMAGENET_MEAN, IMAGENET_STD
-from sp_ray.models.knet import MASK_STRIDE
-from sp_ray.models.mask2former import MASK_STRIDE as MASK2FORMER_STRIDE
-from sp_ray.models.postprocess import select_topk
-from sp_ray.models.queryinst import MASK_STRIDE as QUERYINST_STRIDE
 from sp_ray.train.checkpoint import load_checkpoint
 
 log = logging.getLogger("sp_ray")
@@ -53,91 +50,6 @@ PRECISIONS = ("fp32", "fp16", "int8")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 # Upper bound of each dynamic side, in units of 32 pixels (16384 px).
 _MAX_SIDE_UNITS = 512
-
-
-class QueryExport(nn.Module):
-    """A query-based model for export (``TOPK_FORMAT``): uint8 images in, the k best (query, class) pairs out.
-
-    Args:
-        model: a trained ``KNet``, ``Mask2Former`` or ``QueryInst`` (eval mode): any model whose outputs have
-            ``pred_logits`` [B, N, C] and ``pred_masks`` [B, N, h, w] at a fixed stride.
-        k: detections per image (``eval.topk``, at most N * C).
-    """
-
-    def __init__(self, model: nn.Module, *, k: int) -> None:
-        super().__init__()
-        self.model = model
-        self.k = k
-
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Args: images uint8 [B, 3, H, W] (RGB 0..255, H and W multiples of 32).
-
-        Returns:
-            (scores float [B, k], labels int64 [B, k], mask_logits float [B, k, H/s, W/s], s the
-            family's mask stride).
-        """
-        outputs = self.model(images.float())
-        return select_topk(outputs["pred_logits"], outputs["pred_masks"], k=self.k)
-
-
-class RoIExport(nn.Module):
-    """Mask R-CNN for export: uint8 images in, flattened detections with their 28 x 28 masks out.
-
-    Args:
-        model: a trained ``sp_ray.models.maskrcnn.MaskRCNN`` (eval mode).
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """Args: images uint8 [B, 3, H, W].
-
-        Returns:
-            (boxes [M, 4] input pixels, scores [M], labels int64 [M], mask_probs [M, 28, 28],
-            batch_index int64 [M]).
-        """
-        d = self.model(images)
-        return d["boxes"], d["scores"], d["labels"], d["masks"], d["batch_index"]
-
-
-@dataclass(frozen=True)
-class ExportFamily:
-    """How one model family is exported.
-
-    Attributes:
-        output_format: the runtime's decoder (``export.metadata``).
-        wrap: (model, k) -> the export adapter.
-        dynamo: True for the torch.export-based exporter, False for the TorchScript one.
-        dynamic_batch: whether a dynamic batch dimension can be exported.
-        fp16: whether onnxruntime's fp16 converter handles the graph.
-        mask_stride: stride of the ``mask_logits`` output relative to the input (``TOPK_FORMAT``).
-    """
-
-    output_format: str
-    wrap: Callable[[nn.Module, int], nn.Module]
-    dynamo: bool
-    dynamic_batch: bool
-    fp16: bool
-    mask_stride: int
-
-
-FAMILIES: dict[str, ExportFamily] = {
-    "knet": ExportFamily(TOPK_FORMAT, lambda model, k: QueryExport(model, k=k), dynamo=True,
-                         dynamic_batch=True, fp16=True, mask_stride=MASK_STRIDE),
-    # Same outputs as K-Net (sigmoid-compatible class logits, masks at stride 4): the same adapter.
-    "mask2former": ExportFamily(TOPK_FORMAT, lambda model, k: QueryExport(model, k=k), dynamo=True,
-                                dynamic_batch=True, fp16=True, mask_stride=MASK2FORMER_STRIDE),
-    # QueryInst's RoI masks are pasted into a stride-4 grid inside the model, so it has K-Net's outputs too;
-    # its RoIAlign exports as ONNX RoiAlign (opset >= 16, half_pixel = torchvision's aligned=True).
-    "queryinst": ExportFamily(TOPK_FORMAT, lambda model, k: QueryExport(model, k=k), dynamo=True,
-                              dynamic_batch=True, fp16=True, mask_stride=QUERYINST_STRIDE),
-    # torchvision's detection models only export with the TorchScript exporter, which unrolls the
-    # per-image loops (fixed batch); onnxruntime's fp16 converter breaks the NMS subgraphs (If nodes).
-    "maskrcnn": ExportFamily(ROI_FORMAT, lambda model, k: RoIExport(model), dynamo=False,
-                             dynamic_batch=False, fp16=False, mask_stride=MASK_STRIDE),
-}
 
 
 @dataclass
@@ -154,14 +66,13 @@ def model_info(
     batch_size: int | None, precision: str = "fp32", source: str = "",
 ) -> ModelInfo:
     """The metadata of an export of a model built from ``cfg``."""
-    if cfg.model.name not in FAMILIES:
-        raise ValueError(f"model.name {cfg.model.name!r} has no exporter; exportable: {sorted(FAMILIES)}")
+    adapter = export_adapter(cfg.model.name)
     if len(class_names) != cfg.model.num_classes or len(cat_ids) != cfg.model.num_classes:
         raise ValueError(f"{len(class_names)} class names and {len(cat_ids)} category ids for a model of "
                          f"{cfg.model.num_classes} classes")
     return ModelInfo(
         family=cfg.model.name,
-        output_format=FAMILIES[cfg.model.name].output_format,
+        output_format=adapter.output_format,
         class_names=list(class_names),
         cat_ids=[int(c) for c in cat_ids],
         max_size=cfg.data.max_size,
@@ -169,7 +80,7 @@ def model_info(
         size_divisor=cfg.data.size_divisor,
         input_size=input_size,
         batch_size=batch_size,
-        mask_stride=FAMILIES[cfg.model.name].mask_stride,
+        mask_stride=metadata_mask_stride(cfg.model.name),
         topk=topk_of(cfg),
         score_threshold=cfg.eval.score_threshold,
         mask_threshold=cfg.eval.mask_threshold,
@@ -183,7 +94,7 @@ def model_info(
 
 def topk_of(cfg: Config) -> int:
     """Detections per image in the graph: ``eval.topk``, capped at N * C for the top-k families."""
-    if FAMILIES[cfg.model.name].output_format == TOPK_FORMAT:
+    if export_adapter(cfg.model.name).output_format == TOPK_FORMAT:
         return min(cfg.eval.topk, cfg.model.num_kernels * cfg.model.num_classes)
     return cfg.eval.topk
 
@@ -241,14 +152,14 @@ def export_model(
     Returns:
         ``out``.
     """
-    family = FAMILIES[info.family]
+    adapter = export_adapter(info.family)
     _check_input_size(info)
-    if info.batch_size is None and not family.dynamic_batch:
+    if info.batch_size is None and not adapter.dynamic_batch:
         raise ValueError(f"{info.family} exports with a fixed batch only (torchvision's detection models "
                          "unroll their per-image loops when traced); use --batch N")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    wrapper = family.wrap(model.eval(), info.topk).eval()
+    wrapper = adapter.wrap(model.eval(), info.topk).eval()
     example = torch.from_numpy(np.ascontiguousarray(sample))
     if info.batch_size is None and example.shape[0] < 2:
         # torch.export specialises a dimension of size 1; trace a batch of 2 for a dynamic batch.
@@ -258,7 +169,7 @@ def export_model(
         raw = Path(tmp) / "raw.onnx"
         with warnings.catch_warnings(), torch.no_grad(), _quiet_converters():
             warnings.simplefilter("ignore")
-            if family.dynamo:
+            if adapter.dynamo:
                 _export_dynamo(wrapper, example, raw, info, output_names, opset)
             else:
                 _export_torchscript(wrapper, example, raw, info, output_names, opset)
@@ -319,7 +230,7 @@ def check_precision(family: str, precision: str) -> None:
     """Raise ValueError when ``family`` cannot be exported at ``precision`` (before any export work)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision == "fp16" and not FAMILIES[family].fp16:
+    if precision == "fp16" and not export_adapter(family).fp16:
         raise ValueError(f"--fp16 is not supported for {family}: onnxruntime's fp16 converter "
                          "produces an invalid graph for its NMS subgraphs; use fp32 or --int8")
 
@@ -490,7 +401,7 @@ def torch_instances(
 ) -> list[Instances]:
     """Instances of the PyTorch model (fp32 eager, through the export adapter) on ``images``,
     prepared and decoded by the runtime's own functions, with score threshold 0."""
-    wrapper = FAMILIES[info.family].wrap(model.eval(), info.topk).eval()
+    wrapper = export_adapter(info.family).wrap(model.eval(), info.topk).eval()
     device = device or next(model.parameters()).device
     results = []
     # Batched as the runtime's predict_batch batches, so both see the same padding.

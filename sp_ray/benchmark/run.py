@@ -19,7 +19,7 @@ For each format of ``sp_ray.benchmark.FORMATS`` one `FormatResult`:
   every format.
 
   - graph-only: ``Segmenter.run`` on the batch already prepared (resized, padded uint8 [B, 3, H, W]);
-    torch: the export adapter (``export.exporter.onnx_export.FAMILIES[family].wrap``) in eager mode under
+    torch: the export adapter (``export.exporter.adapters.export_adapter(family).wrap``) in eager mode under
     ``torch.inference_mode`` on the same array.
   - end-to-end: ``Segmenter.predict_batch(images, rle=True)``: resize and pad, the graph, masks at image
     size as COCO RLE (what ``evaluate``, ``predict`` and ``serve`` compute). torch: the same numpy pre- and
@@ -53,8 +53,8 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from export.exporter.adapters import export_adapter
 from export.exporter.onnx_export import (
-    FAMILIES,
     ParityError,
     check_parity,
     export_checkpoint,
@@ -286,7 +286,7 @@ def torch_predict_batch(wrapper: nn.Module, info: ModelInfo, images: Sequence[np
     """The runtime's ``predict_batch(images, rle=True)`` with the eager export adapter as the graph.
 
     Args:
-        wrapper: ``FAMILIES[info.family].wrap(model, info.topk)`` in eval mode.
+        wrapper: ``export_adapter(info.family).wrap(model, info.topk)`` in eval mode.
         info: the model's metadata (resize rule, thresholds, category ids).
         images: uint8 [H_i, W_i, 3] RGB arrays, at most ``info.batch_size`` if it is set.
 
@@ -306,7 +306,7 @@ Calls = dict[str, Callable[[int], object]]
 
 def torch_calls(model: nn.Module, info: ModelInfo, batches: Sequence[Sequence[np.ndarray]]) -> Calls:
     """Graph-only and end-to-end calls of the PyTorch model (see the module docstring)."""
-    wrapper = FAMILIES[info.family].wrap(model, info.topk).eval()
+    wrapper = export_adapter(info.family).wrap(model, info.topk).eval()
     prepared = [torch.from_numpy(prepare_batch(images, info)[0]) for images in batches]
 
     def graph(round_index: int) -> object:
