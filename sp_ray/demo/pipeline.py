@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from sp_ray.config import Config, load_config
-from sp_ray.data.images import link_images
+from sp_ray.data.coco import link_images
 from sp_ray.demo.commands import (
     finetune_overrides,
     pretrain_overrides,
