@@ -221,7 +221,7 @@ def build_steps(layout: DemoLayout, settings: DemoSettings, ray_session: LocalRa
         measure_throughput(layout, settings)
 
     def report() -> None:
-        from sp_ray.report.demo_report import write_demo_report
+        from sp_ray.demo.report.demo_report import write_demo_report
 
         write_demo_report(layout, settings, reproduce_commands(layout, settings))
 

@@ -1,2 +1,3 @@
-"""Reports: one document model (`sp_ray.report.document`) rendered to HTML and Markdown, with figures
-drawn by `draw` (masks on images, numpy + PIL) and `charts` (matplotlib, Agg), linked by relative paths."""
+"""The demo's report: one document model (`sp_ray.demo.report.document`) rendered to HTML and Markdown, with
+figures drawn by `sp_ray.drawing` (masks on images, numpy + PIL; charts, matplotlib Agg), linked by relative
+paths; `demo_report` writes it from the demo's outputs."""
