@@ -155,7 +155,7 @@ def export_family(checkpoint: str, onnx: str, images: str, count: int) -> dict[s
     """``sp-ray export`` of one checkpoint (fp32, any size, batch 1, its CPU parity check); run in a worker."""
     import torch
 
-    from export.onnx_export import export_checkpoint
+    from export.exporter.onnx_export import export_checkpoint
 
     torch.set_num_threads(1)  # the exports run side by side, one core each
     start = time.perf_counter()
@@ -200,7 +200,7 @@ def cmd_parity(args: argparse.Namespace) -> None:
     """
     import torch
 
-    from export.onnx_export import sample_images, torch_instances
+    from export.exporter.onnx_export import sample_images, torch_instances
     from export.providers import GpuSettings
     from export.runtime import read_metadata
     from sp_ray.models import build_model
@@ -256,7 +256,7 @@ def cmd_parity(args: argparse.Namespace) -> None:
 def _parity_session(onnx: Path, providers: list[str], settings: Any, images: list, reference: list, *,
                     precision: str, nms: bool) -> dict[str, Any]:
     """Open one session, time its creation and two passes over ``images``, compare with ``reference``."""
-    from export.parity import compare_instances
+    from export.exporter.parity import compare_instances
     from export.runtime import Segmenter
 
     start = time.perf_counter()

@@ -1,10 +1,10 @@
 """Which kinds of node static int8 may quantize: AP, parity and graph time of a trained checkpoint per choice.
 
 For one checkpoint, export fp32 once, then quantize it with each ``--variants`` entry (comma-separated
-kinds of ``export.quantize.KINDS``: conv, roi_conv, linear, dynamic), calibrated on ``--calibration-count``
+kinds of ``export.exporter.quantize.KINDS``: conv, roi_conv, linear, dynamic), calibrated on ``--calibration-count``
 images of ``--images``, and report for each: COCO segm / bbox AP through the runtime (as ``sp-ray evaluate
 --onnx``), parity against PyTorch fp32 on ``--parity-count`` images, and the graph's median time on one
-prepared image (the graphs interleaved round by round). This is how ``export.quantize.INT8_KINDS`` was chosen:
+prepared image (the graphs interleaved round by round). This is how ``export.exporter.quantize.INT8_KINDS`` was chosen:
 
     python benchmarks/int8_kinds.py --checkpoint runs/demo/finetune/sp_10pct/final \\
         --annotations runs/demo/data/val.json --images runs/demo/data/images \\
@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from export.onnx_export import (
+from export.exporter.onnx_export import (
     check_parity,
     convert_precision,
     export_checkpoint,

@@ -138,8 +138,7 @@ def write_unlabeled_pool(out: Path, data: Path, pool: Path | None) -> tuple[Path
     The ground-truth json (file names relative to the folder) only measures the pseudo masks' recall;
     nothing trains on it.
     """
-    from sp_ray.data.coco import read_coco_json
-    from sp_ray.data.images import link_images
+    from sp_ray.data.coco import link_images, read_coco_json
 
     folder, gt_path = out / "unlabeled", out / "unlabeled_gt.json"
     sources = [("labeled_train", data, ["train.json"])] + ([("pool", pool, ["train.json", "val.json"])] if pool else [])

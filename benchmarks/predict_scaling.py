@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from export.onnx_export import export_model, model_info
+from export.exporter.onnx_export import export_model, model_info
 from export.runtime import Segmenter
 from sp_ray.data.images import list_image_files, load_image_rgb
 from sp_ray.data.synthetic import write_synthetic_dataset

@@ -42,7 +42,7 @@ import onnxruntime as ort
 import requests
 from PIL import Image
 
-from export.onnx_export import export_model, model_info
+from export.exporter.onnx_export import export_model, model_info
 from export.runtime import Segmenter
 from sp_ray.machine import isa_flags
 from sp_ray.serve.settings import ServeSettings

@@ -37,8 +37,8 @@ from pycocotools import mask as mask_utils
 from torch import Tensor, nn
 
 from sp_ray.config import ProposeConfig, load_config
-from sp_ray.data.coco import read_coco_json
-from sp_ray.data.images import link_images, load_image_rgb
+from sp_ray.data.coco import link_images, read_coco_json
+from sp_ray.data.images import load_image_rgb
 from sp_ray.data.synthetic import write_synthetic_dataset
 from sp_ray.densecl.train import BACKBONE_FILE, train_densecl
 from sp_ray.evaluation.proposal_quality import (

@@ -17,7 +17,7 @@ not depend on them, with one exception handled below), and the same measurement.
   with the options of ``Segmenter`` (``export.runtime.session_options``); "torch" and "onnxruntime" rows only,
   as it has nothing to decode.
 - precision "int8" (onnxruntime rows): the fp32 graph after calibrated static QDQ quantization
-  (``export.quantize``: ``quantize_int8`` for the models, ``quantize_static_int8`` on ready batches for the
+  (``export.exporter.quantize``: ``quantize_int8`` for the models, ``quantize_static_int8`` on ready batches for the
   floor), calibrated on ``CALIBRATION_IMAGES`` synthetic images of S x S. PyTorch rows are fp32 only.
 - "x floor": a row's time per image over that of the fp32 floor of the same runtime and batch (the
   onnxruntime floor for "onnxruntime-e2e" rows): 1.00 is the backbone alone, 1.50 a model whose heads and
@@ -85,13 +85,14 @@ import onnxruntime as ort
 import torch
 from torch import Tensor, nn
 
+from export.exporter.adapters import export_adapter
+from export.exporter.onnx_export import DEFAULT_OPSET, _quiet_converters, export_model, model_info
+from export.exporter.quantize import INT8_KINDS, quantize_int8, quantize_static_int8
 from export.metadata import INPUT_NAME, ModelInfo
-from export.onnx_export import DEFAULT_OPSET, FAMILIES, _quiet_converters, export_model, model_info
-from export.quantize import INT8_KINDS, quantize_int8, quantize_static_int8
 from sp_ray.config import Config, load_config
 from sp_ray.machine import cpu_facts, describe_cpu
 from sp_ray.models import build_model
-from sp_ray.models.knet import IMAGENET_MEAN, IMAGENET_STD
+from sp_ray.models.common import IMAGENET_MEAN, IMAGENET_STD
 from sp_ray.models.maskrcnn import build_maskrcnn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package: its worker module
@@ -171,7 +172,7 @@ def build_floor(job: dict, seed: int = 0) -> Floor:
 
 def export_floor(job: dict, out: Path) -> Path:
     """Export the floor of ``job`` to ``out``: uint8 [B, 3, S, S] ``images`` in (dynamic B, as K-Net's graph),
-    float P2..P5 out; the dynamo exporter, as for K-Net (``export.onnx_export._export_dynamo``)."""
+    float P2..P5 out; the dynamo exporter, as for K-Net (``export.exporter.onnx_export._export_dynamo``)."""
     import onnx
     from torch.export import Dim
 
@@ -196,7 +197,7 @@ def torch_module(job: dict) -> nn.Module:
     adapter around the random model (what the ONNX graph was exported from)."""
     if job["family"] == FLOOR:
         return build_floor(job)
-    return FAMILIES[job["family"]].wrap(build_random_model(job), job["topk"]).eval()
+    return export_adapter(job["family"]).wrap(build_random_model(job), job["topk"]).eval()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -392,7 +393,7 @@ def export_models(args: argparse.Namespace, folder: Path) -> dict[tuple[str, str
     for family in args.families:
         job = _job(args, family, "onnxruntime", 0)
         model = None if family == FLOOR else build_random_model(job)
-        dynamic = family == FLOOR or FAMILIES[family].dynamic_batch
+        dynamic = family == FLOOR or export_adapter(family).dynamic_batch
         for batch in [None] if dynamic else args.batches:
             start = time.perf_counter()
             if family == FLOOR:
@@ -499,11 +500,11 @@ def measure_image_sides(args: argparse.Namespace) -> list[dict]:
         models = {}
         for family in args.families:
             job = _job(args, family, "onnxruntime-e2e", 1)
-            dynamic = FAMILIES[family].dynamo  # Mask R-CNN's TorchScript graph has a fixed input
+            dynamic = export_adapter(family).dynamo  # Mask R-CNN's TorchScript graph has a fixed input
             info = model_info(bench_config(job), class_names=[f"class{i}" for i in range(args.num_classes)],
                               cat_ids=list(range(1, args.num_classes + 1)),
                               input_size=None if dynamic else (args.size, args.size),
-                              batch_size=None if FAMILIES[family].dynamic_batch else 1)
+                              batch_size=None if export_adapter(family).dynamic_batch else 1)
             sample = np.random.default_rng(0).integers(0, 256, (1, 3, args.size, args.size), np.uint8)
             models[family] = str(export_model(build_random_model(job), info, folder / f"{family}.onnx", sample=sample))
         return run_image_sides(models, args, folder)

@@ -13,13 +13,14 @@ from dataclasses import dataclass
 
 FORMAT_VERSION = 1
 
-# The two graph layouts the runtime decodes.
-KNET_FORMAT = "topk_mask_logits"  # scores [B, k], labels [B, k], mask_logits [B, k, H/s, W/s]
+# The two graph layouts the runtime decodes. The strings are what exported models carry in ``output_format``
+# (``TOPK_FORMAT`` was named ``KNET_FORMAT`` before; its value is unchanged, so older exports still load).
+TOPK_FORMAT = "topk_mask_logits"  # scores [B, k], labels [B, k], mask_logits [B, k, H/s, W/s]
 ROI_FORMAT = "roi_mask_probs"  # boxes [M, 4], scores [M], labels [M], mask_probs [M, 28, 28], batch_index [M]
 
 INPUT_NAME = "images"
 OUTPUT_NAMES = {
-    KNET_FORMAT: ("scores", "labels", "mask_logits"),
+    TOPK_FORMAT: ("scores", "labels", "mask_logits"),
     ROI_FORMAT: ("boxes", "scores", "labels", "mask_probs", "batch_index"),
 }
 
@@ -30,7 +31,7 @@ class ModelInfo:
 
     Attributes:
         family: ``model.name`` of the checkpoint ("knet", "mask2former", "maskrcnn").
-        output_format: ``KNET_FORMAT`` or ``ROI_FORMAT``.
+        output_format: ``TOPK_FORMAT`` or ``ROI_FORMAT``.
         class_names: category names by contiguous label.
         cat_ids: COCO category id of each contiguous label.
         max_size: long-side cap of the training resize (``data.max_size``).
@@ -38,7 +39,7 @@ class ModelInfo:
         size_divisor: padded input sides are multiples of this.
         input_size: fixed (H, W) of the graph input, or None for any size (multiples of size_divisor).
         batch_size: fixed batch of the graph input, or None for any batch.
-        mask_stride: stride of the mask logits of ``KNET_FORMAT`` (K-Net 8, Mask2Former 4; unused by ``ROI_FORMAT``).
+        mask_stride: stride of the mask logits of ``TOPK_FORMAT`` (K-Net 8, Mask2Former 4; unused by ``ROI_FORMAT``).
         topk: detections per image in the graph.
         score_threshold: default score threshold of the runtime (detections with score > it are kept).
         mask_threshold: mask pixels are those with probability > it.

@@ -26,7 +26,7 @@ import numpy as np
 import onnxruntime as ort
 
 from export.geometry import MAX_IMAGE_PIXELS, check_pixel_count, fit_within, padded_size, resize_for_inference
-from export.metadata import INPUT_NAME, KNET_FORMAT, OUTPUT_NAMES, ModelInfo
+from export.metadata import INPUT_NAME, OUTPUT_NAMES, TOPK_FORMAT, ModelInfo
 from export.providers import GPU_PROVIDERS, TENSORRT, GpuSettings, default_providers, provider_options
 from export.resample import gather_masks, paste_mask_logits, paste_roi_masks, resize_image
 
@@ -370,7 +370,7 @@ def decode_outputs(
     Returns:
         ``Instances`` in original pixels.
     """
-    decode = _decode_topk if info.output_format == KNET_FORMAT else _decode_roi
+    decode = _decode_topk if info.output_format == TOPK_FORMAT else _decode_roi
     scores, labels, crops, boxes = decode(outputs, index, info, image_size, orig_size, score_threshold)
     # Each mask is written or encoded as soon as its box is computed: one box in memory at a time.
     mask_boxes, masks, rles = gather_masks(crops, count=len(scores), size=orig_size, rle=rle)

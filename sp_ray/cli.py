@@ -483,7 +483,7 @@ def _parse_size(text: str) -> tuple[int, int]:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from export.onnx_export import export_checkpoint
+    from export.exporter.onnx_export import export_checkpoint
     from sp_ray.train.preflight import check_output_file
 
     check_output_file(args.out, what="--out")

@@ -117,7 +117,7 @@ def trained_knet(tmp_path_factory, synthetic) -> Path:
 @pytest.fixture(scope="session")
 def knet_export(tmp_path_factory, trained_knet, synthetic):
     """``export_checkpoint`` of the trained K-Net: fp32, dynamic size and batch, parity on the val images."""
-    from export.onnx_export import export_checkpoint
+    from export.exporter.onnx_export import export_checkpoint
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -7,6 +7,6 @@ parser can list them without importing torch or onnxruntime.
 
 from __future__ import annotations
 
-# Format name -> the precision of its ONNX export (``export.onnx_export.PRECISIONS``); None: the PyTorch
+# Format name -> the precision of its ONNX export (``export.exporter.onnx_export.PRECISIONS``); None: the PyTorch
 # model itself, the reference of the parity columns.
 FORMATS: dict[str, str | None] = {"torch": None, "onnx": "fp32", "onnx-fp16": "fp16", "onnx-int8": "int8"}

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from sp_ray.benchmark import FORMATS
 from sp_ray.benchmark.run import BenchmarkReport, FormatResult
-from sp_ray.report.charts import Point, plot_points
+from sp_ray.drawing.charts import Point, plot_points
 
 COLUMNS = ("format", "file", "size (MB)", "segm AP", "bbox AP", "graph images/s", "graph p50 / p95 (ms)",
            "e2e images/s", "e2e p50 / p95 (ms)", "parity matched", "max score diff", "mean mask IoU", "error")

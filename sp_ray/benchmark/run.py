@@ -3,13 +3,13 @@
 For each format of ``sp_ray.benchmark.FORMATS`` one `FormatResult`:
 
 - **file**: ``model.pt`` for torch; for the ONNX formats ``PREFIX.<precision>.onnx``, written by
-  ``export.onnx_export.export_checkpoint`` with a fixed batch of ``batch`` images and any input size;
+  ``export.exporter.onnx_export.export_checkpoint`` with a fixed batch of ``batch`` images and any input size;
   int8 is calibrated on ``calibration_count`` images of the set's folder (so its AP is that of a model
   calibrated on the images it is scored on: give a held-out set to measure what calibration transfers).
 - **AP**: COCO segm / bbox AP on the set. torch through ``evaluate_checkpoint``, the ONNX formats through
   ``evaluate_onnx`` on the CPU provider with ``threads``: the functions ``sp-ray evaluate --checkpoint`` and
   ``sp-ray evaluate --onnx --threads T`` call, so the values are theirs.
-- **parity** against PyTorch fp32: the ``export.parity.ParityReport`` the export computed on the first
+- **parity** against PyTorch fp32: the ``export.exporter.parity.ParityReport`` the export computed on the first
   ``parity_count`` images of the set's folder (torch is the reference and has none).
 - **speed**, after ``warmup`` untimed rounds, over ``rounds`` timed rounds. Each round runs every format
   once (its graph-only and end-to-end calls back to back), the formats in an order rotated by one per
@@ -19,7 +19,7 @@ For each format of ``sp_ray.benchmark.FORMATS`` one `FormatResult`:
   every format.
 
   - graph-only: ``Segmenter.run`` on the batch already prepared (resized, padded uint8 [B, 3, H, W]);
-    torch: the export adapter (``export.onnx_export.FAMILIES[family].wrap``) in eager mode under
+    torch: the export adapter (``export.exporter.adapters.export_adapter(family).wrap``) in eager mode under
     ``torch.inference_mode`` on the same array.
   - end-to-end: ``Segmenter.predict_batch(images, rle=True)``: resize and pad, the graph, masks at image
     size as COCO RLE (what ``evaluate``, ``predict`` and ``serve`` compute). torch: the same numpy pre- and
@@ -53,9 +53,16 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from export.exporter.adapters import export_adapter
+from export.exporter.onnx_export import (
+    ParityError,
+    check_parity,
+    export_checkpoint,
+    model_info,
+    sample_images,
+)
+from export.exporter.parity import ParityReport
 from export.metadata import ModelInfo
-from export.onnx_export import FAMILIES, ParityError, check_parity, export_checkpoint, model_info, sample_images
-from export.parity import ParityReport
 from export.runtime import Instances, Segmenter, decode_outputs, prepare_batch
 from sp_ray import __version__
 from sp_ray.benchmark import FORMATS
@@ -279,7 +286,7 @@ def torch_predict_batch(wrapper: nn.Module, info: ModelInfo, images: Sequence[np
     """The runtime's ``predict_batch(images, rle=True)`` with the eager export adapter as the graph.
 
     Args:
-        wrapper: ``FAMILIES[info.family].wrap(model, info.topk)`` in eval mode.
+        wrapper: ``export_adapter(info.family).wrap(model, info.topk)`` in eval mode.
         info: the model's metadata (resize rule, thresholds, category ids).
         images: uint8 [H_i, W_i, 3] RGB arrays, at most ``info.batch_size`` if it is set.
 
@@ -299,7 +306,7 @@ Calls = dict[str, Callable[[int], object]]
 
 def torch_calls(model: nn.Module, info: ModelInfo, batches: Sequence[Sequence[np.ndarray]]) -> Calls:
     """Graph-only and end-to-end calls of the PyTorch model (see the module docstring)."""
-    wrapper = FAMILIES[info.family].wrap(model, info.topk).eval()
+    wrapper = export_adapter(info.family).wrap(model, info.topk).eval()
     prepared = [torch.from_numpy(prepare_batch(images, info)[0]) for images in batches]
 
     def graph(round_index: int) -> object:

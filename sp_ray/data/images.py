@@ -200,26 +200,3 @@ def list_image_files(root: str | Path) -> list[Path]:
     if not files:
         raise ValueError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
     return files
-
-
-def link_images(annotations: str | Path, images: str | Path, folder: str | Path) -> Path:
-    """A folder of symlinks to the images of a COCO json (``sp-ray ssl`` reads a folder, not a json).
-
-    Args:
-        annotations: the COCO json whose ``images`` are linked (its annotations are not read).
-        images: the folder its ``file_name`` entries are relative to.
-        folder: where the links go (created; existing links are kept).
-
-    Returns:
-        ``folder``.
-    """
-    from sp_ray.data.coco import read_coco_json
-
-    folder, images = Path(folder), Path(images)
-    folder.mkdir(parents=True, exist_ok=True)
-    for image in read_coco_json(annotations)["images"]:
-        link = folder / image["file_name"]
-        if not link.exists():
-            link.parent.mkdir(parents=True, exist_ok=True)
-            link.symlink_to((images / image["file_name"]).resolve())
-    return folder

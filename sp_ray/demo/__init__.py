@@ -16,7 +16,7 @@ kernels     average mask of every K-Net kernel (`analyze_kernels`): scratch, SP 
 export      ONNX with the parity check (`export_checkpoint`): K-Net from SP and Mask R-CNN, largest fraction
 onnx        onnxruntime (`export.runtime.Segmenter`): K-Net AP on val, both models on sample val images
 throughput  onnxruntime images/s of both exported models, interleaved (`time_interleaved`)
-report      figures, ``report.html`` and ``report.md`` (`sp_ray.report.demo_report`)
+report      figures, ``report.html`` and ``report.md`` (`sp_ray.demo.report.demo_report`)
 ==========  ====================================================================================
 
 A step is skipped when all its outputs exist (a rerun is fast); ``force`` redoes every step,

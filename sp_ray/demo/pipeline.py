@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from sp_ray.config import Config, load_config
-from sp_ray.data.images import link_images
+from sp_ray.data.coco import link_images
 from sp_ray.demo.commands import (
     finetune_overrides,
     pretrain_overrides,
@@ -108,7 +108,7 @@ def _evaluate_job(checkpoint: str, annotations: str, images: str, out: str) -> N
 def _export_job(checkpoint: str, out: str, size: int) -> dict[str, Any]:
     import torch
 
-    from export.onnx_export import export_checkpoint
+    from export.exporter.onnx_export import export_checkpoint
 
     torch.set_num_threads(1)
     start = time.perf_counter()
@@ -221,7 +221,7 @@ def build_steps(layout: DemoLayout, settings: DemoSettings, ray_session: LocalRa
         measure_throughput(layout, settings)
 
     def report() -> None:
-        from sp_ray.report.demo_report import write_demo_report
+        from sp_ray.demo.report.demo_report import write_demo_report
 
         write_demo_report(layout, settings, reproduce_commands(layout, settings))
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sp_ray.models.backbone import ResNetBackbone, build_resnet
-from sp_ray.models.knet import IMAGENET_MEAN, IMAGENET_STD
+from sp_ray.models.common import IMAGENET_MEAN, IMAGENET_STD
 
 
 def info_nce_loss(pos: Tensor, neg: Tensor, temperature: float) -> Tensor:

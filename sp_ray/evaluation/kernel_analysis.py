@@ -26,8 +26,9 @@ from sp_ray.data.images import load_image_rgb
 from sp_ray.data.listing import list_images
 from sp_ray.data.transforms import resize_for_inference
 from sp_ray.models import build_model, model_family
+from sp_ray.models.common import SIZE_DIVISOR
 from sp_ray.models.knet import MASK_STRIDE as KNET_STRIDE
-from sp_ray.models.knet import SIZE_DIVISOR
+
 from sp_ray.train.checkpoint import load_checkpoint, load_init_weights
 from sp_ray.train.device import select_device
 

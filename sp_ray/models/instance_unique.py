@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sp_ray.config import Config, ConfigError, InstanceUniqueConfig
-from sp_ray.models.knet import SIZE_DIVISOR
+from sp_ray.models.common import SIZE_DIVISOR
 from sp_ray.models.losses import ModelLosses, sigmoid_focal_loss
 from sp_ray.types import ModelOutputs, Target
 

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sp_ray.models.backbone import build_resnet
-from sp_ray.models.knet import (
+from sp_ray.models.common import (
     GN_GROUPS,
     IMAGENET_MEAN,
     IMAGENET_STD,

@@ -33,7 +33,7 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import FrozenBatchNorm2d
 
 from sp_ray.models.backbone import load_backbone_weights
-from sp_ray.models.knet import IMAGENET_MEAN, IMAGENET_STD, SIZE_DIVISOR
+from sp_ray.models.common import IMAGENET_MEAN, IMAGENET_STD, SIZE_DIVISOR
 from sp_ray.models.postprocess import paste_crops, paste_roi_masks
 from sp_ray.types import Target
 

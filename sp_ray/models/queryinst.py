@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from torchvision.ops import roi_align
 
 from sp_ray.models.backbone import FPN, build_resnet
-from sp_ray.models.knet import (
+from sp_ray.models.common import (
     GN_GROUPS,
     IMAGENET_MEAN,
     IMAGENET_STD,

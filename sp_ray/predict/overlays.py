@@ -1,6 +1,6 @@
 """Predictions drawn on their image: masks blended in, boxes, class names and scores (numpy + PIL only).
 
-Reuses the report's drawer (``sp_ray.report.draw``, torch-free) so a prediction looks the same in a
+Reuses the report's drawer (``sp_ray.drawing.draw``, torch-free) so a prediction looks the same in a
 report and in ``sp-ray predict --overlays``.
 """
 
@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw
 
 from export.rle import decode_rle
 from export.runtime import Instances
-from sp_ray.report.draw import draw_labels, instance_colors, overlay_masks
+from sp_ray.drawing.draw import draw_labels, instance_colors, overlay_masks
 
 
 def draw_instances(image: np.ndarray, found: Instances, class_names: Sequence[str]) -> np.ndarray:

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from sp_ray.config import Config, ProposeConfig
 from sp_ray.data.transforms import resize_for_inference
 from sp_ray.models.backbone import build_resnet
-from sp_ray.models.knet import IMAGENET_MEAN, IMAGENET_STD, SIZE_DIVISOR
+from sp_ray.models.common import IMAGENET_MEAN, IMAGENET_STD, SIZE_DIVISOR
 from sp_ray.pretrain.proposers import Proposals, Ready, c5_channels
 
 # Soft masks upsampled to the image at once are capped at this many floats (256 MiB), so that a

@@ -34,7 +34,7 @@ from torchvision.transforms.v2 import functional as TF
 from sp_ray.config import Config, ConfigError, InstanceUniqueConfig, SelfTrainConfig
 from sp_ray.data.transforms import resize_for_inference
 from sp_ray.models import build_model
-from sp_ray.models.knet import SIZE_DIVISOR
+from sp_ray.models.common import SIZE_DIVISOR
 from sp_ray.models.postprocess import paste_crops, paste_mask_logits
 from sp_ray.pretrain.proposers import Proposals, Ready, c5_channels
 from sp_ray.pretrain.saliency import matrix_nms

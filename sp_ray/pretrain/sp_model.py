@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from sp_ray.config import Config, ConfigError, PretrainConfig
-from sp_ray.models.knet import SIZE_DIVISOR
+from sp_ray.models.common import SIZE_DIVISOR
 from sp_ray.models.losses import ModelLosses
 from sp_ray.pretrain.kernel_loss import SaliencyProjection, angle_preservation_loss, kernel_supervision_loss
 from sp_ray.pretrain.prompts import (

@@ -12,7 +12,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from torchvision import tv_tensors
 
-from sp_ray.data.coco import IMAGE_TOO_LARGE, CocoInstanceDataset, DatasetSkipWarning
+from sp_ray.data.coco import IMAGE_TOO_LARGE, CocoInstanceDataset, DatasetSkipWarning, link_images
 from sp_ray.data.images import UNREADABLE, UnusableImageError, load_image_rgb
 from sp_ray.data.transforms import build_transforms
 
@@ -354,3 +354,16 @@ def test_non_coco_json_is_an_error_naming_the_file(tmp_path: Path, content: str,
 def test_missing_annotation_file_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="nowhere.json"):
         CocoInstanceDataset(tmp_path / "nowhere.json", tmp_path)
+
+
+def test_link_images_links_the_images_of_a_json_and_keeps_existing_links(tmp_path: Path) -> None:
+    (tmp_path / "images" / "sub").mkdir(parents=True)
+    _write_png(tmp_path / "images" / "a.png")
+    _write_png(tmp_path / "images" / "sub" / "b.png")
+    _write_png(tmp_path / "images" / "unlisted.png")
+    gt = _write_json(tmp_path / "gt.json", [_image(1, "a.png"), _image(2, "sub/b.png")], [])
+    folder = link_images(gt, tmp_path / "images", tmp_path / "links")
+    assert folder == tmp_path / "links"
+    assert sorted(str(p.relative_to(folder)) for p in folder.rglob("*.png")) == ["a.png", "sub/b.png"]
+    assert (folder / "sub" / "b.png").resolve() == (tmp_path / "images" / "sub" / "b.png").resolve()
+    assert link_images(gt, tmp_path / "images", folder) == folder  # again: the links exist, nothing fails

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from export.onnx_export import ExportResult, ParityError
+from export.exporter.onnx_export import ExportResult, ParityError
 from sp_ray.benchmark import FORMATS
 from sp_ray.benchmark import run as bench
 from sp_ray.cli import main

@@ -11,8 +11,14 @@ import onnx
 import pytest
 import torch
 
-from export import onnx_export
-from export.onnx_export import (
+from export.exporter import onnx_export
+from export.exporter.adapters import (
+    ADAPTERS,
+    ROI_METADATA_MASK_STRIDE,
+    export_adapter,
+    metadata_mask_stride,
+)
+from export.exporter.onnx_export import (
     ParityError,
     check_parity,
     convert_precision,
@@ -21,10 +27,12 @@ from export.onnx_export import (
     model_info,
     sample_images,
 )
-from export.parity import BOUNDS, ParityReport, compare_instances
+from export.exporter.parity import BOUNDS, ParityReport, compare_instances
+from export.metadata import ROI_FORMAT, TOPK_FORMAT
 from export.runtime import Instances, Segmenter, prepare_batch
 from sp_ray.cli import main
 from sp_ray.config import load_config
+from sp_ray.models import FAMILIES
 from sp_ray.models.maskrcnn import build_maskrcnn
 from sp_ray.train.checkpoint import load_checkpoint
 
@@ -40,6 +48,19 @@ def _model(checkpoint):
     model, _ = build_model(ckpt.config)
     model.load_state_dict(ckpt.model_state)
     return model.eval()
+
+
+def test_each_family_gets_its_adapter_and_mask_stride_from_the_one_family_table() -> None:
+    for name, family in FAMILIES.items():
+        adapter = export_adapter(name)
+        if family.mask_stride is None:  # per-RoI masks
+            assert adapter is ADAPTERS[ROI_FORMAT] and metadata_mask_stride(name) == ROI_METADATA_MASK_STRIDE
+        else:
+            assert adapter is ADAPTERS[TOPK_FORMAT] and metadata_mask_stride(name) == family.mask_stride
+    assert {name: metadata_mask_stride(name) for name in FAMILIES} == {
+        "knet": 8, "mask2former": 4, "queryinst": 4, "maskrcnn": 8}  # what the exports' metadata has always said
+    with pytest.raises(ValueError, match="not one of"):
+        export_adapter("nosuchfamily")
 
 
 def test_dynamic_knet_export_passes_fp32_parity_with_a_static_graph(knet_export) -> None:

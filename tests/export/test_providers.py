@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from export import providers
+from export.exporter.onnx_export import export_model, model_info, sample_images
 from export.geometry import padded_size
-from export.metadata import KNET_FORMAT, ModelInfo
-from export.onnx_export import export_model, model_info, sample_images
+from export.metadata import TOPK_FORMAT, ModelInfo
 from export.providers import GpuSettings, input_shape_range, provider_options
 from export.runtime import Segmenter, input_size_for, prepare_batch
 from sp_ray.config import load_config
@@ -30,7 +30,7 @@ KNET_TINY = REPO / "configs" / "demo" / "knet_tiny_synthetic.yaml"
 
 def _info(*, input_size=None, batch_size=None, max_size=1333, short_size=800, size_divisor=32) -> ModelInfo:
     return ModelInfo(
-        family="knet", output_format=KNET_FORMAT, class_names=["a"], cat_ids=[1], max_size=max_size,
+        family="knet", output_format=TOPK_FORMAT, class_names=["a"], cat_ids=[1], max_size=max_size,
         short_size=short_size, size_divisor=size_divisor, input_size=input_size, batch_size=batch_size,
         mask_stride=8, topk=10, score_threshold=0.0, mask_threshold=0.5, mean=[0.0] * 3, std=[1.0] * 3,
         precision="fp32", config_hash="x",

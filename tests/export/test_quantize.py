@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from export.onnx_export import (
+from export.exporter.onnx_export import (
     check_parity,
     convert_precision,
     export_checkpoint,
@@ -20,7 +20,7 @@ from export.onnx_export import (
     model_info,
     sample_images,
 )
-from export.quantize import node_kinds
+from export.exporter.quantize import node_kinds
 from export.runtime import prepare_batch
 from sp_ray.cli import main
 from sp_ray.config import load_config

@@ -14,7 +14,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from export.metadata import ModelInfo
+from export.metadata import TOPK_FORMAT, ModelInfo
 from export.rle import decode_rle
 from export.runtime import Segmenter
 from sp_ray.data.coco import CocoInstanceDataset
@@ -32,9 +32,14 @@ def segmenter(knet_export) -> Segmenter:
     return Segmenter(knet_export.path, providers=["CPUExecutionProvider"], threads=1)
 
 
+RUNTIME_MODULES = ("runtime", "geometry", "resample", "rle", "metadata", "providers", "client", "coco_results")
+
+
 def test_importing_the_runtime_loads_neither_torch_nor_ray() -> None:
+    """The runtime layer (every module of ``export/`` outside ``export/exporter/``) is numpy + onnxruntime only."""
+    assert sorted(p.stem for p in (REPO / "export").glob("*.py") if p.stem != "__init__") == sorted(RUNTIME_MODULES)
     code = (
-        "import sys, json; import export.runtime, export.parity; "
+        "import sys, json; " + "; ".join(f"import export.{name}" for name in RUNTIME_MODULES) + "; "
         "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules} & "
         "{'torch', 'torchvision', 'ray', 'sp_ray', 'scipy', 'pycocotools'})))"
     )
@@ -91,6 +96,16 @@ def test_metadata_round_trips_and_names_missing_fields(segmenter) -> None:
     del props["cat_ids"]
     with pytest.raises(ValueError, match="cat_ids"):
         ModelInfo.from_props(props)
+
+
+def test_the_topk_format_string_is_the_one_older_exports_carry(knet_export, segmenter) -> None:
+    """``TOPK_FORMAT`` (``KNET_FORMAT`` before the rename) keeps its value, so models exported before it still load."""
+    assert TOPK_FORMAT == "topk_mask_logits"
+    props = {p.key: p.value for p in onnx.load(str(knet_export.path), load_external_data=False).metadata_props}
+    assert props["output_format"] == '"topk_mask_logits"'
+    assert segmenter.info.output_format == TOPK_FORMAT
+    older = {**props, "output_format": json.dumps("topk_mask_logits")}
+    assert ModelInfo.from_props(older) == segmenter.info
 
 
 @pytest.mark.parametrize("shape", [(61, 47), (64, 64), (30, 100), (129, 77)])

@@ -361,7 +361,7 @@ def test_iuq_checkpoints_load_both_ways(tmp_path: Path) -> None:
 
 
 def test_fit_with_iuq_then_evaluate_and_export_like_a_plain_checkpoint(tmp_path: Path) -> None:
-    from export.onnx_export import export_checkpoint
+    from export.exporter.onnx_export import export_checkpoint
     from sp_ray.evaluation.coco_eval import evaluate_checkpoint
 
     data = write_synthetic_dataset(tmp_path / "data", num_images=4, image_size=64, seed=0)

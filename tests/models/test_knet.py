@@ -3,7 +3,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sp_ray.models.knet import KNet, build_knet, sine_positional_encoding
+from sp_ray.models.common import sine_positional_encoding
+from sp_ray.models.knet import KNet, build_knet
 from sp_ray.models.losses import KNetCriterion
 from sp_ray.models.matcher import HungarianMatcher
 

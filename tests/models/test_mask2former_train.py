@@ -11,7 +11,7 @@ import pytest
 import ray
 import torch
 
-from export.onnx_export import export_checkpoint
+from export.exporter.onnx_export import export_checkpoint
 from export.runtime import Segmenter
 from sp_ray.cli import main
 from sp_ray.config import ConfigError, load_config

@@ -380,7 +380,7 @@ def test_training_loop_trains_and_evaluates(trained) -> None:
 
 
 def test_export_passes_fp32_parity_and_the_runtime_decodes_it(trained, synthetic, tmp_path) -> None:
-    from export.onnx_export import export_checkpoint
+    from export.exporter.onnx_export import export_checkpoint
     from export.runtime import Segmenter
 
     result = export_checkpoint(trained, tmp_path / "queryinst.onnx", input_size=None, batch_size=None,

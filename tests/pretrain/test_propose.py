@@ -21,7 +21,7 @@ from sp_ray.data.coco import SIZE_MISMATCH, DatasetSkipWarning
 from sp_ray.data.images import TOO_LARGE, UNREADABLE
 from sp_ray.data.listing import list_images
 from sp_ray.data.synthetic import write_synthetic_dataset
-from sp_ray.models.knet import IMAGENET_MEAN, IMAGENET_STD
+from sp_ray.models.common import IMAGENET_MEAN, IMAGENET_STD
 from sp_ray.pretrain.propose import check_propose_config, proposal_identity, propose
 from sp_ray.pretrain.saliency import SaliencyProposer, input_size
 from sp_ray.pretrain.shards import (

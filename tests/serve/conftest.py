@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from export.onnx_export import export_model, model_info
+from export.exporter.onnx_export import export_model, model_info
 from sp_ray.config import load_config
 from sp_ray.models import build_model
 

@@ -1,7 +1,7 @@
 """The report as data: sections of paragraphs, tables, figures and command blocks.
 
-One `Report` is rendered by `sp_ray.report.html` and `sp_ray.report.markdown`, so both formats say the
-same thing. Figure paths are relative to the folder the report is written to, which keeps the report
+One `Report` is rendered by `sp_ray.demo.report.html` and `sp_ray.demo.report.markdown`, so both formats say
+the same thing. Figure paths are relative to the folder the report is written to, which keeps the report
 movable (copy the folder, the images follow) and lets `missing_links` check it before it is written.
 """
 

@@ -18,6 +18,8 @@ from pycocotools import mask as mask_utils
 
 from sp_ray.data.images import load_image_rgb
 from sp_ray.demo.commands import demo_command
+from sp_ray.demo.report.document import Commands, Figure, Paragraph, Report, Section, Table
+from sp_ray.demo.report.write import write_report
 from sp_ray.demo.settings import (
     REPO,
     VARIANT_TITLES,
@@ -29,10 +31,8 @@ from sp_ray.demo.settings import (
     exported_runs,
     kernel_checkpoints,
 )
-from sp_ray.report.charts import Bar, Line, Panel, plot_bars, plot_panels
-from sp_ray.report.document import Commands, Figure, Paragraph, Report, Section, Table
-from sp_ray.report.draw import draw_labels, instance_colors, overlay_masks, save_png, tile, upscale
-from sp_ray.report.write import write_report
+from sp_ray.drawing.charts import Bar, Line, Panel, plot_bars, plot_panels
+from sp_ray.drawing.draw import draw_labels, instance_colors, overlay_masks, save_png, tile, upscale
 
 # The benchmark's K-Net result (benchmarks/low_data.py --results benchmarks/results/low_data_knet): the
 # paired intervals the demo's one-seed gap is read against.

@@ -147,7 +147,7 @@ def quantize_int8(
     saying precision "int8".
 
     Args:
-        path: an fp32 export (``export.onnx_export.export_model``).
+        path: an fp32 export (``export.exporter.onnx_export.export_model``).
         out: the .onnx file to write (may equal ``path``).
         info: the model's metadata (for the calibration preprocessing and ``INT8_KINDS``).
         images: calibration images, uint8 [H, W, 3] RGB; at least one.

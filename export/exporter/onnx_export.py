@@ -1,8 +1,8 @@
 """Checkpoint -> ONNX: export adapters outside the models, torch.onnx.export, checks, precision, parity.
 
-The adapters (detectron2's export style) run the unchanged model, so the exported graph is the
-trained graph, and add only what deployment needs inside the graph: the uint8 -> float cast
-(normalisation is already in the models' forward) and a fixed-size top-k for K-Net. Everything
+The adapters (``export.exporter.adapters``, detectron2's export style) run the unchanged model, so the
+exported graph is the trained graph, and add only what deployment needs inside the graph: the uint8 -> float
+cast (normalisation is already in the models' forward) and a fixed-size top-k for the query-based families. Everything
 data-dependent in size (thresholds, resampling to the original image, boxes from masks, RLE) is
 left to the numpy runtime, configured by the metadata stored in the model.
 
@@ -10,7 +10,7 @@ Pipeline of ``export_checkpoint``: build the model from the checkpoint's config,
 (K-Net and Mask2Former with the dynamo exporter, ``32 * Dim`` sides; Mask R-CNN with the TorchScript exporter, which
 torchvision's detection models need), ``onnx.checker`` with shape inference, onnxruntime's basic
 (hardware-independent) graph optimisations, optional fp16 conversion or calibrated static int8
-quantization (``export.quantize``),
+quantization (``export.exporter.quantize``),
 metadata, and the parity check of the final model against PyTorch fp32 on sample images.
 """
 
@@ -22,7 +22,7 @@ import logging
 import os
 import tempfile
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,17 +32,15 @@ import onnxruntime as ort
 import torch
 from torch import Tensor, nn
 
-from export.metadata import INPUT_NAME, KNET_FORMAT, OUTPUT_NAMES, ROI_FORMAT, ModelInfo, replace_metadata_props
-from export.parity import ParityReport, compare_instances
+from export.exporter.adapters import export_adapter, metadata_mask_stride
+from export.exporter.parity import ParityReport, compare_instances
+from export.metadata import INPUT_NAME, OUTPUT_NAMES, ROI_FORMAT, TOPK_FORMAT, ModelInfo, replace_metadata_props
 from export.runtime import Instances, Segmenter, check_image, decode_outputs, prepare_batch
 from sp_ray import __version__
 from sp_ray.config import Config, config_hash
 from sp_ray.data.images import load_image_rgb
 from sp_ray.models import build_model
-from sp_ray.models.knet import IMAGENET_MEAN, IMAGENET_STD, MASK_STRIDE
-from sp_ray.models.mask2former import MASK_STRIDE as MASK2FORMER_STRIDE
-from sp_ray.models.postprocess import select_topk
-from sp_ray.models.queryinst import MASK_STRIDE as QUERYINST_STRIDE
+from sp_ray.models.common import IMAGENET_MEAN, IMAGENET_STD
 from sp_ray.train.checkpoint import load_checkpoint
 
 log = logging.getLogger("sp_ray")
@@ -52,90 +50,6 @@ PRECISIONS = ("fp32", "fp16", "int8")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 # Upper bound of each dynamic side, in units of 32 pixels (16384 px).
 _MAX_SIDE_UNITS = 512
-
-
-class KNetExport(nn.Module):
-    """K-Net for export: uint8 images in, the k best (kernel, class) pairs out.
-
-    Args:
-        model: a trained ``KNet`` or ``Mask2Former`` (eval mode).
-        k: detections per image (``eval.topk``, at most N * C).
-    """
-
-    def __init__(self, model: nn.Module, *, k: int) -> None:
-        super().__init__()
-        self.model = model
-        self.k = k
-
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Args: images uint8 [B, 3, H, W] (RGB 0..255, H and W multiples of 32).
-
-        Returns:
-            (scores float [B, k], labels int64 [B, k], mask_logits float [B, k, H/s, W/s], s the
-            family's mask stride).
-        """
-        outputs = self.model(images.float())
-        return select_topk(outputs["pred_logits"], outputs["pred_masks"], k=self.k)
-
-
-class RoIExport(nn.Module):
-    """Mask R-CNN for export: uint8 images in, flattened detections with their 28 x 28 masks out.
-
-    Args:
-        model: a trained ``sp_ray.models.maskrcnn.MaskRCNN`` (eval mode).
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """Args: images uint8 [B, 3, H, W].
-
-        Returns:
-            (boxes [M, 4] input pixels, scores [M], labels int64 [M], mask_probs [M, 28, 28],
-            batch_index int64 [M]).
-        """
-        d = self.model(images)
-        return d["boxes"], d["scores"], d["labels"], d["masks"], d["batch_index"]
-
-
-@dataclass(frozen=True)
-class ExportFamily:
-    """How one model family is exported.
-
-    Attributes:
-        output_format: the runtime's decoder (``export.metadata``).
-        wrap: (model, k) -> the export adapter.
-        dynamo: True for the torch.export-based exporter, False for the TorchScript one.
-        dynamic_batch: whether a dynamic batch dimension can be exported.
-        fp16: whether onnxruntime's fp16 converter handles the graph.
-        mask_stride: stride of the ``mask_logits`` output relative to the input (``KNET_FORMAT``).
-    """
-
-    output_format: str
-    wrap: Callable[[nn.Module, int], nn.Module]
-    dynamo: bool
-    dynamic_batch: bool
-    fp16: bool
-    mask_stride: int
-
-
-FAMILIES: dict[str, ExportFamily] = {
-    "knet": ExportFamily(KNET_FORMAT, lambda model, k: KNetExport(model, k=k), dynamo=True,
-                         dynamic_batch=True, fp16=True, mask_stride=MASK_STRIDE),
-    # Same outputs as K-Net (sigmoid-compatible class logits, masks at stride 4): the same adapter.
-    "mask2former": ExportFamily(KNET_FORMAT, lambda model, k: KNetExport(model, k=k), dynamo=True,
-                                dynamic_batch=True, fp16=True, mask_stride=MASK2FORMER_STRIDE),
-    # QueryInst's RoI masks are pasted into a stride-4 grid inside the model, so it has K-Net's outputs too;
-    # its RoIAlign exports as ONNX RoiAlign (opset >= 16, half_pixel = torchvision's aligned=True).
-    "queryinst": ExportFamily(KNET_FORMAT, lambda model, k: KNetExport(model, k=k), dynamo=True,
-                              dynamic_batch=True, fp16=True, mask_stride=QUERYINST_STRIDE),
-    # torchvision's detection models only export with the TorchScript exporter, which unrolls the
-    # per-image loops (fixed batch); onnxruntime's fp16 converter breaks the NMS subgraphs (If nodes).
-    "maskrcnn": ExportFamily(ROI_FORMAT, lambda model, k: RoIExport(model), dynamo=False,
-                             dynamic_batch=False, fp16=False, mask_stride=MASK_STRIDE),
-}
 
 
 @dataclass
@@ -152,14 +66,13 @@ def model_info(
     batch_size: int | None, precision: str = "fp32", source: str = "",
 ) -> ModelInfo:
     """The metadata of an export of a model built from ``cfg``."""
-    if cfg.model.name not in FAMILIES:
-        raise ValueError(f"model.name {cfg.model.name!r} has no exporter; exportable: {sorted(FAMILIES)}")
+    adapter = export_adapter(cfg.model.name)
     if len(class_names) != cfg.model.num_classes or len(cat_ids) != cfg.model.num_classes:
         raise ValueError(f"{len(class_names)} class names and {len(cat_ids)} category ids for a model of "
                          f"{cfg.model.num_classes} classes")
     return ModelInfo(
         family=cfg.model.name,
-        output_format=FAMILIES[cfg.model.name].output_format,
+        output_format=adapter.output_format,
         class_names=list(class_names),
         cat_ids=[int(c) for c in cat_ids],
         max_size=cfg.data.max_size,
@@ -167,7 +80,7 @@ def model_info(
         size_divisor=cfg.data.size_divisor,
         input_size=input_size,
         batch_size=batch_size,
-        mask_stride=FAMILIES[cfg.model.name].mask_stride,
+        mask_stride=metadata_mask_stride(cfg.model.name),
         topk=topk_of(cfg),
         score_threshold=cfg.eval.score_threshold,
         mask_threshold=cfg.eval.mask_threshold,
@@ -181,7 +94,7 @@ def model_info(
 
 def topk_of(cfg: Config) -> int:
     """Detections per image in the graph: ``eval.topk``, capped at N * C for the top-k families."""
-    if FAMILIES[cfg.model.name].output_format == KNET_FORMAT:
+    if export_adapter(cfg.model.name).output_format == TOPK_FORMAT:
         return min(cfg.eval.topk, cfg.model.num_kernels * cfg.model.num_classes)
     return cfg.eval.topk
 
@@ -239,14 +152,14 @@ def export_model(
     Returns:
         ``out``.
     """
-    family = FAMILIES[info.family]
+    adapter = export_adapter(info.family)
     _check_input_size(info)
-    if info.batch_size is None and not family.dynamic_batch:
+    if info.batch_size is None and not adapter.dynamic_batch:
         raise ValueError(f"{info.family} exports with a fixed batch only (torchvision's detection models "
                          "unroll their per-image loops when traced); use --batch N")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    wrapper = family.wrap(model.eval(), info.topk).eval()
+    wrapper = adapter.wrap(model.eval(), info.topk).eval()
     example = torch.from_numpy(np.ascontiguousarray(sample))
     if info.batch_size is None and example.shape[0] < 2:
         # torch.export specialises a dimension of size 1; trace a batch of 2 for a dynamic batch.
@@ -256,7 +169,7 @@ def export_model(
         raw = Path(tmp) / "raw.onnx"
         with warnings.catch_warnings(), torch.no_grad(), _quiet_converters():
             warnings.simplefilter("ignore")
-            if family.dynamo:
+            if adapter.dynamo:
                 _export_dynamo(wrapper, example, raw, info, output_names, opset)
             else:
                 _export_torchscript(wrapper, example, raw, info, output_names, opset)
@@ -317,7 +230,7 @@ def check_precision(family: str, precision: str) -> None:
     """Raise ValueError when ``family`` cannot be exported at ``precision`` (before any export work)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision == "fp16" and not FAMILIES[family].fp16:
+    if precision == "fp16" and not export_adapter(family).fp16:
         raise ValueError(f"--fp16 is not supported for {family}: onnxruntime's fp16 converter "
                          "produces an invalid graph for its NMS subgraphs; use fp32 or --int8")
 
@@ -330,9 +243,9 @@ def convert_precision(
 
     fp16: onnxruntime's converter (``onnxruntime.transformers.float16``) with the inputs and outputs
     kept in their types; its output is repaired where it is invalid ONNX (duplicate Cast nodes,
-    nodes out of topological order). int8: ``export.quantize.quantize_int8`` (QDQ, per-channel int8
+    nodes out of topological order). int8: ``export.exporter.quantize.quantize_int8`` (QDQ, per-channel int8
     weights, uint8 activations whose ranges come from the ``calibration`` images; ``int8_kinds``, default
-    ``export.quantize.INT8_KINDS`` of the family, says which kinds of node).
+    ``export.exporter.quantize.INT8_KINDS`` of the family, says which kinds of node).
 
     Returns:
         ``info`` with ``precision`` set.
@@ -346,10 +259,11 @@ def convert_precision(
         converted = convert_float_to_float16(onnx.load(str(path)), keep_io_types=True)
         _repair_graph(converted.graph)
     elif precision == "int8":
-        from export.quantize import quantize_int8
+        from export.exporter.quantize import quantize_int8
 
         kept = quantize_int8(path, path, info, calibration, kinds=int8_kinds)
-        log.info("int8: %d convolutions and matrix products kept in fp32 (export.quantize.INT8_KINDS)", len(kept))
+        log.info("int8: %d convolutions and matrix products kept in fp32 (export.exporter.quantize.INT8_KINDS)",
+                 len(kept))
         converted = onnx.load(str(path))
     else:
         return info
@@ -487,7 +401,7 @@ def torch_instances(
 ) -> list[Instances]:
     """Instances of the PyTorch model (fp32 eager, through the export adapter) on ``images``,
     prepared and decoded by the runtime's own functions, with score threshold 0."""
-    wrapper = FAMILIES[info.family].wrap(model.eval(), info.topk).eval()
+    wrapper = export_adapter(info.family).wrap(model.eval(), info.topk).eval()
     device = device or next(model.parameters()).device
     results = []
     # Batched as the runtime's predict_batch batches, so both see the same padding.
