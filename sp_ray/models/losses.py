@@ -307,11 +307,3 @@ class KNetCriterion(SetCriterion):
         losses = {"cls": self._class_loss(stage["pred_logits"], targets, matches, num_pos) * self.cls_weight}
         losses.update(self._mask_losses(stage["pred_masks"], targets, matches))
         return losses
-
-
-class ModelLosses(nn.Module):
-    """The criterion of a model that computes its own losses: ``train_step`` then calls
-    ``model(images, targets)`` and this returns the model's loss dict unchanged."""
-
-    def forward(self, losses: dict[str, Tensor], targets: list[Target]) -> dict[str, Tensor]:
-        return losses

@@ -29,6 +29,8 @@ from torch import nn
 
 from sp_ray.config import Config, absolute_paths, config_from_dict, config_to_dict
 from sp_ray.errors import UserError
+from sp_ray.objectives import build_objective
+from sp_ray.pretrain.sp_objective import build_sp_objective
 from sp_ray.train.failures import StopOnUserError, raise_user_error
 from sp_ray.train.loop import fit
 from sp_ray.train.preflight import TrainingPlan, check_training
@@ -109,13 +111,22 @@ def setup_worker(loop_config: dict[str, Any]) -> tuple[Config, Path]:
 
 
 def _finetune_worker(loop_config: dict[str, Any]) -> None:
+def _finetune_worker(loop_config: dict[str, Any]) -> None:
     cfg, work_dir = setup_worker(loop_config)
-    fit(cfg, work_dir, init=loop_config["init"], resume=loop_config["resume"], session=RaySession(cfg, work_dir))
+    fit(cfg, work_dir, init=loop_config["init"], resume=loop_config["resume"], session=RaySession(cfg, work_dir),
+        objective=build_objective)
+
+
+def _pretrain_worker(loop_config: dict[str, Any]) -> None:
+    """SP pre-training: ``fit`` with the saliency-prompt objective (prompts, L_ker) instead of fine-tuning's."""
+    cfg, work_dir = setup_worker(loop_config)
+    fit(cfg, work_dir, init=loop_config["init"], resume=loop_config["resume"], session=RaySession(cfg, work_dir),
+        objective=build_sp_objective)
 
 
 # What a worker runs, by task; every entry is a plain training function run with a session. A task of a
 # package above this one passes its own (``sp_ray.densecl.train.ssl_worker`` for "ssl") as ``worker``.
-WORKERS = {"finetune": _finetune_worker}
+WORKERS = {"finetune": _finetune_worker, "pretrain": _pretrain_worker}
 
 
 class _InterruptibleTrainer(ray.train.torch.TorchTrainer):
@@ -187,7 +198,8 @@ def run_training(
         init: checkpoint directory to initialise from (``finetune --init``).
         resume: checkpoint directory to continue from (``--resume``).
         run_name: the Ray run name (default: the work dir's name and a timestamp).
-        task: "finetune" (``fit``, also used by pre-training) or "ssl" (DenseCL on ``images``; run it with
+        task: "finetune" (``fit`` with ``build_objective``), "pretrain" (``fit`` with the SP objective,
+            ``build_sp_objective``; a ``pretrain.enabled`` config) or "ssl" (DenseCL on ``images``; run it with
             ``sp_ray.densecl.train.run_ssl``, which passes ``worker`` and ``model_check``).
         images: the unlabeled image folder of the "ssl" task.
         metric: the reported value that ranks the kept checkpoints when every checkpoint is evaluated.

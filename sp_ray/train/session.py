@@ -25,7 +25,8 @@ class LocalSession:
     world_size = 1
 
     def wrap_model(self, model: nn.Module, *, sync_buffers: bool = True) -> nn.Module:
-        """The module to train: DDP over the workers when there are several, else ``model`` itself.
+        """The module the step runs (fit's ``Trainable``, DenseCL): DDP over the workers when there are several,
+        else ``model`` itself.
 
         ``sync_buffers`` false: DDP does not broadcast rank 0's buffers at every forward (DenseCL, whose
         queues receive the same gathered keys on every worker anyway)."""
@@ -46,7 +47,7 @@ class LocalSession:
         """Called after every optimisation step with the global step count."""
 
     def finish(self, model: nn.Module) -> None:
-        """Called by every rank with its trained model after the last epoch."""
+        """Called by every rank with its trained ``Trainable`` (model and objective) after the last epoch."""
 
 
 class ProcessGroupSession(LocalSession):
