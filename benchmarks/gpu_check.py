@@ -204,7 +204,7 @@ def cmd_parity(args: argparse.Namespace) -> None:
     from export.providers import GpuSettings
     from export.runtime import read_metadata
     from sp_ray.models import build_model
-    from sp_ray.train.checkpoint import load_checkpoint
+    from sp_ray.checkpoint import load_checkpoint
 
     data = dataset(args.work)
     images = sample_images(data["images"], count=4)

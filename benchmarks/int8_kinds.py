@@ -39,7 +39,7 @@ from export.runtime import Segmenter
 from sp_ray.evaluation.coco_eval import evaluate_onnx
 from sp_ray.machine import describe_cpu
 from sp_ray.models import build_model
-from sp_ray.train.checkpoint import load_checkpoint
+from sp_ray.checkpoint import load_checkpoint
 
 CPU = ["CPUExecutionProvider"]
 

@@ -167,7 +167,7 @@ def prepare(args: argparse.Namespace, out: Path, timings: dict[str, float]) -> d
     from sp_ray.densecl.train import BACKBONE_FILE, train_densecl
     from sp_ray.evaluation.proposal_quality import pseudo_mask_recall
     from sp_ray.pretrain.propose import propose
-    from sp_ray.train.checkpoint import is_checkpoint
+    from sp_ray.checkpoint import is_checkpoint
     from sp_ray.train.ray_train import run_training
 
     data = out / "data"
@@ -299,7 +299,7 @@ def run_finetune(job: dict[str, Any]) -> str:
     import torch
 
     from sp_ray.config import load_config
-    from sp_ray.train.checkpoint import is_checkpoint
+    from sp_ray.checkpoint import is_checkpoint
     from sp_ray.train.loop import fit
 
     torch.set_num_threads(arithmetic.threads)

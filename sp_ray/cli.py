@@ -359,7 +359,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
 
 def _resume_dir(args: argparse.Namespace, work_dir: Path) -> Path | None:
-    from sp_ray.train.checkpoint import is_checkpoint
+    from sp_ray.checkpoint import is_checkpoint
 
     if args.resume_from:
         resume, flag = Path(args.resume_from), f"--resume-from {args.resume_from}"
@@ -606,7 +606,7 @@ RESUMABLE = ("finetune", "pretrain", "ssl", "tune", "predict")
 
 def _resume_hint(argv: list[str], args: argparse.Namespace) -> str:
     """What to run to continue an interrupted command: the same command line with --resume."""
-    from sp_ray.train.checkpoint import is_checkpoint
+    from sp_ray.checkpoint import is_checkpoint
 
     if args.command not in RESUMABLE:
         return "nothing is resumable; run the command again"

@@ -113,7 +113,7 @@ class KNetLoss(LossConfig):
     cost_dice: float = 4.0
     cost_mask: float = 1.0
     # "full": BCE + dice on the whole target mask (K-Net). "weak": FreeSOLO's losses for noisy pseudo masks
-    # (sp_ray.models.weak_mask_losses), which see a target only through its x/y projections and its box:
+    # (sp_ray.objectives.weak_mask_losses), which see a target only through its x/y projections and its box:
     # max-projection dice, average-projection dice and the LAB colour-affinity pairwise term.
     mask_loss: str = "full"
     projection_weight: float = 4.0  # max-projection dice (FreeSOLO: the dice weight x 1.0)

@@ -338,7 +338,7 @@ train:
 def test_a_checkpoint_config_written_before_the_split_still_loads(tmp_path):
     from torch import nn
 
-    from sp_ray.train.checkpoint import CONFIG_FILE, load_checkpoint, save_checkpoint
+    from sp_ray.checkpoint import CONFIG_FILE, load_checkpoint, save_checkpoint
 
     def checkpoint(name: str, text: str):
         path = save_checkpoint(tmp_path / name, model=nn.Linear(2, 2), config=Config(), meta={"epoch": 1})

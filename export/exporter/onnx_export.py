@@ -41,7 +41,7 @@ from sp_ray.config import Config, config_hash
 from sp_ray.data.images import load_image_rgb
 from sp_ray.models import build_model
 from sp_ray.models.common import IMAGENET_MEAN, IMAGENET_STD
-from sp_ray.train.checkpoint import load_checkpoint
+from sp_ray.checkpoint import load_checkpoint
 
 log = logging.getLogger("sp_ray")
 

@@ -73,7 +73,7 @@ from sp_ray.evaluation.coco_eval import evaluate_checkpoint, evaluate_onnx
 from sp_ray.evaluation.timing import Timing
 from sp_ray.machine import cpu_facts, describe_cpu
 from sp_ray.models import build_model
-from sp_ray.train.checkpoint import MODEL_FILE, Checkpoint, is_checkpoint, load_checkpoint
+from sp_ray.checkpoint import MODEL_FILE, Checkpoint, is_checkpoint, load_checkpoint
 from sp_ray.train.preflight import check_coco_data, check_output_file
 
 log = logging.getLogger("sp_ray")

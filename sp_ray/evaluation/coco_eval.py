@@ -30,8 +30,8 @@ from sp_ray.data.coco import CocoInstanceDataset, DatasetSkipWarning
 from sp_ray.data.images import UnusableImageError
 from sp_ray.data.transforms import build_transforms, collate
 from sp_ray.models import build_model, model_family
-from sp_ray.train.checkpoint import load_checkpoint
-from sp_ray.train.device import select_device
+from sp_ray.checkpoint import load_checkpoint
+from sp_ray.device import select_device
 
 log = logging.getLogger("sp_ray")
 

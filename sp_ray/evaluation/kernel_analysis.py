@@ -28,8 +28,8 @@ from sp_ray.models import build_model, model_family
 from sp_ray.models.common import SIZE_DIVISOR
 from sp_ray.models.knet import MASK_STRIDE as KNET_STRIDE
 
-from sp_ray.train.checkpoint import load_checkpoint, load_init_weights
-from sp_ray.train.device import select_device
+from sp_ray.checkpoint import load_checkpoint, load_init_weights
+from sp_ray.device import select_device
 
 log = logging.getLogger("sp_ray")
 

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from sp_ray.config import Config, ConfigError, InstanceUniqueConfig
 from sp_ray.models.instance_unique import QueryMaskHead
 from sp_ray.models.common import SIZE_DIVISOR
-from sp_ray.models.losses import sigmoid_focal_loss
+from sp_ray.objectives.losses import sigmoid_focal_loss
 from sp_ray.types import ModelOutputs, Target
 
 TRANSFORMS = ("flip", "rescale", "flip_rescale")

@@ -38,7 +38,7 @@ from sp_ray.models.common import SIZE_DIVISOR
 from sp_ray.models.postprocess import paste_crops, paste_mask_logits
 from sp_ray.pretrain.proposers import Proposals, Ready, c5_channels
 from sp_ray.pretrain.saliency import matrix_nms
-from sp_ray.train.checkpoint import MODEL_FILE, load_checkpoint, load_init_weights
+from sp_ray.checkpoint import MODEL_FILE, load_checkpoint, load_init_weights
 
 
 def check_selftrain_config(cfg: SelfTrainConfig) -> None:

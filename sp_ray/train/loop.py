@@ -26,14 +26,14 @@ from sp_ray.evaluation.coco_eval import evaluate_model, format_metrics
 from sp_ray.models import build_model
 from sp_ray.objectives import Trainable, build_objective
 from sp_ray.pretrain.sp_objective import load_saliency_queries
-from sp_ray.train.checkpoint import (
+from sp_ray.checkpoint import (
     copy_as_final,
     init_from_checkpoint,
     load_checkpoint,
     save_checkpoint,
     update_meta,
 )
-from sp_ray.train.device import select_device
+from sp_ray.device import select_device
 from sp_ray.train.optim import build_optimizer, build_scheduler
 from sp_ray.train.session import LocalSession
 from sp_ray.types import Target

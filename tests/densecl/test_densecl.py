@@ -25,7 +25,7 @@ from sp_ray.densecl.model import (
 from sp_ray.densecl.train import check_batch_fits_queue, ssl_train_step, train_densecl
 from sp_ray.models import build_model
 from sp_ray.models.backbone import build_resnet, load_backbone_weights
-from sp_ray.train.checkpoint import load_checkpoint
+from sp_ray.checkpoint import load_checkpoint
 
 TINY_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo" / "densecl_tiny.yaml"
 

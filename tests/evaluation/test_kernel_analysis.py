@@ -21,7 +21,7 @@ from sp_ray.evaluation.kernel_analysis import (
     render_kernel_grid,
 )
 from sp_ray.models import build_model
-from sp_ray.train.checkpoint import save_checkpoint
+from sp_ray.checkpoint import save_checkpoint
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo" / "knet_tiny_synthetic.yaml"
 

@@ -34,7 +34,7 @@ from sp_ray.cli import main
 from sp_ray.config import load_config
 from sp_ray.models import FAMILIES
 from sp_ray.models.maskrcnn import build_maskrcnn
-from sp_ray.train.checkpoint import load_checkpoint
+from sp_ray.checkpoint import load_checkpoint
 
 from .conftest import IMAGE_SIZE
 

@@ -22,7 +22,7 @@ from sp_ray.data.images import load_image_rgb
 from sp_ray.data.transforms import build_transforms, collate
 from sp_ray.models import build_model
 from sp_ray.models.postprocess import postprocess
-from sp_ray.train.checkpoint import load_checkpoint
+from sp_ray.checkpoint import load_checkpoint
 
 from .conftest import IMAGE_SIZE, REPO
 

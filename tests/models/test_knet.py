@@ -5,8 +5,8 @@ import torch
 
 from sp_ray.models.common import sine_positional_encoding
 from sp_ray.models.knet import KNet, build_knet
-from sp_ray.models.losses import KNetCriterion
-from sp_ray.models.matcher import HungarianMatcher
+from sp_ray.objectives.knet_criterion import KNetCriterion
+from sp_ray.objectives.matcher import HungarianMatcher
 
 B, H, W = 2, 64, 96
 N, C, D, S = 8, 3, 32, 2

@@ -3,8 +3,8 @@ from __future__ import annotations
 import torch
 
 from sp_ray.models.knet import build_knet
-from sp_ray.models.losses import KNetCriterion
-from sp_ray.models.matcher import HungarianMatcher
+from sp_ray.objectives.knet_criterion import KNetCriterion
+from sp_ray.objectives.matcher import HungarianMatcher
 from sp_ray.models.postprocess import postprocess
 
 H, W = 64, 96

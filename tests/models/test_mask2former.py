@@ -16,7 +16,7 @@ from sp_ray.models.mask2former import (
     build_mask2former,
     sigmoid_compatible_logits,
 )
-from sp_ray.models.mask2former_losses import (
+from sp_ray.objectives.mask2former_criterion import (
     Mask2FormerCriterion,
     Mask2FormerMatcher,
     naive_dice_cost,

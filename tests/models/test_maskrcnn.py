@@ -16,7 +16,7 @@ from sp_ray.models import FAMILIES, build_model
 from sp_ray.models.knet import build_knet
 from sp_ray.models.maskrcnn import MaskRCNN, build_maskrcnn, postprocess_maskrcnn
 from sp_ray.objectives import MaskRCNNObjective, Trainable, build_objective
-from sp_ray.train.checkpoint import load_init_weights
+from sp_ray.checkpoint import load_init_weights
 from sp_ray.train.loop import train_step
 from sp_ray.train.optim import build_optimizer, build_scheduler
 

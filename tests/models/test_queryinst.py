@@ -25,10 +25,10 @@ from sp_ray.models.queryinst import (
     multilevel_roi_align,
     paste_roi_masks,
 )
-from sp_ray.models.queryinst_losses import BoxHungarianMatcher, QueryInstCriterion, roi_mask_targets
+from sp_ray.objectives.queryinst_criterion import BoxHungarianMatcher, QueryInstCriterion, roi_mask_targets
 from sp_ray.objectives import Trainable
 from sp_ray.pretrain.sp_objective import SPObjective, build_sp_objective
-from sp_ray.train.checkpoint import init_from_checkpoint, load_checkpoint, save_checkpoint
+from sp_ray.checkpoint import init_from_checkpoint, load_checkpoint, save_checkpoint
 from sp_ray.train.loop import fit
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"

@@ -7,7 +7,7 @@ from torch import nn
 from sp_ray.config import Config, apply_overrides
 from sp_ray.errors import UserError
 from sp_ray.objectives import Trainable
-from sp_ray.train.checkpoint import (
+from sp_ray.checkpoint import (
     copy_as_final,
     init_from_checkpoint,
     is_checkpoint,

@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sp_ray.models.losses import mask_bce_loss
+from sp_ray.objectives.losses import mask_bce_loss
 from sp_ray.models.mask2former import MASK_STRIDE, Mask2FormerOutputs
-from sp_ray.models.matcher import Matches, hungarian_match
-from sp_ray.models.set_criterion import SetCriterion
+from sp_ray.objectives.matcher import Matches, hungarian_match
+from sp_ray.objectives.set_criterion import SetCriterion
 from sp_ray.types import Target
 
 
@@ -77,7 +77,7 @@ def sample_uncertain_points(
 def naive_dice_loss(mask_logits: Tensor, targets: Tensor) -> Tensor:
     """Dice loss per mask as Mask2Former defines it: 1 - (2 sum(m t) + 1) / (sum m + sum t + 1).
 
-    Not ``sp_ray.models.losses.dice_loss``: K-Net's (mmdet's V-Net form) squares the terms of the
+    Not ``sp_ray.objectives.losses.dice_loss``: K-Net's (mmdet's V-Net form) squares the terms of the
     denominator and smooths with 2e-3; Mask2Former's sums them and smooths numerator and denominator by 1.
 
     Args:

@@ -1,7 +1,7 @@
 """The set-criterion skeleton every query family's criterion fills in: stages, matching, normalisation, naming.
 
 A set criterion (DETR, Carion et al. 2020, section 3.1) matches the predictions of each supervised stage
-one-to-one to the targets (eq. 1, ``sp_ray.models.matcher.hungarian_match``) and sums per-pair losses over
+one-to-one to the targets (eq. 1, ``sp_ray.objectives.matcher.hungarian_match``) and sums per-pair losses over
 the matches (eq. 2), with deep supervision of every decoder stage. ``SetCriterion.forward`` owns what the
 families share:
 
@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from sp_ray.models.matcher import Matches
+from sp_ray.objectives.matcher import Matches
 
 Stage = Any  # a family's view of one stage's predictions (a dict of tensors)
 

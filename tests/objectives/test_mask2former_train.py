@@ -22,7 +22,7 @@ from sp_ray.models import build_model
 from sp_ray.models.mask2former import MASK_STRIDE, Mask2Former
 from sp_ray.objectives import Trainable
 from sp_ray.pretrain.sp_objective import SPObjective, build_sp_objective, check_promptable
-from sp_ray.train.checkpoint import init_from_checkpoint, load_checkpoint
+from sp_ray.checkpoint import init_from_checkpoint, load_checkpoint
 from sp_ray.train.loop import fit
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "demo"

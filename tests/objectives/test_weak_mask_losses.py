@@ -11,9 +11,9 @@ from sp_ray.config import load_config
 from sp_ray.data.transforms import collate
 from sp_ray.models import build_model
 from sp_ray.models.knet import build_knet
-from sp_ray.models.losses import KNetCriterion
-from sp_ray.models.matcher import HungarianMatcher
-from sp_ray.models.weak_mask_losses import (
+from sp_ray.objectives.knet_criterion import KNetCriterion
+from sp_ray.objectives.matcher import HungarianMatcher
+from sp_ray.objectives.weak_mask_losses import (
     box_targets,
     color_affinity,
     pairwise_affinity_loss,

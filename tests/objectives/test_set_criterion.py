@@ -10,8 +10,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import Tensor
 
-from sp_ray.models.matcher import Matches, hungarian_match
-from sp_ray.models.set_criterion import SetCriterion, mean_over_workers
+from sp_ray.objectives.matcher import Matches, hungarian_match
+from sp_ray.objectives.set_criterion import SetCriterion, mean_over_workers
 
 CPU = torch.device("cpu")
 

@@ -26,7 +26,7 @@ from sp_ray.objectives.instance_unique import (
     mask_equivariance_loss,
     sample_transform,
 )
-from sp_ray.train.checkpoint import load_checkpoint, load_init_weights, save_checkpoint, split_legacy_state
+from sp_ray.checkpoint import load_checkpoint, load_init_weights, save_checkpoint, split_legacy_state
 from sp_ray.train.loop import fit
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"

@@ -3,8 +3,8 @@
 
 Every family's matcher supplies only its per-image cost matrix: ``HungarianMatcher`` (mask dice + mask
 agreement + focal class, K-Net), ``Mask2FormerMatcher`` (point-sampled BCE + dice + softmax class,
-``sp_ray.models.mask2former_losses``) and ``BoxHungarianMatcher`` (L1 + GIoU + focal class, Sparse R-CNN /
-QueryInst, ``sp_ray.models.queryinst_losses``).
+``sp_ray.objectives.mask2former_criterion``) and ``BoxHungarianMatcher`` (L1 + GIoU + focal class, Sparse R-CNN /
+QueryInst, ``sp_ray.objectives.queryinst_criterion``).
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ mask of each instance not with the pseudo mask itself but with what survives its
 - the pairwise colour-affinity term (BoxInst eq. 3-4): neighbouring pixels of similar LAB colour inside
   the target's box should get the same label.
 
-The criterion (``sp_ray.models.losses.KNetCriterion`` with ``mask_loss="weak"``) applies these at the loss
+The criterion (``sp_ray.objectives.knet_criterion.KNetCriterion`` with ``mask_loss="weak"``) applies these at the loss
 stride 4; the image colours reach it through each target's ``image`` (the padded uint8 input that
 ``sp_ray.data.transforms.collate`` attaches) and `color_affinity`.
 """

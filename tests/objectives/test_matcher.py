@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from sp_ray.models.matcher import HungarianMatcher, dice_cost, focal_class_cost, mask_cost
+from sp_ray.objectives.matcher import HungarianMatcher, dice_cost, focal_class_cost, mask_cost
 
 BIG = 20.0  # a logit whose sigmoid is 1 to float precision
 
