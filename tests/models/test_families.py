@@ -209,14 +209,14 @@ def test_batched_equals_single_image_in_eval(family: str) -> None:
             torch.testing.assert_close(batched["boxes"][keep], single["boxes"], rtol=1e-4, atol=1e-3)
             assert torch.equal(batched["labels"][keep], single["labels"])
         return
-    for key in ("pred_logits", "pred_kernels", "init_kernels", "pred_boxes"):
-        if key in batched:
-            torch.testing.assert_close(batched[key], torch.cat([s[key] for s in singles]), rtol=1e-4, atol=1e-3)
-    # QueryInst pastes its RoI masks at its boxes: logits fall by up to 40 per cell across a box border, so box
-    # noise of 1e-5 shows there.
-    atol = 2e-2 if family == "queryinst" else 1e-3
-    torch.testing.assert_close(batched["pred_masks"], torch.cat([s["pred_masks"] for s in singles]), rtol=1e-4,
-                               atol=atol)  # fmt: skip
+    tensors = sorted(key for key, value in batched.items() if isinstance(value, Tensor))
+    assert {"pred_logits", "pred_masks", "pred_kernels", "init_masks", "init_kernels"} <= set(tensors)
+    for key in tensors:
+        single = torch.cat([s[key] for s in singles])
+        # QueryInst pastes its RoI masks at its boxes: logits fall by up to 40 per cell across a box border, so
+        # box noise of 1e-5 shows there.
+        atol = 2e-2 if (family, key) == ("queryinst", "pred_masks") else 1e-3
+        torch.testing.assert_close(batched[key], single, rtol=1e-4, atol=atol, msg=lambda m, k=key: f"{k}: {m}")
 
 
 # --- targets ------------------------------------------------------------------------------------------------
