@@ -227,7 +227,7 @@ def cmd_parity(args: argparse.Namespace) -> None:
                 raise FileNotFoundError(f"no {onnx} (the CUDA parity step exports it)")
             info = read_metadata(onnx)
             ckpt = load_checkpoint(args.work / "train" / family / "final")
-            model, _ = build_model(ckpt.config)
+            model = build_model(ckpt.config)
             model.load_state_dict(ckpt.model_state)
             reference = torch_instances(model.eval(), info, images, device=torch.device("cpu"))
         except Exception as err:  # noqa: BLE001 - recorded; the next family still runs

@@ -47,7 +47,7 @@ CPU = ["CPUExecutionProvider"]
 def load_model(checkpoint: str):
     ckpt = load_checkpoint(checkpoint)
     cfg = dataclasses.replace(ckpt.config, model=dataclasses.replace(ckpt.config.model, backbone_weights=None))
-    model, _ = build_model(cfg)
+    model = build_model(cfg)
     model.load_state_dict(ckpt.model_state)
     return model.eval()
 

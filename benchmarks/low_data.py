@@ -235,7 +235,8 @@ def prepare(args: argparse.Namespace, out: Path, timings: dict[str, float]) -> d
             *extra, *args.pretrain_override,
         ])
         timed(f"{name} pre-training", is_checkpoint(work / "final"),
-              lambda: run_training(cfg, work, init=init, run_name=f"{work.name}-{int(time.time())}"), timings)
+              lambda: run_training(cfg, work, init=init, run_name=f"{work.name}-{int(time.time())}",
+                                   task="pretrain"), timings)
         return work / "final"
 
     wanted = {PRETRAINING_OF[v] for v in args.variants} - {None}

@@ -132,7 +132,7 @@ def build_random_model(job: dict, seed: int = 0) -> torch.nn.Module:
             num_classes=m.num_classes, depth=m.depth, frozen_stages=m.frozen_stages, norm_eval=m.norm_eval,
             detections_per_image=job["topk"], test_proposals=job["proposals"],
         ).eval()
-    model, _ = build_model(cfg)
+    model = build_model(cfg)
     return model.eval()
 
 

@@ -570,7 +570,7 @@ def export_checkpoint(
             raise ValueError(
                 f"{checkpoint}/meta.json has no {key!r}; export a checkpoint written by sp-ray finetune"
             )
-    model, _ = build_model(cfg)
+    model = build_model(cfg)
     model.load_state_dict(ckpt.model_state)
     model.eval()
     source = f"{Path(checkpoint).resolve()} (sp-ray {__version__}, torch {torch.__version__})"

@@ -313,7 +313,8 @@ def cmd_propose(args: argparse.Namespace) -> None:
 
 
 def _run_training_command(args: argparse.Namespace, *, pretrain: bool) -> None:
-    """finetune and pretrain: the same `fit` loop in Ray workers; pretrain.enabled builds the SP wrapper."""
+    """finetune and pretrain: the same `fit` loop in Ray workers; pretrain trains the SP objective
+    (``sp_ray.pretrain.sp_objective.build_sp_objective``), finetune the family's (``build_objective``)."""
     extra = ["pretrain.enabled=true"] if pretrain else []
     cfg = load_config(args.config, [*args.overrides, *_ray_overrides(args), *extra])
     if args.print_config:
@@ -322,7 +323,7 @@ def _run_training_command(args: argparse.Namespace, *, pretrain: bool) -> None:
     if not pretrain and cfg.pretrain.enabled:
         raise ConfigError(f"{args.config} is a pre-training config (pretrain.enabled): run it with 'sp-ray pretrain'")
     work_dir = Path(args.work_dir or Path("work_dirs") / Path(args.config).stem)
-    final = _train(args, cfg, work_dir, task="finetune", init=args.init)
+    final = _train(args, cfg, work_dir, task="pretrain" if pretrain else "finetune", init=args.init)
     if final is not None:
         hint = f" (fine-tune it with: sp-ray finetune --config FILE --init {final})" if pretrain else ""
         print(f"final checkpoint: {final}{hint}")

@@ -314,7 +314,7 @@ class ClipConfig:
 class InstanceUniqueConfig:
     """Instance-unique querying (IUQ, NeurIPS 2022): fine-tuning losses for query-based models.
 
-    Either weight > 0 wraps the model (``sp_ray.models.instance_unique``); 0 leaves training unchanged.
+    Either weight > 0 trains the IUQ objective (``sp_ray.objectives.instance_unique``); 0 leaves training unchanged.
     """
 
     inter_scene_weight: float = 0.0  # focal loss of the final queries' masks on other images' features

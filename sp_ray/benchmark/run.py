@@ -243,7 +243,7 @@ def _model(ckpt: Checkpoint) -> tuple[nn.Module, ModelInfo]:
     cfg = ckpt.config
     # The checkpoint holds every weight; the backbone file its config names may not exist here (as in export).
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, backbone_weights=None))
-    model, _ = build_model(cfg)
+    model = build_model(cfg)
     model.load_state_dict(ckpt.model_state)
     return model.eval(), model_info(cfg, class_names=ckpt.meta["class_names"], cat_ids=ckpt.meta["cat_ids"],
                                     input_size=None, batch_size=None)

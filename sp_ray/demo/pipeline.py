@@ -170,7 +170,7 @@ def build_steps(layout: DemoLayout, settings: DemoSettings, ray_session: LocalRa
         cfg = load_config(PRETRAIN_CONFIG, [*pretrain_overrides(layout, settings), "pretrain.enabled=true"])
         epochs_logged = lambda: count_lines(layout.pretrain / "metrics.jsonl")  # noqa: E731
         with progress("SP pre-training epochs", cfg.train.epochs, epochs_logged):
-            run_training(cfg, layout.pretrain, run_name="demo-sp-pretrain")
+            run_training(cfg, layout.pretrain, run_name="demo-sp-pretrain", task="pretrain")
 
     def finetune() -> None:
         ray_session.ensure()

@@ -230,7 +230,7 @@ def evaluate_checkpoint(
     ckpt = load_checkpoint(checkpoint)
     cfg = apply_overrides(ckpt.config, list(overrides))
     device = select_device(use_gpu)
-    model, _ = build_model(cfg)
+    model = build_model(cfg)
     model.load_state_dict(ckpt.model_state)
     model.to(device)
     return evaluate_model(model, cfg, annotations=annotations, images=images, device=device)

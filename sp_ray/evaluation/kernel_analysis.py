@@ -9,7 +9,6 @@ to one common size.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 from collections.abc import Iterable
@@ -52,9 +51,7 @@ def load_query_model(checkpoint: str | Path) -> tuple[nn.Module, Config]:
             f"{checkpoint}: kernel analysis needs a query-based model (knet, mask2former, queryinst), got "
             f"model.name {cfg.model.name!r}"
         )
-    # A pre-training checkpoint holds the model inside its wrapper: build the plain model instead.
-    cfg = dataclasses.replace(cfg, pretrain=dataclasses.replace(cfg.pretrain, enabled=False))
-    model, _ = build_model(cfg)
+    model = build_model(cfg)  # pure: a pre-training checkpoint's model.pt holds the same model
     report = load_init_weights(model, ckpt.model_state)
     if report.missing or report.reinitialised:
         raise ValueError(

@@ -35,7 +35,6 @@ from torchvision.ops import FrozenBatchNorm2d
 from sp_ray.models.backbone import load_backbone_weights
 from sp_ray.models.knet import IMAGENET_MEAN, IMAGENET_STD, SIZE_DIVISOR
 from sp_ray.models.postprocess import paste_crops, paste_roi_masks
-from sp_ray.types import Target
 
 # torchvision pastes each 28 x 28 mask into its box enlarged by one mask cell on every side.
 PASTE_PADDING = 1
@@ -89,42 +88,39 @@ class MaskRCNN(nn.Module):
                 module.eval()
         return self
 
-    def forward(
-        self, images: Tensor, targets: list[Target] | None = None
-    ) -> dict[str, Tensor] | MaskRCNNDetections:
-        """Losses in training, detections in evaluation (torchvision's contract).
+    def backbone_features(self, images: Tensor) -> tuple[ImageList, dict[str, Tensor]]:
+        """The normalised batch as torchvision's ``ImageList`` and its FPN features, what ``rpn`` and
+        ``roi_heads`` take (also in training, by ``sp_ray.objectives.maskrcnn.MaskRCNNObjective``).
 
         Args:
             images: float or uint8 [B, 3, H, W], RGB 0..255, H and W multiples of 32 (padded batch).
-            targets: training targets at the padded size (boxes xyxy float [K, 4], labels 0..C-1,
-                masks bool [K, H, W]); required in training, ignored in evaluation.
-
-        Returns:
-            training: the loss dict (``loss_classifier``, ``loss_box_reg``, ``loss_mask``,
-            ``loss_objectness``, ``loss_rpn_box_reg``); evaluation: ``MaskRCNNDetections``.
         """
-        if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"MaskRCNN expects images [B, 3, H, W], got {tuple(images.shape)}")
-        if images.shape[-2] % SIZE_DIVISOR != 0 or images.shape[-1] % SIZE_DIVISOR != 0:
-            raise ValueError(
-                f"MaskRCNN input H and W must be multiples of {SIZE_DIVISOR}, "
-                f"got {tuple(images.shape[-2:])}; "
-                "pad the batch in collate"
-            )
+        _check_images(images)
         x = (images.float() - self.pixel_mean) / self.pixel_std
         # Every image of the padded batch is taken whole, padding included, as K-Net takes it.
         image_list = ImageList(x, [(x.shape[-2], x.shape[-1])] * x.shape[0])
-        features = self.fpn(self.backbone(x))
+        return image_list, self.fpn(self.backbone(x))
+
+    def forward(self, images: Tensor) -> MaskRCNNDetections:
+        """The detections of a batch (evaluation mode; the training losses are ``MaskRCNNObjective``'s).
+
+        Args:
+            images: float or uint8 [B, 3, H, W], RGB 0..255, H and W multiples of 32 (padded batch).
+
+        Returns:
+            ``MaskRCNNDetections``.
+
+        Raises:
+            ValueError: the model is in training mode (torchvision's heads sample training proposals
+                from targets there): call ``model.eval()``.
+        """
+        _check_images(images)
         if self.training:
-            if targets is None or len(targets) != x.shape[0]:
-                raise ValueError("MaskRCNN in training mode needs one target per image")
-            tv_targets = [
-                {"boxes": t["boxes"].float(), "labels": t["labels"] + 1, "masks": t["masks"].to(torch.uint8)}
-                for t in targets
-            ]
-            proposals, proposal_losses = self.rpn(image_list, features, tv_targets)
-            _, detector_losses = self.roi_heads(features, proposals, image_list.image_sizes, tv_targets)
-            return {**detector_losses, **proposal_losses}
+            raise ValueError(
+                "MaskRCNN gives detections in eval mode only (torchvision's heads need targets in training): call "
+                "model.eval(); its training losses are sp_ray.objectives.maskrcnn.MaskRCNNObjective's"
+            )
+        image_list, features = self.backbone_features(images)
         proposals, _ = self.rpn(image_list, features)
         detections, _ = self.roi_heads(features, proposals, image_list.image_sizes)
         return MaskRCNNDetections(
@@ -133,6 +129,17 @@ class MaskRCNN(nn.Module):
             labels=torch.cat([d["labels"] for d in detections]) - 1,
             masks=torch.cat([d["masks"][:, 0] for d in detections]),
             batch_index=torch.cat([torch.full_like(d["labels"], i) for i, d in enumerate(detections)]),
+        )
+
+
+def _check_images(images: Tensor) -> None:
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"MaskRCNN expects images [B, 3, H, W], got {tuple(images.shape)}")
+    if images.shape[-2] % SIZE_DIVISOR != 0 or images.shape[-1] % SIZE_DIVISOR != 0:
+        raise ValueError(
+            f"MaskRCNN input H and W must be multiples of {SIZE_DIVISOR}, "
+            f"got {tuple(images.shape[-2:])}; "
+            "pad the batch in collate"
         )
 
 

@@ -76,7 +76,7 @@ def load_model_for_self_training(checkpoint: str | Path) -> tuple[nn.Module, Con
         pretrain=dataclasses.replace(cfg.pretrain, enabled=False),
         iuq=InstanceUniqueConfig(),
     )
-    model, _ = build_model(cfg)
+    model = build_model(cfg)
     if not hasattr(model, "forward_features") or not hasattr(model, "backbone"):
         raise ValueError(
             f"{checkpoint}: self-training needs a query-based model (K-Net, QueryInst, Mask2Former), got "

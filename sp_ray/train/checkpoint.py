@@ -1,4 +1,9 @@
-"""Checkpoint directories: model.pt, optimizer.pt, config.yaml, meta.json, written atomically.
+"""Checkpoint directories: model.pt, objective.pt, optimizer.pt, config.yaml, meta.json, written atomically.
+
+``model.pt`` holds the pure model's state dict under its own keys (what evaluation, export and
+``--init`` read), ``objective.pt`` the training objective's (``sp_ray.objectives``; the SP prompt encoder and
+projection, often empty), ``optimizer.pt`` the optimizer and scheduler of a resumable checkpoint.
+Checkpoints written before the split (one ``model.pt`` for both) load through ``split_legacy_state``.
 
 The directory is assembled under a temporary name next to its destination and renamed into place,
 so a crash leaves either the previous checkpoint or the new one, never a half-written one.
@@ -27,12 +32,13 @@ from sp_ray.config import Config, config_from_dict, config_hash, dump_config
 from sp_ray.errors import UserError
 
 MODEL_FILE = "model.pt"
+OBJECTIVE_FILE = "objective.pt"
 OPTIMIZER_FILE = "optimizer.pt"
 CONFIG_FILE = "config.yaml"
 META_FILE = "meta.json"
-# A pre-training wrapper (``sp_ray.pretrain.sp_model``) holds the detector under this attribute, so its
-# checkpoint has the detector's keys with this prefix next to pre-training-only modules.
-WRAPPED_MODEL_PREFIX = "model."
+# The attribute under which the SP pre-training wrapper of sp-ray <= 0.x held its detector: the key prefix of
+# the detector's tensors in the model.pt of those checkpoints (``split_legacy_state``).
+LEGACY_MODEL_PREFIX = "model."
 
 
 @dataclass
@@ -40,10 +46,34 @@ class Checkpoint:
     """What a checkpoint directory holds, loaded."""
 
     path: Path
-    model_state: dict[str, torch.Tensor]
+    model_state: dict[str, torch.Tensor]  # the pure model's keys
     config: Config
     meta: dict[str, Any]
     training_state: dict[str, Any] | None = None  # optimizer, scheduler, epoch, step (absent for final models)
+    # The objective's state dict (objective.pt, or the objective part of an old model.pt; {} when it has none).
+    objective_state: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def split_legacy_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The one mapping of an old checkpoint's ``model.pt`` (written before ``objective.pt`` existed) onto
+    ``(model_state, objective_state)``.
+
+    - SP pre-training checkpoints held the wrapper's state: the detector under ``model.`` (the prefix is
+      removed: model state) and the pre-training-only tensors under their own names, ``projection.*``,
+      ``prompt_encoder.*`` (and ``criterion.*``, none of which is persistent), which are the keys of
+      ``SPObjective``'s state dict: objective state.
+    - Every other old checkpoint (fine-tuning, Mask R-CNN, IUQ, whose wrapper wrote the plain model's
+      state dict, DenseCL) holds plain model keys: all model state, objective state empty.
+
+    A state dict is of the first kind when any key starts with ``model.`` (no model of sp-ray has a
+    top-level module of that name).
+    """
+    if not any(name.startswith(LEGACY_MODEL_PREFIX) for name in state):
+        return dict(state), {}
+    model_state = {name.removeprefix(LEGACY_MODEL_PREFIX): tensor for name, tensor in state.items()
+                   if name.startswith(LEGACY_MODEL_PREFIX)}
+    objective_state = {name: tensor for name, tensor in state.items() if not name.startswith(LEGACY_MODEL_PREFIX)}
+    return model_state, objective_state
 
 
 @dataclass
@@ -73,12 +103,14 @@ def save_checkpoint(
     config: Config,
     meta: dict[str, Any],
     training_state: dict[str, Any] | None = None,
+    objective: nn.Module | None = None,
 ) -> Path:
     """Write a checkpoint directory atomically, replacing any previous one at ``path``.
 
     Args:
         path: destination directory.
-        model: the model (a DDP wrapper is unwrapped).
+        model: the pure model, saved as model.pt (a DDP wrapper is unwrapped).
+        objective: its training objective, saved as objective.pt; None (DenseCL) writes none.
         config: the resolved config, saved as config.yaml.
         meta: json-serialisable facts (epoch, step, metrics, class names); versions are added.
         training_state: optimizer/scheduler state dicts and counters, saved as optimizer.pt.
@@ -92,6 +124,8 @@ def save_checkpoint(
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         torch.save(model.state_dict(), tmp / MODEL_FILE)
+        if objective is not None:
+            torch.save(objective.state_dict(), tmp / OBJECTIVE_FILE)
         if training_state is not None:
             torch.save(training_state, tmp / OPTIMIZER_FILE)
         (tmp / CONFIG_FILE).write_text(dump_config(config))
@@ -176,9 +210,11 @@ def load_checkpoint(path: str | Path, *, with_training_state: bool = False) -> C
             f"{path} has no {OPTIMIZER_FILE}: it is a final model, not a resumable run. Resume from the run's "
             "WORK_DIR/last (sp-ray ... --resume), or start a new run from its weights with --init " + str(path)
         )
-    model_state = load_tensor_file(path / MODEL_FILE, what=f"the model of checkpoint {path}")
-    if not isinstance(model_state, dict) or not all(isinstance(v, torch.Tensor) for v in model_state.values()):
-        raise UserError(f"{path / MODEL_FILE} is not a state dict (a dict of tensors); it was not written by sp-ray")
+    model_state = _load_state(path / MODEL_FILE, what=f"the model of checkpoint {path}")
+    if (path / OBJECTIVE_FILE).is_file():
+        objective_state = _load_state(path / OBJECTIVE_FILE, what=f"the training objective of checkpoint {path}")
+    else:  # written before objective.pt existed
+        model_state, objective_state = split_legacy_state(model_state)
     try:
         raw_config = yaml.safe_load((path / CONFIG_FILE).read_text())
         meta = json.loads((path / META_FILE).read_text())
@@ -197,7 +233,15 @@ def load_checkpoint(path: str | Path, *, with_training_state: bool = False) -> C
                 f"{path / OPTIMIZER_FILE} lacks the training state ({', '.join(needed)}); "
                 "resume from a WORK_DIR/last written by sp-ray"
             )
-    return Checkpoint(path=path, model_state=model_state, config=config, meta=meta, training_state=training_state)
+    return Checkpoint(path=path, model_state=model_state, config=config, meta=meta, training_state=training_state,
+                      objective_state=objective_state)
+
+
+def _load_state(path: Path, *, what: str) -> dict[str, torch.Tensor]:
+    state = load_tensor_file(path, what=what)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{path} is not a state dict (a dict of tensors); it was not written by sp-ray")
+    return state
 
 
 def update_meta(path: str | Path, extra: dict[str, Any]) -> None:
@@ -214,7 +258,9 @@ def copy_as_final(source: str | Path, destination: str | Path) -> Path:
     source, destination = Path(source), Path(destination)
     tmp = Path(tempfile.mkdtemp(prefix=f".{destination.name}.tmp-", dir=destination.parent))
     try:
-        for name in (MODEL_FILE, CONFIG_FILE, META_FILE):
+        for name in (MODEL_FILE, OBJECTIVE_FILE, CONFIG_FILE, META_FILE):
+            if name == OBJECTIVE_FILE and not (source / name).is_file():
+                continue  # an old checkpoint: its model.pt holds the objective's tensors too
             shutil.copy2(source / name, tmp / name)
         os.replace(tmp, destination)
     except BaseException:
@@ -226,19 +272,10 @@ def copy_as_final(source: str | Path, destination: str | Path) -> Path:
 def load_init_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> InitReport:
     """Copy every tensor of ``state`` whose name and shape match into ``model``; report the rest.
 
-    Used by ``finetune --init``: backbone, neck, kernel heads and initial kernels load, while a
-    class head made for a different number of categories keeps its fresh initialisation. A
-    pre-training checkpoint (keys under ``WRAPPED_MODEL_PREFIX``) gives its detector's tensors; its
-    pre-training-only tensors (the saliency projection, the image-prompt Linear) are reported skipped.
-    ``pretrain --init`` goes the other way: a plain or pre-training checkpoint into the pre-training wrapper.
+    Used by ``--init`` (``init_from_checkpoint``): backbone, neck, kernel heads and initial kernels load,
+    while a class head made for a different number of categories keeps its fresh initialisation.
     """
     own = model.state_dict()
-    wrapped = any(name.startswith(WRAPPED_MODEL_PREFIX) for name in state)
-    wrapping = any(name.startswith(WRAPPED_MODEL_PREFIX) for name in own)
-    if wrapped and not wrapping:
-        state = {name.removeprefix(WRAPPED_MODEL_PREFIX): tensor for name, tensor in state.items()}
-    elif wrapping and not wrapped:  # a plain model's checkpoint into a pre-training wrapper
-        state = {WRAPPED_MODEL_PREFIX + name: tensor for name, tensor in state.items()}
     report = InitReport()
     to_load = {}
     for name, tensor in state.items():
@@ -251,4 +288,24 @@ def load_init_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> InitR
             report.loaded.append(name)
     report.missing = [name for name in own if name not in state]
     model.load_state_dict(to_load, strict=False)
+    return report
+
+
+def init_from_checkpoint(
+    model: nn.Module, objective: nn.Module | None, ckpt: Checkpoint, *, with_objective: bool = False
+) -> InitReport:
+    """``--init``: the checkpoint's model tensors that fit into ``model``, and with ``with_objective`` its
+    objective tensors that fit into ``objective`` (``pretrain --init`` from an SP pre-training checkpoint).
+
+    Returns:
+        One report; the objective's tensors are named ``objective.<key>``, and those not loaded (a
+        fine-tuning run from a pre-training checkpoint: its projection and prompt encoder) are skipped.
+    """
+    report = load_init_weights(model, ckpt.model_state)
+    if with_objective and objective is not None:
+        part = load_init_weights(objective, ckpt.objective_state)
+        for name in ("loaded", "reinitialised", "missing", "skipped"):
+            getattr(report, name).extend(f"objective.{key}" for key in getattr(part, name))
+    else:
+        report.skipped.extend(f"objective.{key}" for key in ckpt.objective_state)
     return report

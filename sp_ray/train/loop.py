@@ -24,15 +24,24 @@ from sp_ray.data.transforms import build_transforms, collate
 from sp_ray.errors import EvaluationError, NonFiniteLossError, UserError
 from sp_ray.evaluation.coco_eval import evaluate_model, format_metrics
 from sp_ray.models import build_model
-from sp_ray.models.losses import ModelLosses
-from sp_ray.pretrain.sp_model import load_saliency_queries
-from sp_ray.train.checkpoint import copy_as_final, load_checkpoint, load_init_weights, save_checkpoint, update_meta
+from sp_ray.objectives import Trainable, build_objective
+from sp_ray.pretrain.sp_objective import load_saliency_queries
+from sp_ray.train.checkpoint import (
+    copy_as_final,
+    init_from_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    update_meta,
+)
 from sp_ray.train.device import select_device
 from sp_ray.train.optim import build_optimizer, build_scheduler
 from sp_ray.train.session import LocalSession
 from sp_ray.types import Target
 
 log = logging.getLogger("sp_ray")
+
+# (cfg, model) -> the model's training objective (``sp_ray.objectives``).
+ObjectiveBuilder = Callable[[Config, nn.Module], nn.Module]
 
 
 def seed_everything(seed: int) -> None:
@@ -46,26 +55,6 @@ def targets_to(targets: list[Target], device: torch.device) -> list[Target]:
         {**t, "labels": t["labels"].to(device), "masks": t["masks"].to(device), "boxes": t["boxes"].to(device)}
         for t in targets
     ]
-
-
-def _to_float32(tree: Any) -> Any:
-    if isinstance(tree, torch.Tensor):
-        return tree.float() if tree.is_floating_point() else tree
-    if isinstance(tree, dict):
-        return {k: _to_float32(v) for k, v in tree.items()}
-    if isinstance(tree, list):
-        return [_to_float32(v) for v in tree]
-    return tree
-
-
-def _all_finite(tree: Any) -> bool:
-    if isinstance(tree, torch.Tensor):
-        return not tree.is_floating_point() or bool(torch.isfinite(tree).all())
-    if isinstance(tree, dict):
-        return all(_all_finite(v) for v in tree.values())
-    if isinstance(tree, (list, tuple)):
-        return all(_all_finite(v) for v in tree)
-    return True
 
 
 def check_finite_images(images: torch.Tensor, targets: list[Target]) -> None:
@@ -89,8 +78,7 @@ def check_finite_images(images: torch.Tensor, targets: list[Target]) -> None:
 
 
 def train_step(
-    model: nn.Module,
-    criterion: nn.Module,
+    trainable: nn.Module,
     images: torch.Tensor,
     targets: list[Target],
     optimizer: torch.optim.Optimizer,
@@ -99,13 +87,14 @@ def train_step(
     grad_clip: float = 0.0,
     amp: bool = False,
 ) -> dict[str, float]:
-    """One optimisation step: outputs, loss dict, weighted sum, backward, clip, step.
+    """One optimisation step: loss dict of the ``Trainable``, weighted sum, backward, clip, step.
 
     Args:
+        trainable: ``sp_ray.objectives.Trainable`` (or its DDP wrapper): ``trainable(images, targets)`` -> losses.
         images: uint8 or float [B, 3, H, W] on the model's device, values 0..255.
         targets: per-image targets on the same device.
-        grad_clip: max total gradient norm (0 = no clipping).
-        amp: bf16 autocast for the forward pass (CUDA only; the losses are computed in float32).
+        grad_clip: max total gradient norm over the trainable's parameters (0 = no clipping).
+        amp: bf16 autocast for the forward pass (CUDA only; the objectives compute the losses in float32).
 
     Returns:
         The float value of every loss term and of their sum under ``loss``.
@@ -115,22 +104,10 @@ def train_step(
             A float batch is checked first: a NaN or inf in the images is named (nothing is run).
     """
     check_finite_images(images, targets)
-    model.train()
+    trainable.train()
     use_amp = amp and images.device.type == "cuda"
     with torch.autocast(device_type=images.device.type, dtype=torch.bfloat16, enabled=use_amp):
-        # Models that compute their own losses (torchvision Mask R-CNN) take the targets in forward.
-        own_losses = isinstance(criterion, ModelLosses)
-        outputs = model(images.float(), targets) if own_losses else model(images.float())
-    try:
-        losses = criterion(_to_float32(outputs), targets)
-    except ValueError as err:
-        # The matcher refuses NaN/inf predictions; diverged weights give them again on every retry.
-        if not _all_finite(outputs):
-            raise NonFiniteLossError(
-                f"the model's outputs are not finite ({err}); training diverged: lower train.lr "
-                "(or set train.grad_clip) and start again"
-            ) from err
-        raise
+        losses = trainable(images.float(), targets)
     total = sum(losses.values())
     values = {name: value.detach().item() for name, value in losses.items()}
     values["loss"] = total.detach().item()
@@ -139,7 +116,7 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     total.backward()
     if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        torch.nn.utils.clip_grad_norm_(trainable.parameters(), grad_clip)
     optimizer.step()
     scheduler.step()
     return values
@@ -157,8 +134,7 @@ class EpochStats:
 
 
 def train_one_epoch(
-    model: nn.Module,
-    criterion: nn.Module,
+    trainable: nn.Module,
     loader: DataLoader,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
@@ -174,7 +150,7 @@ def train_one_epoch(
     start = time.perf_counter()
     for it, (images, targets) in enumerate(loader):
         values = train_step(
-            model, criterion, images.to(device, non_blocking=True), targets_to(targets, device),
+            trainable, images.to(device, non_blocking=True), targets_to(targets, device),
             optimizer, scheduler, grad_clip=cfg.train.grad_clip, amp=cfg.train.amp,
         )
         for name, value in values.items():
@@ -280,6 +256,7 @@ def fit(
     init: str | Path | None = None,
     resume: str | Path | None = None,
     session: LocalSession | None = None,
+    objective: ObjectiveBuilder = build_objective,
 ) -> Path:
     """Train ``cfg`` on ``data.train_*``; checkpoints to ``work_dir/last``, the final model to ``work_dir/final``.
 
@@ -292,10 +269,13 @@ def fit(
     Args:
         cfg: the resolved config (``model.num_classes`` 0 is filled in from the data).
         work_dir: output directory; ``metrics.jsonl`` holds one line per epoch trained, each epoch once.
-        init: a checkpoint directory whose matching tensors initialise the model (``finetune --init``).
+        init: a checkpoint directory whose matching tensors initialise the model (``--init``; in pre-training
+            from a pre-training checkpoint, the objective too).
         resume: a checkpoint directory with training state to continue from (same run, same config).
             A checkpoint restored by the session (after a worker failure) takes precedence.
         session: rank, world size and reporting; ``LocalSession()`` by default.
+        objective: ``(cfg, model) -> objective``, built after the model: ``build_objective`` (fine-tuning) or
+            ``sp_ray.pretrain.sp_objective.build_sp_objective`` (``sp-ray pretrain``).
 
     Returns:
         The final checkpoint directory.
@@ -325,17 +305,21 @@ def fit(
         )
     cfg = scaled_lr(resolve_num_classes(cfg, train_set), world_size)
     seed_everything(cfg.train.seed)
-    model, criterion = build_model(cfg)
+    # Model first, then its objective: the order of random-number use of every run before the split.
+    model = build_model(cfg)
+    trainable = Trainable(model, objective(cfg, model))
     if init is not None:
-        report = load_init_weights(model, load_checkpoint(init).model_state)
+        # pretrain --init from a pre-training checkpoint also takes its objective's tensors (projection, prompts).
+        init_ckpt = load_checkpoint(init)
+        report = init_from_checkpoint(trainable.model, trainable.objective, init_ckpt,
+                                      with_objective=cfg.pretrain.enabled and init_ckpt.config.pretrain.enabled)
         if rank == 0:
             log.info("init from %s: %s", init, report.summary())
     if world_size > 1 and cfg.train.sync_bn:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model.to(device)
-    criterion.to(device)
+        trainable = nn.SyncBatchNorm.convert_sync_batchnorm(trainable)
+    trainable.to(device)
     loader = build_train_loader(cfg, train_set, rank=rank, world_size=world_size)
-    optimizer = build_optimizer(model, cfg.train)
+    optimizer = build_optimizer(trainable, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train, iters_per_epoch=len(loader))
     start_epoch, step = 0, 0
     final = work_dir / "final"
@@ -344,7 +328,8 @@ def fit(
         if source is not None:
             ckpt = load_checkpoint(source, with_training_state=True)
             try:
-                model.load_state_dict(ckpt.model_state)
+                trainable.model.load_state_dict(ckpt.model_state)
+                trainable.objective.load_state_dict(ckpt.objective_state)
             except RuntimeError as err:
                 raise UserError(f"{source} does not fit the model of this config: {str(err).splitlines()[0]}") from None
             check_optimizer_groups(optimizer, ckpt.training_state["optimizer"], source)
@@ -360,8 +345,8 @@ def fit(
         raise UserError(f"train.epochs={cfg.train.epochs} is below the epoch of {source} ({start_epoch})")
     if rank == 0:
         keep_metrics_through(work_dir / "metrics.jsonl", start_epoch)
-    plain_model = model
-    model = session.wrap_model(model)
+    plain = trainable
+    wrapped = session.wrap_model(trainable)  # DDP sees the Trainable: the objective's parameters are trained too
 
     meta_base = {"class_names": train_set.class_names, "cat_ids": train_set.cat_ids}
     failed_evaluation: str | None = None
@@ -372,7 +357,7 @@ def fit(
         if isinstance(loader.sampler, DistributedSampler):
             loader.sampler.set_epoch(epoch)
         stats = train_one_epoch(
-            model, criterion, loader, optimizer, scheduler, device=device, epoch=epoch, cfg=cfg,
+            wrapped, loader, optimizer, scheduler, device=device, epoch=epoch, cfg=cfg,
             on_step=lambda it, first=step: session.on_step(first + it + 1),
         )
         step += len(loader)
@@ -390,17 +375,19 @@ def fit(
             written: list[Path] = []
             if last or (cfg.train.checkpoint_interval and (epoch + 1) % cfg.train.checkpoint_interval == 0):
                 checkpoint = save_checkpoint(
-                    work_dir / "last", model=plain_model, config=cfg, meta={**meta_base, **metrics},
+                    work_dir / "last", model=plain.model, objective=plain.objective, config=cfg,
+                    meta={**meta_base, **metrics},
                     training_state={"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                     "epoch": epoch + 1, "step": step},
                 )
                 written.append(checkpoint)
             if last:
-                written.append(save_checkpoint(final, model=plain_model, config=cfg, meta={**meta_base, **metrics}))
+                written.append(save_checkpoint(final, model=plain.model, objective=plain.objective, config=cfg,
+                                               meta={**meta_base, **metrics}))
             if cfg.data.val_annotations and (
                 last or (cfg.train.eval_interval and (epoch + 1) % cfg.train.eval_interval == 0)
             ):
-                ap, failed_evaluation = _validate(plain_model, cfg, device, epoch=epoch + 1, written=written)
+                ap, failed_evaluation = _validate(plain.model, cfg, device, epoch=epoch + 1, written=written)
                 metrics.update(ap)
                 for path in written:
                     update_meta(path, ap)
@@ -409,7 +396,7 @@ def fit(
             with open(work_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(metrics) + "\n")
         session.report(metrics, checkpoint)
-    session.finish(plain_model)
+    session.finish(plain)
     if failed_evaluation is not None and start_epoch < cfg.train.epochs:
         raise EvaluationError(failed_evaluation)
     return final

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from sp_ray.config import TrainConfig
-from sp_ray.train.checkpoint import WRAPPED_MODEL_PREFIX
+from sp_ray.objectives import Trainable
 
 NORM_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm, nn.LayerNorm,
                nn.InstanceNorm2d)
@@ -28,12 +28,14 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW over the trainable parameters, grouped by learning rate and weight decay.
 
     Parameters under ``backbone.`` get ``lr * backbone_lr_mult``; those of normalisation layers get
-    ``weight_decay * norm_decay_mult``, learned embeddings ``weight_decay * embed_decay_mult``. A pre-training
-    wrapper's detector (under ``WRAPPED_MODEL_PREFIX``) is grouped the same way. This is mmdet's
+    ``weight_decay * norm_decay_mult``, learned embeddings ``weight_decay * embed_decay_mult``. Given a
+    ``Trainable``, the names are those of its model (``model.backbone.``), and the objective's parameters (the
+    SP prompt encoder and projection) follow the model's in each group. This is mmdet's
     ``paramwise_cfg=dict(custom_keys={'backbone': dict(lr_mult=...), 'query_embed': dict(decay_mult=...), ...},
     norm_decay_mult=...)``.
     """
     model = model.module if hasattr(model, "module") else model
+    backbone = "model.backbone." if isinstance(model, Trainable) else "backbone."
     decay_mult = {"norm": cfg.norm_decay_mult, "embed": cfg.embed_decay_mult, "other": 1.0}
     # (in the backbone, decay factor) -> parameters; the head group of full decay comes first, as the one whose
     # lr the logs show, and with every factor 1 the groups are those of earlier checkpoints (head, backbone).
@@ -45,7 +47,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
                 continue
             seen.add(id(param))
             full_name = f"{module_name}.{name}" if module_name else name
-            in_backbone = full_name.removeprefix(WRAPPED_MODEL_PREFIX).startswith("backbone.")
+            in_backbone = full_name.startswith(backbone)
             groups.setdefault((in_backbone, decay_mult[_decay_kind(module, name)]), []).append(param)
     ordered = sorted(groups.items(), key=lambda item: (item[0][0], -item[0][1]))
     return torch.optim.AdamW([

@@ -21,7 +21,7 @@ from torch import nn
 
 from sp_ray.config import Config, check_config_values
 from sp_ray.errors import UserError
-from sp_ray.train.checkpoint import load_checkpoint, load_init_weights
+from sp_ray.train.checkpoint import init_from_checkpoint, load_checkpoint
 
 log = logging.getLogger("sp_ray")
 
@@ -195,7 +195,7 @@ def _check_fit_data(cfg: Config) -> int:
         check_coco_data(cfg.data.val_annotations, cfg.data.val_images, what="data.val_annotations",
                         images_what="data.val_images", max_pixels=limit)
     if cfg.pretrain.enabled:
-        from sp_ray.pretrain.sp_model import load_saliency_queries, prompts_path
+        from sp_ray.pretrain.sp_objective import load_saliency_queries, prompts_path
 
         try:
             queries = load_saliency_queries(cfg)
@@ -210,8 +210,10 @@ def _check_fit_data(cfg: Config) -> int:
     return len(train["categories"])
 
 
-def _build_fit_model(cfg: Config, num_categories: int) -> tuple[Config, nn.Module]:
+def _build_fit_model(cfg: Config, num_categories: int, *, task: str) -> tuple[Config, nn.Module]:
+    """The run's ``Trainable``: the model and the objective of ``task`` ("pretrain": the SP objective)."""
     from sp_ray.models import build_model
+    from sp_ray.objectives import Trainable, build_objective
 
     if cfg.model.num_classes not in (0, num_categories):
         raise UserError(
@@ -219,16 +221,25 @@ def _build_fit_model(cfg: Config, num_categories: int) -> tuple[Config, nn.Modul
             "categories; set model.num_classes=0 to take it from the data"
         )
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=num_categories))
+    if task == "pretrain":
+        from sp_ray.pretrain.sp_objective import build_sp_objective as objective
+    else:
+        objective = build_objective
     try:
-        model, _ = build_model(cfg)
+        model = build_model(cfg)
+        trainable = Trainable(model, objective(cfg, model))
     except (ValueError, FileNotFoundError) as err:  # the builders' errors name the key or file at fault
         raise UserError(f"the model of this config cannot be built: {err}") from None
-    return cfg, model
+    return cfg, trainable
 
 
-def _check_resume_fits(model: nn.Module, ckpt_state: dict[str, Any], source: Path, *, what: str) -> None:
+def _check_resume_fits(trainable: nn.Module, ckpt: Any, source: Path, *, what: str) -> None:
     try:
-        model.load_state_dict(ckpt_state)
+        if hasattr(trainable, "objective"):
+            trainable.model.load_state_dict(ckpt.model_state)
+            trainable.objective.load_state_dict(ckpt.objective_state)
+        else:
+            trainable.load_state_dict(ckpt.model_state)
     except RuntimeError as err:
         first = str(err).splitlines()[0]
         raise UserError(
@@ -251,7 +262,8 @@ def check_training(
     Args:
         cfg: the resolved config.
         work_dir: the output directory.
-        task: "finetune" (``fit``; pre-training when ``pretrain.enabled``) or "ssl" (DenseCL).
+        task: "finetune" (``fit`` with ``build_objective``), "pretrain" (``fit`` with the SP objective; a
+            ``pretrain.enabled`` config) or "ssl" (DenseCL).
         init: checkpoint directory whose weights initialise the model (``--init``).
         resume: checkpoint directory with training state to continue (``--resume`` / ``--resume-from``).
         images: the unlabeled image folder of "ssl".
@@ -263,9 +275,9 @@ def check_training(
         UserError: the first problem found (a ``ConfigError`` for a config value), naming what to fix.
         FileNotFoundError: ``init`` or ``resume`` is not a checkpoint directory.
     """
-    if task not in ("finetune", "ssl"):
-        raise ValueError(f"task must be 'finetune' or 'ssl', got {task!r}")
-    check_config_values(cfg, task="ssl" if task == "ssl" else "finetune")
+    if task not in ("finetune", "pretrain", "ssl"):
+        raise ValueError(f"task must be 'finetune', 'pretrain' or 'ssl', got {task!r}")
+    check_config_values(cfg, task=task)
     if task != "ssl":
         from sp_ray.models import model_family
 
@@ -276,10 +288,12 @@ def check_training(
     if task == "ssl":
         model, epochs = _check_ssl(cfg, images)
     else:
-        cfg, model = _build_fit_model(cfg, _check_fit_data(cfg))
+        cfg, model = _build_fit_model(cfg, _check_fit_data(cfg), task=task)
         epochs = cfg.train.epochs
         if init is not None:
-            report = load_init_weights(model, load_checkpoint(init).model_state)
+            init_ckpt = load_checkpoint(init)
+            report = init_from_checkpoint(model.model, model.objective, init_ckpt,
+                                          with_objective=cfg.pretrain.enabled and init_ckpt.config.pretrain.enabled)
             if not report.loaded:
                 raise UserError(
                     f"--init {init}: none of its tensors fits this model ({report.summary()}); "
@@ -291,7 +305,7 @@ def check_training(
         if "scheduler" not in ckpt.training_state:
             raise UserError(f"--resume {resume}: its optimizer.pt has no scheduler state; resume from a WORK_DIR/last "
                             "written by sp-ray")
-        _check_resume_fits(model, ckpt.model_state, Path(resume), what="weights")
+        _check_resume_fits(model, ckpt, Path(resume), what="weights")
         if task != "ssl":
             from sp_ray.train.loop import check_optimizer_groups
             from sp_ray.train.optim import build_optimizer

@@ -28,6 +28,7 @@ from torch import nn
 
 from sp_ray.config import Config, absolute_paths, config_from_dict, config_to_dict
 from sp_ray.errors import UserError
+from sp_ray.objectives import build_objective
 from sp_ray.train.failures import StopOnUserError, raise_user_error
 from sp_ray.train.loop import fit
 from sp_ray.train.preflight import TrainingPlan, check_training
@@ -54,6 +55,7 @@ class RaySession:
         self.device = torch.device("cuda", torch.cuda.current_device()) if cfg.train.use_gpu else torch.device("cpu")
 
     def wrap_model(self, model: nn.Module) -> nn.Module:
+        """DDP around the ``Trainable`` (model and objective)."""
         return ray.train.torch.prepare_model(model, move_to_device=False)
 
     def all_reduce_sum(self, values: list[float]) -> list[float]:
@@ -105,7 +107,17 @@ def _setup_worker(loop_config: dict[str, Any]) -> tuple[Config, Path]:
 
 def _finetune_worker(loop_config: dict[str, Any]) -> None:
     cfg, work_dir = _setup_worker(loop_config)
-    fit(cfg, work_dir, init=loop_config["init"], resume=loop_config["resume"], session=RaySession(cfg, work_dir))
+    fit(cfg, work_dir, init=loop_config["init"], resume=loop_config["resume"], session=RaySession(cfg, work_dir),
+        objective=build_objective)
+
+
+def _pretrain_worker(loop_config: dict[str, Any]) -> None:
+    """SP pre-training: ``fit`` with the saliency-prompt objective (prompts, L_ker) instead of fine-tuning's."""
+    from sp_ray.pretrain.sp_objective import build_sp_objective
+
+    cfg, work_dir = _setup_worker(loop_config)
+    fit(cfg, work_dir, init=loop_config["init"], resume=loop_config["resume"], session=RaySession(cfg, work_dir),
+        objective=build_sp_objective)
 
 
 def _ssl_worker(loop_config: dict[str, Any]) -> None:
@@ -116,7 +128,7 @@ def _ssl_worker(loop_config: dict[str, Any]) -> None:
 
 
 # What a worker runs, by command; every entry is a plain training function run with a session.
-WORKERS = {"finetune": _finetune_worker, "ssl": _ssl_worker}
+WORKERS = {"finetune": _finetune_worker, "pretrain": _pretrain_worker, "ssl": _ssl_worker}
 
 
 class _InterruptibleTrainer(ray.train.torch.TorchTrainer):
@@ -186,7 +198,8 @@ def run_training(
         init: checkpoint directory to initialise from (``finetune --init``).
         resume: checkpoint directory to continue from (``--resume``).
         run_name: the Ray run name (default: the work dir's name and a timestamp).
-        task: "finetune" (``fit``, also used by pre-training) or "ssl" (DenseCL on ``images``).
+        task: "finetune" (``fit`` with ``build_objective``), "pretrain" (``fit`` with the SP objective,
+            ``build_sp_objective``; a ``pretrain.enabled`` config) or "ssl" (DenseCL on ``images``).
         images: the unlabeled image folder of the "ssl" task.
         metric: the reported value that ranks the kept checkpoints when every checkpoint is evaluated.
         callbacks: Ray ``RunConfig`` callbacks (a Tune trial passes ``TuneReportCallback``).

@@ -22,6 +22,7 @@ class LocalSession:
     world_size = 1
 
     def wrap_model(self, model: nn.Module) -> nn.Module:
+        """The module the step runs: the ``Trainable`` itself here, its DDP wrapper in a Ray worker."""
         return model
 
     def all_reduce_sum(self, values: list[float]) -> list[float]:
@@ -39,7 +40,7 @@ class LocalSession:
         """Called after every optimisation step with the global step count."""
 
     def finish(self, model: nn.Module) -> None:
-        """Called by every rank with its trained model after the last epoch."""
+        """Called by every rank with its trained ``Trainable`` (model and objective) after the last epoch."""
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:

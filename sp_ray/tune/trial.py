@@ -25,7 +25,7 @@ import ray.tune
 
 from sp_ray.config import Config, config_from_dict, config_to_dict, dump_config
 from sp_ray.pretrain.propose import check_propose_config, proposal_identity, propose
-from sp_ray.pretrain.sp_model import check_pretrain_config
+from sp_ray.pretrain.sp_objective import check_pretrain_config
 from sp_ray.train.ray_train import run_training
 from sp_ray.tune.cache import cached_build, settings_key, write_json_atomic
 from sp_ray.tune.space import apply_params
@@ -138,7 +138,7 @@ def pretrained_checkpoint(
     def build_pretraining(directory: Path) -> dict[str, Any]:
         start = time.perf_counter()
         (directory / "config.yaml").write_text(dump_config(cfg))
-        final = run_training(cfg, directory, run_name=f"pretrain-{pretrain_key}")
+        final = run_training(cfg, directory, run_name=f"pretrain-{pretrain_key}", task="pretrain")
         return {"final": str(final), "seconds": round(time.perf_counter() - start, 1)}
 
     pretraining, pretrain_hit = cached_build(cache / "pretrain", pretrain_key, build_pretraining, settings=settings)

@@ -47,7 +47,7 @@ def _tiny_cfg(*extra: str):
 def checkpoint(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     cfg = _tiny_cfg()
-    model, _ = build_model(cfg)
+    model = build_model(cfg)
     return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "final", model=model, config=cfg, meta={})
 
 
@@ -117,7 +117,7 @@ def test_cli_analyze_kernels_on_a_folder_skips_undecodable_files(checkpoint, tmp
 
 def test_a_checkpoint_that_does_not_fit_its_config_is_an_error(tmp_path):
     cfg = _tiny_cfg()
-    model, _ = build_model(_tiny_cfg("model.num_kernels=4"))
+    model = build_model(_tiny_cfg("model.num_kernels=4"))
     bad = save_checkpoint(tmp_path / "bad", model=model, config=cfg, meta={})
     with pytest.raises(ValueError, match="does not fit"):
         load_query_model(bad)

@@ -37,7 +37,7 @@ def _model(checkpoint):
     from sp_ray.models import build_model
 
     ckpt = load_checkpoint(checkpoint)
-    model, _ = build_model(ckpt.config)
+    model = build_model(ckpt.config)
     model.load_state_dict(ckpt.model_state)
     return model.eval()
 

@@ -153,7 +153,7 @@ def knet_onnx(tmp_path_factory):
     torch.set_num_threads(1)
     try:
         torch.manual_seed(0)
-        model, _ = build_model(cfg)
+        model = build_model(cfg)
         info = model_info(cfg, class_names=list("abc"), cat_ids=[1, 2, 3], input_size=None, batch_size=None)
         sample = np.random.default_rng(0).integers(0, 256, (2, 3, IMAGE_SIZE, IMAGE_SIZE), np.uint8)
         return export_model(model.eval(), info, tmp_path_factory.mktemp("providers") / "knet.onnx", sample=sample)

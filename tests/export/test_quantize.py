@@ -70,7 +70,7 @@ def test_static_int8_of_the_other_query_families_passes_its_parity_bounds(family
     # 128 px: at 64 the random QueryInst's RoI masks are all empty, and there would be nothing to compare.
     cfg = load_config(f"configs/demo/{family}_tiny_synthetic.yaml", [
         "data.max_size=128", "data.short_size=128", "model.num_classes=4", "eval.topk=10"])
-    model, _ = build_model(cfg)
+    model = build_model(cfg)
     model.eval()
     info = model_info(cfg, class_names=list("abcd"), cat_ids=[1, 2, 3, 4], input_size=None, batch_size=1)
     images = sample_images(None, count=4)

@@ -142,7 +142,7 @@ def test_rle_output_decodes_to_the_masks(segmenter, synthetic) -> None:
 def test_runtime_instances_equal_the_pytorch_evaluation_path(segmenter, trained_knet, synthetic) -> None:
     """numpy resize + pad + decode == torchvision transform + collate + sp_ray postprocess."""
     ckpt = load_checkpoint(trained_knet)
-    model, _ = build_model(ckpt.config)
+    model = build_model(ckpt.config)
     model.load_state_dict(ckpt.model_state)
     model.eval()
     transforms = build_transforms(train=False, max_size=IMAGE_SIZE, short_size=IMAGE_SIZE)

@@ -14,11 +14,11 @@ from torch import nn
 from sp_ray.config import ConfigError, load_config
 from sp_ray.data.synthetic import write_synthetic_dataset
 from sp_ray.models import build_model
-from sp_ray.models.instance_unique import (
-    KNET_MASK_HEAD,
-    MASK2FORMER_MASK_HEAD,
+from sp_ray.models.instance_unique import KNET_MASK_HEAD, MASK2FORMER_MASK_HEAD
+from sp_ray.objectives import Trainable, build_objective
+from sp_ray.objectives.instance_unique import (
     FeatureMemory,
-    InstanceUniqueTrainer,
+    IUQObjective,
     Transform,
     apply_transform,
     feature_equivariance_loss,
@@ -26,8 +26,7 @@ from sp_ray.models.instance_unique import (
     mask_equivariance_loss,
     sample_transform,
 )
-from sp_ray.models.losses import ModelLosses
-from sp_ray.train.checkpoint import WRAPPED_MODEL_PREFIX, load_checkpoint, load_init_weights, save_checkpoint
+from sp_ray.train.checkpoint import load_checkpoint, load_init_weights, save_checkpoint, split_legacy_state
 from sp_ray.train.loop import fit
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -95,6 +94,11 @@ def _tiny_knet_config(*extra: str):
     )  # fmt: skip
 
 
+def _trainable(cfg) -> Trainable:
+    model = build_model(cfg)
+    return Trainable(model, build_objective(cfg, model))
+
+
 def _images_and_targets(ids: list[int], seed: int) -> tuple[torch.Tensor, list[dict]]:
     g = torch.Generator().manual_seed(seed)
     images = torch.rand(len(ids), 3, 64, 64, generator=g) * 255
@@ -113,7 +117,7 @@ def _images_and_targets(ids: list[int], seed: int) -> tuple[torch.Tensor, list[d
 
 def test_knet_mask_head_reproduces_the_models_own_masks() -> None:
     torch.manual_seed(0)
-    model, _ = build_model(_tiny_knet_config())
+    model = build_model(_tiny_knet_config())
     images, _ = _images_and_targets([1, 2], seed=0)
     features = model.forward_features(images)
     outputs = model.forward_from_features(features)
@@ -129,7 +133,7 @@ def test_mask2former_mask_head_reproduces_the_models_own_masks() -> None:
         ["model.num_classes=2", "model.num_kernels=4", "model.feat_channels=32", "model.encoder_layers=1"],
     )
     torch.manual_seed(0)
-    model, _ = build_model(cfg)
+    model = build_model(cfg)
     images, _ = _images_and_targets([1, 2], seed=0)
     features = model.forward_features(images)
     outputs = model.forward_from_features(features)
@@ -140,8 +144,8 @@ def test_mask2former_mask_head_reproduces_the_models_own_masks() -> None:
 
 def test_memory_fills_after_the_loss_and_never_leaks_gradients_across_steps() -> None:
     torch.manual_seed(0)
-    model, criterion = build_model(_tiny_knet_config("iuq.inter_scene_weight=1.0", "iuq.memory_size=3"))
-    assert isinstance(model, InstanceUniqueTrainer) and isinstance(criterion, ModelLosses)
+    model = _trainable(_tiny_knet_config("iuq.inter_scene_weight=1.0", "iuq.memory_size=3"))
+    assert isinstance(model.objective, IUQObjective)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
     values = []
     for step, ids in enumerate(([1, 2], [3, 4], [5, 6])):
@@ -153,7 +157,7 @@ def test_memory_fills_after_the_loss_and_never_leaks_gradients_across_steps() ->
         # a second time") or keep it alive; the memory holds detached leaves only.
         sum(losses.values()).backward()
         optimizer.step()
-        feats, memory_ids = model.memory.read(device=torch.device("cpu"))
+        feats, memory_ids = model.objective.memory.read(device=torch.device("cpu"))
         assert memory_ids == [1, 2, 3, 4, 5, 6][max(0, 2 * step + 2 - 3) : 2 * step + 2]
         assert not feats.requires_grad and feats.grad_fn is None
     assert values[0] == 0.0 and values[1] > 0 and values[2] > 0
@@ -161,7 +165,7 @@ def test_memory_fills_after_the_loss_and_never_leaks_gradients_across_steps() ->
 
 def test_an_image_is_never_its_own_negative() -> None:
     torch.manual_seed(0)
-    model, _ = build_model(_tiny_knet_config("iuq.inter_scene_weight=1.0"))
+    model = _trainable(_tiny_knet_config("iuq.inter_scene_weight=1.0"))
     images, targets = _images_and_targets([7], seed=0)
     model(images, targets)
     assert model(images, targets)["loss_inter_scene"].item() == 0.0  # memory: image 7 only
@@ -171,14 +175,14 @@ def test_an_image_is_never_its_own_negative() -> None:
 
 def test_inter_scene_loss_falls_when_trained() -> None:
     torch.manual_seed(0)
-    model, _ = build_model(_tiny_knet_config("iuq.inter_scene_weight=1.0", "iuq.memory_size=2"))
+    model = _trainable(_tiny_knet_config("iuq.inter_scene_weight=1.0", "iuq.memory_size=2"))
     memory_images, _ = _images_and_targets([1, 2], seed=1)
     images, targets = _images_and_targets([3], seed=2)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     history = []
     for _ in range(8):
         # Refill with images 1 and 2 (capacity 2), which the step below is then pushed away from.
-        model.memory.push(model.model.forward_features(memory_images).x_feats, [1, 2])
+        model.objective.memory.push(model.model.forward_features(memory_images).x_feats, [1, 2])
         loss = model(images, targets)["loss_inter_scene"]
         optimizer.zero_grad()
         loss.backward()
@@ -231,11 +235,11 @@ class _NoLosses(nn.Module):
 
 
 def _equivariance(model: nn.Module, images: torch.Tensor, transform: str) -> dict:
-    wrapper = InstanceUniqueTrainer(
-        model=model, criterion=_NoLosses(), equivariance_mask_weight=1.0, equivariance_feature_weight=1.0,
+    objective = IUQObjective(
+        criterion=_NoLosses(), equivariance_mask_weight=1.0, equivariance_feature_weight=1.0,
         transform=transform, rescale_range=(0.5, 0.5),
     )  # fmt: skip
-    return wrapper(images, [{"image_id": b} for b in range(images.shape[0])])
+    return objective(model, images, [{"image_id": b} for b in range(images.shape[0])])
 
 
 def test_equivariance_losses_are_zero_for_an_equivariant_model() -> None:
@@ -283,7 +287,7 @@ def test_sample_transform_keeps_inputs_valid() -> None:
         sample_transform("rotate", (64, 64), (0.5, 1.0))
 
 
-# ---- the wrapper in build_model, training and checkpoints -----------------------------------------------------
+# ---- the objective in build_objective, training and checkpoints -----------------------------------------------------
 
 FAMILIES = {
     "knet": ("knet_tiny_synthetic.yaml", ["iuq.inter_scene_weight=0.3", "iuq.equivariance_mask_weight=1.0",
@@ -304,15 +308,15 @@ def test_every_family_trains_with_the_iuq_losses(family: str) -> None:
          "iuq.equivariance_transform=flip_rescale", *extra],
     )  # fmt: skip
     torch.manual_seed(0)
-    model, criterion = build_model(cfg)
-    plain, _ = build_model(load_config(CONFIGS / "demo" / config, [
+    model = _trainable(cfg)
+    plain = build_model(load_config(CONFIGS / "demo" / config, [
         "model.num_classes=2", "model.num_kernels=4", "model.feat_channels=32", "model.num_stages=2",
         *[e for e in extra if e.startswith("model.")]]))  # fmt: skip
-    assert isinstance(model, InstanceUniqueTrainer) and isinstance(criterion, ModelLosses)
-    assert list(model.state_dict()) == list(plain.state_dict())
+    assert isinstance(model.objective, IUQObjective)
+    assert list(model.model.state_dict()) == list(plain.state_dict()) and not model.objective.state_dict()
     for ids, seed in (([1, 2], 0), ([3, 4], 1)):
         images, targets = _images_and_targets(ids, seed)
-        losses = criterion(model(images, targets), targets)
+        losses = model(images, targets)
         assert "loss_equi_mask" in losses and all(torch.isfinite(v) for v in losses.values())
         sum(losses.values()).backward()
     assert ("loss_inter_scene" in losses) == ("iuq.inter_scene_weight=0.3" in extra)
@@ -320,9 +324,9 @@ def test_every_family_trains_with_the_iuq_losses(family: str) -> None:
     assert model.model.backbone.conv1.weight.grad is not None
     model.eval()
     with torch.no_grad():
-        plain.load_state_dict(model.state_dict())
+        plain.load_state_dict(model.model.state_dict())
         plain.eval()
-        torch.testing.assert_close(model(images)["pred_masks"], plain(images)["pred_masks"])
+        torch.testing.assert_close(model.model(images)["pred_masks"], plain(images)["pred_masks"])
 
 
 @pytest.mark.parametrize(
@@ -340,24 +344,27 @@ def test_every_family_trains_with_the_iuq_losses(family: str) -> None:
 def test_bad_iuq_settings_are_named(overrides: list[str], match: str) -> None:
     cfg = load_config(None, ["model.num_classes=2", "model.depth=18", "model.num_kernels=4", *overrides])
     with pytest.raises(ConfigError, match=match):
-        build_model(cfg)
+        _trainable(cfg)
 
 
 def test_iuq_checkpoints_load_both_ways(tmp_path: Path) -> None:
     torch.manual_seed(0)
     cfg = _tiny_knet_config("iuq.equivariance_mask_weight=1.0")
-    model, _ = build_model(cfg)
-    plain, _ = build_model(_tiny_knet_config())
-    save_checkpoint(tmp_path / "iuq", model=model, config=cfg, meta={})
-    state = load_checkpoint(tmp_path / "iuq").model_state
-    plain.load_state_dict(state)  # strict: the IUQ checkpoint is a plain K-Net checkpoint
-    fresh, _ = build_model(cfg)
-    report = load_init_weights(fresh, plain.state_dict())  # plain -> IUQ fine-tuning
+    model = _trainable(cfg)
+    plain = build_model(_tiny_knet_config())
+    save_checkpoint(tmp_path / "iuq", model=model.model, objective=model.objective, config=cfg, meta={})
+    ckpt = load_checkpoint(tmp_path / "iuq")
+    plain.load_state_dict(ckpt.model_state)  # strict: the IUQ checkpoint's model is a plain K-Net
+    assert ckpt.objective_state == {}  # the memory is not state
+    fresh = _trainable(cfg)
+    report = load_init_weights(fresh.model, plain.state_dict())  # plain -> IUQ fine-tuning
     assert not report.missing and not report.skipped and not report.reinitialised
-    sp_state = {WRAPPED_MODEL_PREFIX + k: v for k, v in plain.state_dict().items()}
-    sp_state["projection.weight"] = torch.zeros(1)
-    report = load_init_weights(fresh, sp_state)  # SP pre-training -> IUQ fine-tuning
-    assert not report.missing and report.skipped == ["projection.weight"]
+    # An SP pre-training checkpoint of the single-file format -> IUQ fine-tuning.
+    old = {"model." + k: v for k, v in plain.state_dict().items()}
+    old["projection.weight"] = torch.zeros(1)
+    model_state, objective_state = split_legacy_state(old)
+    report = load_init_weights(fresh.model, model_state)
+    assert not report.missing and not report.skipped and list(objective_state) == ["projection.weight"]
 
 
 def test_fit_with_iuq_then_evaluate_and_export_like_a_plain_checkpoint(tmp_path: Path) -> None:

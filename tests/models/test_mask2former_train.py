@@ -19,10 +19,10 @@ from sp_ray.data.coco import CocoInstanceDataset
 from sp_ray.data.synthetic import write_synthetic_dataset
 from sp_ray.data.transforms import build_transforms, collate
 from sp_ray.models import build_model
-from sp_ray.models.losses import ModelLosses
 from sp_ray.models.mask2former import MASK_STRIDE, Mask2Former
-from sp_ray.pretrain.sp_model import SaliencyPromptPretrainer, check_promptable
-from sp_ray.train.checkpoint import WRAPPED_MODEL_PREFIX, load_checkpoint, load_init_weights
+from sp_ray.objectives import Trainable
+from sp_ray.pretrain.sp_objective import SPObjective, build_sp_objective, check_promptable
+from sp_ray.train.checkpoint import init_from_checkpoint, load_checkpoint
 from sp_ray.train.loop import fit
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "demo"
@@ -123,8 +123,9 @@ def _pseudo_batch(pseudo):
 def test_sp_pretraining_supervises_every_layer_and_reaches_the_prompts(pseudo, source, rule) -> None:
     cfg = pretrain_config(pseudo, f"pretrain.prompt_source={source}", f"pretrain.prompt_rule={rule}")
     torch.manual_seed(0)
-    model, _ = build_model(cfg)
-    assert isinstance(model, SaliencyPromptPretrainer) and isinstance(model.model, Mask2Former)
+    detector = build_model(cfg)
+    model = Trainable(detector, build_sp_objective(cfg, detector))
+    assert isinstance(model.objective, SPObjective) and isinstance(model.model, Mask2Former)
     images, targets = _pseudo_batch(pseudo)
     losses = model(images.float(), targets)
     expected = {f"loss_{n}_s{i}" for n in ("cls", "mask", "dice") for i in range(LAYERS + 1)}
@@ -134,29 +135,35 @@ def test_sp_pretraining_supervises_every_layer_and_reaches_the_prompts(pseudo, s
     sum(losses.values()).backward()
     assert model.model.query_feat.weight.grad.abs().sum() > 0
     if source == "image":
-        assert model.prompt_encoder.proj.weight.grad.abs().sum() > 0
+        assert model.objective.prompt_encoder.proj.weight.grad.abs().sum() > 0
 
 
 def test_models_without_the_prompt_protocol_are_refused() -> None:
     with pytest.raises(ConfigError, match=r"'maskrcnn' lacks \['forward_features', .*return_matches"):
-        check_promptable(torch.nn.Linear(2, 2), ModelLosses(), "maskrcnn")
+        check_promptable(torch.nn.Linear(2, 2), torch.nn.Identity(), "maskrcnn")
+    with pytest.raises(ConfigError, match=r"supports model.name \['knet', 'mask2former', 'queryinst'\]"):
+        cfg = load_config(None, ["model.name=maskrcnn", "model.depth=18", "model.num_classes=1",
+                                 "pretrain.enabled=true"])
+        build_sp_objective(cfg, build_model(cfg))
 
 
 def test_pretraining_checkpoint_initialises_finetuning(pseudo, synthetic, tmp_path) -> None:
     torch.manual_seed(0)
-    final = fit(pretrain_config(pseudo, "train.epochs=2"), tmp_path / "pretrain")
+    final = fit(pretrain_config(pseudo, "train.epochs=2"), tmp_path / "pretrain", objective=build_sp_objective)
     ckpt = load_checkpoint(final)
     assert ckpt.config.pretrain.enabled and ckpt.config.model.num_classes == 1
-    model, _ = build_model(finetune_config(synthetic, "model.num_classes=4"))
-    report = load_init_weights(model, ckpt.model_state)
+    model = build_model(finetune_config(synthetic, "model.num_classes=4"))
+    report = init_from_checkpoint(model, None, ckpt)
     class_head = {"class_embed.weight", "class_embed.bias"}  # 1 "object" + no object -> 4 + 1 classes
     assert set(report.reinitialised) == class_head
     assert set(report.loaded) == set(model.state_dict()) - class_head
     assert report.missing == []
-    assert set(report.skipped) == {"projection.weight", "prompt_encoder.proj.weight", "prompt_encoder.proj.bias"}
+    assert set(report.skipped) == {"objective.projection.weight", "objective.prompt_encoder.proj.weight",
+                                   "objective.prompt_encoder.proj.bias"}
+    assert set(ckpt.model_state) == set(model.state_dict())  # model.pt: the plain detector's keys
     state = model.state_dict()
     for name in ("query_feat.weight", "pixel_decoder.layers.0.attention.sampling_offsets.weight"):
-        torch.testing.assert_close(state[name], ckpt.model_state[WRAPPED_MODEL_PREFIX + name])
+        torch.testing.assert_close(state[name], ckpt.model_state[name])
 
 
 @pytest.mark.slow

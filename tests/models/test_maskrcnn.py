@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 from torchvision.models import resnet18
 from torchvision.models.detection import maskrcnn_resnet50_fpn
 
@@ -16,8 +15,8 @@ from sp_ray.data.transforms import build_transforms, collate
 from sp_ray.evaluation.coco_eval import predict_coco
 from sp_ray.models import FAMILIES, build_model
 from sp_ray.models.knet import build_knet
-from sp_ray.models.losses import ModelLosses
 from sp_ray.models.maskrcnn import MaskRCNN, build_maskrcnn, postprocess_maskrcnn
+from sp_ray.objectives import MaskRCNNObjective, Trainable, build_objective
 from sp_ray.train.checkpoint import load_init_weights
 from sp_ray.train.loop import train_step
 from sp_ray.train.optim import build_optimizer, build_scheduler
@@ -89,8 +88,10 @@ def test_bad_inputs_raise() -> None:
         model(torch.zeros(3, SIZE, SIZE))
     with pytest.raises(ValueError, match="multiples of 32"):
         model.eval()(torch.zeros(1, 3, 50, 64))
-    with pytest.raises(ValueError, match="one target per image"):
+    with pytest.raises(ValueError, match="eval mode only"):
         model.train()(torch.zeros(1, 3, SIZE, SIZE))
+    with pytest.raises(ValueError, match="one target per image"):
+        MaskRCNNObjective()(model.train(), torch.zeros(1, 3, SIZE, SIZE), [])
     with pytest.raises(ValueError, match="depth"):
         build_maskrcnn(num_classes=C, depth=101)
 
@@ -101,12 +102,12 @@ def test_train_step_on_synthetic_data_including_an_image_without_instances(batch
              "boxes": targets[1]["boxes"][:0]}
     targets = [targets[0], empty]
     model = _tiny(norm_eval=False)
-    criterion = ModelLosses()
+    trainable = Trainable(model, MaskRCNNObjective())
     cfg = load_config(None, ["train.lr=1e-3", "train.warmup_iters=0"]).train
-    optimizer = build_optimizer(model, cfg)
+    optimizer = build_optimizer(trainable, cfg)
     scheduler = build_scheduler(optimizer, cfg, iters_per_epoch=1)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    values = train_step(model, criterion, images, targets, optimizer, scheduler, grad_clip=4.0)
+    values = train_step(trainable, images, targets, optimizer, scheduler, grad_clip=4.0)
     assert set(values) == {
         "loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg", "loss"
     }
@@ -148,9 +149,10 @@ def test_config_builds_the_family_and_its_postprocessor() -> None:
     cfg = load_config(
         None, ["model.name=maskrcnn", "model.depth=18", f"model.num_classes={C}", "eval.topk=7"]
     )
-    model, criterion = build_model(cfg)
+    model = build_model(cfg)
     assert isinstance(model, MaskRCNN)
-    assert isinstance(criterion, ModelLosses) and isinstance(criterion, nn.Module)
+    objective = build_objective(cfg, model)
+    assert isinstance(objective, MaskRCNNObjective) and not objective.state_dict()
     assert model.roi_heads.detections_per_img == 7
     assert FAMILIES["maskrcnn"].postprocess is postprocess_maskrcnn
 

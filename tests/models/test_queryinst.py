@@ -26,8 +26,9 @@ from sp_ray.models.queryinst import (
     paste_roi_masks,
 )
 from sp_ray.models.queryinst_losses import BoxHungarianMatcher, QueryInstCriterion, roi_mask_targets
-from sp_ray.pretrain.sp_model import SaliencyPromptPretrainer
-from sp_ray.train.checkpoint import WRAPPED_MODEL_PREFIX, load_checkpoint, load_init_weights, save_checkpoint
+from sp_ray.objectives import Trainable
+from sp_ray.pretrain.sp_objective import SPObjective, build_sp_objective
+from sp_ray.train.checkpoint import init_from_checkpoint, load_checkpoint, save_checkpoint
 from sp_ray.train.loop import fit
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -385,11 +386,16 @@ def _sp_config(tmp_path: Path, *extra: str):
                        [f"pretrain.prompts={prompts}", *TINY, *extra])
 
 
+def _sp_trainable(cfg) -> Trainable:
+    model = build_model(cfg)
+    return Trainable(model, build_sp_objective(cfg, model))
+
+
 def test_sp_pretraining_forward_and_finetune_init(tmp_path) -> None:
     cfg = _sp_config(tmp_path)
     torch.manual_seed(0)
-    pretrainer, _ = build_model(cfg)
-    assert isinstance(pretrainer, SaliencyPromptPretrainer) and isinstance(pretrainer.model, QueryInst)
+    pretrainer = _sp_trainable(cfg)
+    assert isinstance(pretrainer.objective, SPObjective) and isinstance(pretrainer.model, QueryInst)
     images = torch.rand(B, 3, 64, 64) * 255
     pseudo = [_rect(8, 40, 8, 40)[:, :64], _rect(24, 56, 20, 60)[:, :64], _rect(30, 60, 0, 30)[:, :64]]
     targets = [_target([0, 0], torch.stack(pseudo[:2]), (64, 64)), _target([0], pseudo[2][None], (64, 64))]
@@ -403,17 +409,17 @@ def test_sp_pretraining_forward_and_finetune_init(tmp_path) -> None:
     sum(losses.values()).backward()
     assert pretrainer.model.proposal_features.grad.abs().sum() > 0
 
-    checkpoint = save_checkpoint(tmp_path / "pretrained", model=pretrainer, config=cfg, meta={"epoch": 1})
+    checkpoint = save_checkpoint(tmp_path / "pretrained", model=pretrainer.model, objective=pretrainer.objective,
+                                 config=cfg, meta={"epoch": 1})
     finetune_cfg = _sp_config(tmp_path, "model.num_classes=4", "pretrain.enabled=false")
-    finetune_model, _ = build_model(finetune_cfg)
-    report = load_init_weights(finetune_model, load_checkpoint(checkpoint).model_state)
+    finetune_model = build_model(finetune_cfg)
+    report = init_from_checkpoint(finetune_model, None, load_checkpoint(checkpoint))
     class_head = {k for k in finetune_model.state_dict() if ".fc_cls." in k}
     assert set(report.reinitialised) == class_head  # one "object" class -> 4 categories
     assert set(report.loaded) == set(finetune_model.state_dict()) - class_head
-    assert report.missing == [] and report.skipped == ["projection.weight"]
+    assert report.missing == [] and report.skipped == ["objective.projection.weight"]
     state = finetune_model.state_dict()
-    torch.testing.assert_close(state["proposal_features"],
-                               pretrainer.state_dict()[WRAPPED_MODEL_PREFIX + "proposal_features"])
+    torch.testing.assert_close(state["proposal_features"], pretrainer.model.state_dict()["proposal_features"])
 
 
 @pytest.mark.slow
@@ -421,8 +427,9 @@ def test_cli_finetune_from_an_sp_checkpoint(synthetic, tmp_path, capsys) -> None
     from sp_ray.cli import main
 
     cfg = _sp_config(tmp_path)
-    pretrainer, _ = build_model(cfg)
-    init = save_checkpoint(tmp_path / "pretrained", model=pretrainer, config=cfg, meta={"epoch": 1})
+    pretrainer = _sp_trainable(cfg)
+    init = save_checkpoint(tmp_path / "pretrained", model=pretrainer.model, objective=pretrainer.objective,
+                           config=cfg, meta={"epoch": 1})
     ray.init(address="local", num_cpus=2, include_dashboard=False)
     try:
         code = main([

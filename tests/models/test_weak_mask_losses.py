@@ -21,6 +21,7 @@ from sp_ray.models.weak_mask_losses import (
     rgb_to_lab,
     unfold_neighbours,
 )
+from sp_ray.objectives import build_objective
 from sp_ray.types import ModelOutputs, StageOutput
 
 EPS = 1e-5  # FreeSOLO's dice smoothing
@@ -222,9 +223,9 @@ def test_weak_criterion_without_targets_and_without_image() -> None:
         KNetCriterion(num_classes=1, matcher=HungarianMatcher(), mask_loss="boxes")
 
 
-def test_build_model_passes_the_option_and_the_full_default_is_unchanged() -> None:
+def test_build_objective_passes_the_option_and_the_full_default_is_unchanged() -> None:
     cfg = load_config(None, ["model.num_classes=1", "model.depth=18", "loss.mask_loss=weak", "loss.pairwise_weight=2"])
-    _, criterion = build_model(cfg)
+    criterion = build_objective(cfg, build_model(cfg)).criterion
     assert criterion.mask_loss == "weak" and criterion.pairwise_weight == 2.0
     _, targets = _batch()
     logits = torch.randn(1, 2, 8, 8, generator=torch.Generator().manual_seed(1))

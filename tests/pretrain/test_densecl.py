@@ -201,7 +201,7 @@ def test_saved_backbone_initialises_knet(trained: Path) -> None:
     cfg = load_config(TINY_CONFIG.parent / "knet_tiny_synthetic.yaml", [
         f"model.backbone_weights={trained / 'final' / 'backbone.pth'}", "model.num_classes=4",
     ])
-    model, _ = build_model(cfg)
+    model = build_model(cfg)
     exported = torch.load(trained / "final" / "backbone.pth", weights_only=True)
     assert torch.equal(model.backbone.conv1.weight, exported["conv1.weight"])
     assert torch.equal(model.backbone.layer4[1].bn2.running_var, exported["layer4.1.bn2.running_var"])

@@ -1,4 +1,4 @@
-"""`sp-ray pretrain` through Ray Train: two DDP workers train the pre-training wrapper in step."""
+"""`sp-ray pretrain` through Ray Train: two DDP workers train the model and its SP objective in step."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 from sp_ray.cli import main
 from sp_ray.data.synthetic import write_synthetic_dataset
-from sp_ray.train.checkpoint import WRAPPED_MODEL_PREFIX, load_checkpoint
+from sp_ray.train.checkpoint import load_checkpoint
 
 from .test_sp_model import write_pseudo_masks
 
@@ -35,6 +35,7 @@ def test_cli_pretrain_with_two_workers(local_ray, tmp_path):
     assert records[0]["param_checksum"] == pytest.approx(records[1]["param_checksum"], rel=1e-6)
     ckpt = load_checkpoint(work / "final")
     assert ckpt.config.pretrain.enabled
-    assert all(k.startswith(WRAPPED_MODEL_PREFIX) or k == "projection.weight" for k in ckpt.model_state)
+    assert not any(k.startswith(("model.", "projection.")) for k in ckpt.model_state)  # the plain K-Net's keys
+    assert list(ckpt.objective_state) == ["projection.weight"]
     metrics = json.loads((work / "metrics.jsonl").read_text().splitlines()[-1])
     assert "loss_ker_s1" in metrics

@@ -32,6 +32,7 @@ from sp_ray.pretrain.self_training import (
     pooled_prompts,
     select_pseudo_masks,
 )
+from sp_ray.pretrain.sp_objective import build_sp_objective
 from sp_ray.train.loop import fit
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -174,8 +175,8 @@ def test_round_trip_finetune_relabel_pretrain_relabel(trained: dict[str, Path]) 
         "knet_tiny_sp_pretrain.yaml", f"data.train_annotations={root / 'round1' / 'annotations.json'}",
         f"data.train_images={trained['images']}", "train.epochs=1",
     )  # fmt: skip
-    checkpoint = fit(pretrain, root / "pretrain")
-    # The next round starts from the pre-training checkpoint (its wrapper's keys are stripped).
+    checkpoint = fit(pretrain, root / "pretrain", objective=build_sp_objective)
+    # The next round starts from the pre-training checkpoint (its model.pt holds the plain model).
     model, cfg = load_model_for_self_training(checkpoint)
     assert not cfg.pretrain.enabled and not hasattr(model, "projection")
     second = _self_train(trained["images"], root / "round2", checkpoint)
@@ -218,7 +219,7 @@ def test_a_mask_rcnn_checkpoint_is_refused(tmp_path: Path) -> None:
     from sp_ray.train.checkpoint import save_checkpoint
 
     cfg = load_config(CONFIGS / "demo" / "maskrcnn_tiny_synthetic.yaml", ["model.num_classes=2"])
-    model, _ = build_model(cfg)
+    model = build_model(cfg)
     save_checkpoint(tmp_path / "maskrcnn", model=model, config=cfg, meta={})
     with pytest.raises(ValueError, match="query-based"):
         load_model_for_self_training(tmp_path / "maskrcnn")
@@ -250,7 +251,7 @@ def test_proposer_reads_every_query_family(config: str, trained: dict[str, Path]
 
     cfg = _tiny(config, "model.num_classes=2", "model.num_stages=2", "model.encoder_layers=1")
     torch.manual_seed(0)
-    model, _ = build_model(cfg)
+    model = build_model(cfg)
     save_checkpoint(tmp_path / "ckpt", model=model, config=cfg, meta={})
     selftrain = SelfTrainConfig(score_threshold=0.0, maskness_threshold=0.01, max_per_image=20)
     proposer = CheckpointProposer(tmp_path / "ckpt", selftrain, device=torch.device("cpu"))

@@ -1,4 +1,4 @@
-"""SP pre-training end to end on tiny synthetic pseudo masks: losses, training, checkpoint -> --init."""
+"""SP pre-training end to end on tiny synthetic pseudo masks: the objective's losses, training, checkpoint -> --init."""
 
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ from sp_ray.data.transforms import build_transforms, collate
 from sp_ray.evaluation.kernel_analysis import CELL_INCHES, DPI, analyze_kernels
 from sp_ray.models import build_model
 from sp_ray.models.knet import KNet
-from sp_ray.models.losses import ModelLosses
-from sp_ray.pretrain.sp_model import SaliencyPromptPretrainer
-from sp_ray.train.checkpoint import WRAPPED_MODEL_PREFIX, load_checkpoint, load_init_weights
+from sp_ray.objectives import Trainable
+from sp_ray.pretrain.sp_objective import SPObjective, build_sp_objective
+from sp_ray.train.checkpoint import init_from_checkpoint, load_checkpoint
 from sp_ray.train.loop import fit
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -87,7 +87,7 @@ def pretrained(pseudo, tmp_path_factory) -> Path:
     """A short pre-training run (6 images, 12 epochs of 2 steps); returns its work dir."""
     work = tmp_path_factory.mktemp("pretrain")
     torch.manual_seed(0)
-    fit(tiny_pretrain_config(pseudo, "train.epochs=12"), work)
+    fit(tiny_pretrain_config(pseudo, "train.epochs=12"), work, objective=build_sp_objective)
     return work
 
 
@@ -101,15 +101,21 @@ def _batch(pseudo, cfg):
     return collate([dataset[0], dataset[1]], size_divisor=32)
 
 
-def test_build_model_wraps_knet_with_plain_knet_keys_under_the_prefix(pseudo):
+def _sp_trainable(cfg) -> Trainable:
+    model = build_model(cfg)
+    return Trainable(model, build_sp_objective(cfg, model))
+
+
+def test_the_sp_objective_holds_what_pretraining_adds_to_a_plain_knet(pseudo):
     cfg = tiny_pretrain_config(pseudo, "model.num_classes=1")
-    model, criterion = build_model(cfg)
-    assert isinstance(model, SaliencyPromptPretrainer) and isinstance(criterion, ModelLosses)
-    plain, _ = build_model(tiny_pretrain_config(pseudo, "model.num_classes=1", "pretrain.enabled=false"))
-    assert isinstance(plain, KNet)
-    wrapped = {k for k in model.state_dict() if k.startswith(WRAPPED_MODEL_PREFIX)}
-    assert {k.removeprefix(WRAPPED_MODEL_PREFIX) for k in wrapped} == set(plain.state_dict())
-    assert set(model.state_dict()) - wrapped == {"projection.weight"}  # the fixed projection, a buffer
+    trainable = _sp_trainable(cfg)
+    assert isinstance(trainable.model, KNet) and isinstance(trainable.objective, SPObjective)
+    plain = build_model(tiny_pretrain_config(pseudo, "model.num_classes=1", "pretrain.enabled=false"))
+    assert list(trainable.model.state_dict()) == list(plain.state_dict())
+    assert list(trainable.objective.state_dict()) == ["projection.weight"]  # the fixed projection, a buffer
+    # The optimizer sees the model's parameters first, then the objective's.
+    names = [name for name, _ in trainable.named_parameters()]
+    assert names[: len(list(plain.parameters()))] == ["model." + n for n, _ in plain.named_parameters()]
 
 
 @pytest.mark.parametrize(
@@ -125,7 +131,7 @@ def test_forward_returns_every_loss_and_gradients_reach_the_heads(pseudo, source
         "pretrain.image_prompt_size=32",
     )
     torch.manual_seed(0)
-    model, _ = build_model(cfg)
+    model = _sp_trainable(cfg)
     images, targets = _batch(pseudo, cfg)
     losses = model(images.float(), targets)
     expected = {"loss_mask_s0", "loss_dice_s0"} | {
@@ -139,13 +145,13 @@ def test_forward_returns_every_loss_and_gradients_reach_the_heads(pseudo, source
     sum(losses.values()).backward()
     assert model.model.stages[0].fc_cls.weight.grad is not None
     if source == "image":
-        assert model.prompt_encoder.proj.weight.grad.abs().sum() > 0
+        assert model.objective.prompt_encoder.proj.weight.grad.abs().sum() > 0
     if projection == "learned":
-        assert model.projection.weight.grad.abs().sum() > 0
+        assert model.objective.projection.weight.grad.abs().sum() > 0
 
 
 def test_targets_without_queries_are_an_error(pseudo):
-    model, _ = build_model(tiny_pretrain_config(pseudo, "model.num_classes=1"))
+    model = _sp_trainable(tiny_pretrain_config(pseudo, "model.num_classes=1"))
     images, targets = _batch(pseudo, None)
     del targets[1]["queries"]
     with pytest.raises(ValueError, match=r"images \[1\] have no 'queries'"):
@@ -163,7 +169,7 @@ def test_targets_without_queries_are_an_error(pseudo):
 )
 def test_bad_pretrain_settings_are_named(pseudo, override, match):
     with pytest.raises((ConfigError, FileNotFoundError), match=match):
-        build_model(tiny_pretrain_config(pseudo, "model.num_classes=1", override))
+        _sp_trainable(tiny_pretrain_config(pseudo, "model.num_classes=1", override))
 
 
 def test_pretraining_loss_falls(pretrained):
@@ -179,8 +185,8 @@ def test_finetune_init_loads_every_backbone_neck_and_kernel_tensor(pretrained, p
     ckpt = load_checkpoint(pretrained / "final")
     assert ckpt.config.pretrain.enabled and ckpt.config.model.num_classes == 1
     finetune_cfg = tiny_pretrain_config(pseudo, "model.num_classes=4", "pretrain.enabled=false")
-    model, _ = build_model(finetune_cfg)
-    report = load_init_weights(model, ckpt.model_state)
+    model = build_model(finetune_cfg)
+    report = init_from_checkpoint(model, None, ckpt)
     own = set(model.state_dict())
     backbone = {k for k in own if k.startswith("backbone.")}
     assert backbone and backbone <= set(report.loaded)
@@ -189,10 +195,10 @@ def test_finetune_init_loads_every_backbone_neck_and_kernel_tensor(pretrained, p
     assert heads - class_head <= set(report.loaded)
     assert set(report.reinitialised) == class_head  # one "object" class -> 4 categories
     assert report.missing == []
-    assert report.skipped == ["projection.weight"]
+    assert report.skipped == ["objective.projection.weight"]
     state = model.state_dict()
     for name in report.loaded:
-        torch.testing.assert_close(state[name], ckpt.model_state[WRAPPED_MODEL_PREFIX + name])
+        torch.testing.assert_close(state[name], ckpt.model_state[name])
 
 
 def test_dataset_queries_follow_their_instances_through_collate(pseudo):

@@ -36,7 +36,7 @@ def served_model(tmp_path_factory) -> Path:
     torch.set_num_threads(1)
     try:
         torch.manual_seed(0)
-        model, _ = build_model(cfg)
+        model = build_model(cfg)
         info = model_info(cfg, class_names=CLASS_NAMES, cat_ids=CAT_IDS, input_size=None, batch_size=None,
                           source="tests/serve random K-Net")
         sample = np.random.default_rng(0).integers(0, 256, (2, 3, 64, 64), np.uint8)

@@ -6,11 +6,15 @@ from torch import nn
 
 from sp_ray.config import Config, apply_overrides
 from sp_ray.errors import UserError
+from sp_ray.objectives import Trainable
 from sp_ray.train.checkpoint import (
+    copy_as_final,
+    init_from_checkpoint,
     is_checkpoint,
     load_checkpoint,
     load_init_weights,
     save_checkpoint,
+    split_legacy_state,
 )
 
 
@@ -110,21 +114,70 @@ def test_init_weights_report():
     assert "re-initialised" in report.summary()
 
 
-def test_init_weights_between_plain_and_wrapped_models():
-    class Wrapper(nn.Module):  # a pre-training wrapper: the model under WRAPPED_MODEL_PREFIX plus its own head
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = net(out=3)
-            self.projection = nn.Linear(2, 2)
+class _Objective(nn.Module):  # an SP-like objective: the pre-training-only tensors beside the model
+    def __init__(self) -> None:
+        super().__init__()
+        self.projection = nn.Linear(2, 2, bias=False)
+        self.prompt_encoder = nn.Linear(3, 2)
 
-    plain, wrapper = net(out=3), Wrapper()
-    report = load_init_weights(wrapper, plain.state_dict())  # pretrain --init from a fine-tuned model
-    assert not report.skipped and sorted(report.missing) == ["projection.bias", "projection.weight"]
-    assert torch.equal(wrapper.model.state_dict()["0.weight"], plain.state_dict()["0.weight"])
+    def forward(self, model, images, targets):
+        raise NotImplementedError
+
+
+def test_model_and_objective_files_round_trip(tmp_path):
+    model, objective = net(), _Objective()
+    path = save_checkpoint(tmp_path / "ck", model=model, objective=objective, config=Config(), meta={})
+    assert (path / "objective.pt").is_file()
+    ck = load_checkpoint(path)
+    assert sorted(ck.model_state) == sorted(model.state_dict())
+    assert sorted(ck.objective_state) == ["projection.weight", "prompt_encoder.bias", "prompt_encoder.weight"]
+    copy = copy_as_final(path, tmp_path / "final")
+    assert sorted(load_checkpoint(copy).objective_state) == sorted(ck.objective_state)
+    plain = load_checkpoint(save_checkpoint(tmp_path / "plain", model=model, objective=nn.Module(),
+                                            config=Config(), meta={}))
+    assert plain.objective_state == {}
+
+
+def test_old_sp_checkpoint_splits_into_model_and_objective(tmp_path):
+    """A model.pt of the single-file format (SP's wrapper: the detector under ``model.``) loads through
+    ``split_legacy_state`` and resumes a Trainable."""
+    path = save_checkpoint(tmp_path / "old", model=net(), config=Config(), meta={})
+    old = {
+        "model.0.weight": torch.full((8, 4), 1.0), "model.0.bias": torch.full((8,), 2.0),
+        "model.2.weight": torch.full((3, 8), 3.0), "model.2.bias": torch.full((3,), 4.0),
+        "projection.weight": torch.full((2, 2), 5.0),
+        "prompt_encoder.weight": torch.full((2, 3), 6.0), "prompt_encoder.bias": torch.full((2,), 7.0),
+    }
+    torch.save(old, path / "model.pt")
+    assert not (path / "objective.pt").exists()
+    model_state, objective_state = split_legacy_state(old)
+    assert sorted(model_state) == ["0.bias", "0.weight", "2.bias", "2.weight"]
+    assert sorted(objective_state) == ["projection.weight", "prompt_encoder.bias", "prompt_encoder.weight"]
+    ck = load_checkpoint(path)
+    assert sorted(ck.model_state) == sorted(model_state) and sorted(ck.objective_state) == sorted(objective_state)
+    trainable = Trainable(net(), _Objective())
+    trainable.model.load_state_dict(ck.model_state)  # strict: every key maps
+    trainable.objective.load_state_dict(ck.objective_state)
+    assert torch.equal(trainable.model[2].bias, torch.full((3,), 4.0))
+    assert torch.equal(trainable.objective.prompt_encoder.bias, torch.full((2,), 7.0))
+    # finetune --init from it: the model's tensors, the objective's reported as skipped.
     fresh = net(out=3)
-    report = load_init_weights(fresh, wrapper.state_dict())  # finetune --init from a pre-training
-    assert sorted(report.skipped) == ["projection.bias", "projection.weight"] and not report.missing
-    again = Wrapper()
-    report = load_init_weights(again, wrapper.state_dict())  # the next self-training round
+    report = init_from_checkpoint(fresh, nn.Module(), ck)
+    assert sorted(report.loaded) == ["0.bias", "0.weight", "2.bias", "2.weight"]
+    assert sorted(report.skipped) == ["objective.projection.weight", "objective.prompt_encoder.bias",
+                                      "objective.prompt_encoder.weight"]
+    # pretrain --init from it: the objective's tensors too.
+    again = Trainable(net(), _Objective())
+    report = init_from_checkpoint(again.model, again.objective, ck, with_objective=True)
     assert not report.skipped and not report.missing
-    assert torch.equal(again.projection.weight, wrapper.projection.weight)
+    assert torch.equal(again.objective.projection.weight, torch.full((2, 2), 5.0))
+
+
+def test_old_plain_and_iuq_checkpoints_are_model_state_only(tmp_path):
+    """Fine-tuning and IUQ runs (whose wrapper wrote the plain model's state dict) wrote plain keys."""
+    path = save_checkpoint(tmp_path / "old", model=net(), config=Config(), meta={})
+    old = {"0.weight": torch.ones(8, 4), "0.bias": torch.ones(8), "2.weight": torch.ones(3, 8), "2.bias": torch.ones(3)}
+    torch.save(old, path / "model.pt")
+    ck = load_checkpoint(path)
+    assert sorted(ck.model_state) == sorted(old) and ck.objective_state == {}
+    net().load_state_dict(ck.model_state)

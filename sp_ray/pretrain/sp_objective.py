@@ -1,12 +1,15 @@
-"""The SP pre-training model: a QEIS detector plus what exists only in pre-training (prompts, the L_ker projection).
+"""The SP pre-training objective: what exists only in pre-training (prompts, the L_ker projection) beside a
+pure QEIS detector.
 
-``SaliencyPromptPretrainer.forward(images, targets)`` runs the detector once: its features give the prompts
-(P5 pooled in each pseudo mask's box, or the image prompt), the prompts are matched to K^0 and added to
-it, the same stages run on the prompted kernels, and the criterion's Hungarian matches of every
-stage pair the kernels with the saliency queries for L_ker. It returns the loss dict, so the ordinary
-training step runs it with ``ModelLosses`` as its criterion (``model(images, targets)``).
+``SPObjective(model, images, targets)`` runs the detector once: its features give the prompts (P5 pooled in
+each pseudo mask's box, or the image prompt), the prompts are matched to K^0 and added to it, the same
+stages run on the prompted kernels, and the criterion's Hungarian matches of every stage pair the kernels
+with the saliency queries for L_ker. It returns the loss dict; training runs it as
+``Trainable(model, objective)``. ``sp-ray pretrain`` chooses it (``build_sp_objective``), ``sp-ray finetune``
+the family's objective (``sp_ray.objectives.build_objective``).
 
-Any detector that implements the ``PromptableModel`` protocol can be pre-trained (K-Net, Mask2Former):
+Any detector that implements the ``PromptableModel`` protocol can be pre-trained (K-Net, Mask2Former,
+QueryInst):
 
 - ``forward_features(images)`` -> an object with ``fpn`` (a list whose last entry, float [B, D, H/32, W/32],
   gives the feature prompts) and ``init_kernels`` K^0, float [B, N, D];
@@ -18,10 +21,9 @@ Any detector that implements the ``PromptableModel`` protocol can be pre-trained
 and its criterion takes ``criterion(outputs, targets, return_matches=True)`` and returns ``(losses, matches)``
 with the matches of [stage 0 (initial prediction), stage 1, .., stage S], each B pairs (pred_idx, tgt_idx).
 
-The detector sits under ``WRAPPED_MODEL_PREFIX`` (attribute ``model``), so a pre-training checkpoint holds
-the plain detector keys with that prefix: ``finetune --init`` strips it, and the pre-training-only tensors
-(``projection.*``, ``prompt_encoder.*``) are reported as skipped. Nothing of the prompts is in the
-fine-tuned or exported model.
+A pre-training checkpoint holds the plain detector in ``model.pt`` and the objective's tensors
+(``projection.*``, ``prompt_encoder.*``) in ``objective.pt``: ``finetune --init`` reads the model only.
+Nothing of the prompts is in the fine-tuned or exported model.
 """
 
 from __future__ import annotations
@@ -35,8 +37,10 @@ import torch
 from torch import Tensor, nn
 
 from sp_ray.config import Config, ConfigError, PretrainConfig
+from sp_ray.models import FAMILIES, model_family
 from sp_ray.models.knet import SIZE_DIVISOR
-from sp_ray.models.losses import ModelLosses
+from sp_ray.objectives import build_criterion
+from sp_ray.objectives.instance_unique import instance_unique_enabled
 from sp_ray.pretrain.kernel_loss import SaliencyProjection, angle_preservation_loss, kernel_supervision_loss
 from sp_ray.pretrain.prompts import (
     PROMPT_RULES,
@@ -80,17 +84,17 @@ def check_promptable(model: nn.Module, criterion: nn.Module, name: str) -> None:
         missing.append("criterion(..., return_matches=True)")
     if missing:
         raise ConfigError(
-            f"SP pre-training needs a detector with the prompt protocol of sp_ray.pretrain.sp_model; "
+            f"SP pre-training needs a detector with the prompt protocol of sp_ray.pretrain.sp_objective; "
             f"model.name {name!r} lacks {missing}"
         )
 
 
-class SaliencyPromptPretrainer(nn.Module):
-    """A detector trained on pseudo masks with saliency prompts and kernel supervision (SP, METHODS.md 1.2-1.4).
+class SPObjective(nn.Module):
+    """A detector's objective on pseudo masks with saliency prompts and kernel supervision (SP, METHODS.md 1.2-1.4).
 
     Args:
-        model: a ``PromptableModel`` (K-Net, Mask2Former; class-agnostic: one class, "object").
-        criterion: its set criterion (Hungarian matching, objectness, mask losses), with ``return_matches``.
+        criterion: the detector's set criterion (Hungarian matching, objectness, mask losses), with
+            ``return_matches``.
         projection: Linear(S_l) of L_ker, from the query width C to the kernel width D.
         prompt_encoder: the image-prompt encoder, or None for feature prompts (P5 pooled in the box).
         prompt_rule: "cosine" or "fixed" (``match_prompts_to_kernels``).
@@ -103,7 +107,6 @@ class SaliencyPromptPretrainer(nn.Module):
     def __init__(
         self,
         *,
-        model: PromptableModel,
         criterion: nn.Module,
         projection: SaliencyProjection,
         prompt_encoder: ImagePromptEncoder | None = None,
@@ -116,13 +119,7 @@ class SaliencyPromptPretrainer(nn.Module):
         super().__init__()
         if prompt_rule not in PROMPT_RULES:
             raise ValueError(f"prompt_rule must be one of {PROMPT_RULES}, got {prompt_rule!r}")
-        if projection.weight.shape[0] != model.feat_channels:
-            raise ValueError(
-                f"the L_ker projection maps to {projection.weight.shape[0]} channels but the kernels have "
-                f"{model.feat_channels}"
-            )
-        # The attribute name is the checkpoint prefix ``WRAPPED_MODEL_PREFIX`` that ``--init`` strips.
-        self.model = model
+        # Registered in this order (optimizer groups, gradient clipping, state-dict keys of old checkpoints).
         self.criterion = criterion
         self.projection = projection
         self.prompt_encoder = prompt_encoder
@@ -132,19 +129,22 @@ class SaliencyPromptPretrainer(nn.Module):
         self.kernel_loss_weight = kernel_loss_weight
         self.angle_weight = angle_weight
 
-    def prompts(self, images: Tensor, p5: Tensor, boxes: list[Tensor]) -> list[Tensor]:
+    def prompts(self, model: PromptableModel, images: Tensor, p5: Tensor, boxes: list[Tensor]) -> list[Tensor]:
         """The prompts P_l of every image: B tensors float [L_b, D] for the targets' boxes."""
         if self.prompt_encoder is None:
             return feature_prompts(p5, boxes, stride=SIZE_DIVISOR)
-        return self.prompt_encoder(images, boxes, self._c5)
 
-    def _c5(self, crops: Tensor) -> Tensor:
-        return self.model.backbone((crops - self.model.pixel_mean) / self.model.pixel_std)[-1]
+        def c5(crops: Tensor) -> Tensor:
+            return model.backbone((crops - model.pixel_mean) / model.pixel_std)[-1]
 
-    def forward(self, images: Tensor, targets: list[Target]) -> dict[str, Tensor]:
+        return self.prompt_encoder(images, boxes, c5)
+
+    def forward(self, model: PromptableModel, images: Tensor, targets: list[Target]) -> dict[str, Tensor]:
         """Prompted detector forward and every pre-training loss.
 
         Args:
+            model: the ``PromptableModel`` (class-agnostic: one class, "object"), its kernels of width
+                ``projection``'s output.
             images: float [B, 3, H, W], RGB 0..255, padded to multiples of 32.
             targets: B ``Target`` dicts of pseudo masks (labels all 0) with ``queries`` float [K_b, C],
                 the saliency query S_l of each pseudo mask.
@@ -161,8 +161,13 @@ class SaliencyPromptPretrainer(nn.Module):
                 "pseudo mask); build the dataset with extra_per_annotation = the prompts.npy of "
                 "'sp-ray propose'"
             )
-        features = self.model.forward_features(images)
-        prompts = self.prompts(images, features.fpn[-1], [t["boxes"] for t in targets])
+        if self.projection.weight.shape[0] != model.feat_channels:
+            raise ValueError(
+                f"the L_ker projection maps to {self.projection.weight.shape[0]} channels but the kernels have "
+                f"{model.feat_channels}"
+            )
+        features = model.forward_features(images)
+        prompts = self.prompts(model, images, features.fpn[-1], [t["boxes"] for t in targets])
         offsets = match_prompts_to_kernels(
             features.init_kernels,
             prompts,
@@ -170,7 +175,7 @@ class SaliencyPromptPretrainer(nn.Module):
             drop_prob=self.prompt_drop,
             num_prompts=self.num_prompts,
         )
-        outputs = self.model.forward_from_features(features, offsets)
+        outputs = model.forward_from_features(features, offsets)
         # Losses in float32 outside autocast: bf16 sums over many pixels would blur them.
         with torch.autocast(device_type=images.device.type, enabled=False):
             outputs = _float32(outputs)
@@ -255,18 +260,32 @@ def load_saliency_queries(cfg: Config) -> np.ndarray:
     return queries
 
 
-def build_sp_pretrainer(cfg: Config, model: nn.Module, criterion: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """Wrap a built detector and its criterion for SP pre-training; the pair goes to the ordinary training step.
+def build_sp_objective(cfg: Config, model: nn.Module) -> SPObjective:
+    """The SP pre-training objective of a built detector (build the model first): criterion, prompt encoder,
+    projection, constructed in that order.
 
     Args:
         cfg: resolved config with the ``pretrain`` section; ``pretrain.prompts`` (or its default) must exist,
             its width is the query width C of the L_ker projection.
-        model: the detector of ``cfg.model``, a ``PromptableModel`` (K-Net, Mask2Former).
-        criterion: its criterion (``KNetCriterion``, ``Mask2FormerCriterion``).
+        model: the detector of ``cfg.model``, a ``PromptableModel`` (K-Net, Mask2Former, QueryInst).
 
     Returns:
-        (``SaliencyPromptPretrainer``, ``ModelLosses()``).
+        The ``SPObjective``.
+
+    Raises:
+        ConfigError: a bad ``pretrain`` setting, ``iuq`` weights, or a family without the prompt protocol.
     """
+    if not cfg.pretrain.enabled:
+        raise ConfigError("the saliency-prompt objective is for pre-training configs: set pretrain.enabled=true "
+                          "('sp-ray pretrain' does)")
+    if instance_unique_enabled(cfg.iuq):
+        raise ConfigError(
+            "the iuq.* losses are fine-tuning options: set their weights to 0 for saliency-prompt pre-training"
+        )
+    if not model_family(cfg.model.name).promptable:
+        supported = sorted(name for name, f in FAMILIES.items() if f.promptable)
+        raise ConfigError(f"saliency-prompt pre-training supports model.name {supported}, got {cfg.model.name!r}")
+    criterion = build_criterion(cfg)
     check_pretrain_config(cfg)
     check_promptable(model, criterion, cfg.model.name)
     p = cfg.pretrain
@@ -278,8 +297,7 @@ def build_sp_pretrainer(cfg: Config, model: nn.Module, criterion: nn.Module) -> 
             out_channels=model.feat_channels,
             crop_size=p.image_prompt_size,
         )
-    pretrainer = SaliencyPromptPretrainer(
-        model=model,
+    return SPObjective(
         criterion=criterion,
         projection=SaliencyProjection(
             in_channels=query_channels,
@@ -293,4 +311,3 @@ def build_sp_pretrainer(cfg: Config, model: nn.Module, criterion: nn.Module) -> 
         kernel_loss_weight=p.kernel_loss_weight,
         angle_weight=p.angle_weight,
     )
-    return pretrainer, ModelLosses()
