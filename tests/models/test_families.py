@@ -6,7 +6,8 @@ so that a check takes seconds on a CPU. The expected values come from the config
 from the family's documented mask stride, from the loss going down, or from PyTorch (export parity); never
 from the code under test. What only one family does is tested in its own file (test_knet.py, ...).
 
-The training API is used in one place only, ``Training`` below.
+The training API (``build_model``, ``Trainable``, ``build_objective``, ``train_step``) is used in one place only,
+``Training`` below.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ from sp_ray.config import Config, load_config
 from sp_ray.data.transforms import mask_boxes
 from sp_ray.errors import NonFiniteLossError
 from sp_ray.models import FAMILIES, build_model
+from sp_ray.objectives import Trainable, build_objective
+from sp_ray.train.loop import train_step
+from sp_ray.train.optim import build_optimizer, build_scheduler
 from sp_ray.types import Target
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "demo"
@@ -67,41 +71,32 @@ def tiny_config(family: str, *extra: str) -> Config:
 
 
 class Training:
-    """A family's model with what trains it. The one place that knows the training API: today
-    ``build_model(cfg) -> (model, criterion)`` and ``sp_ray.train.loop.train_step``; with the objectives
-    (CONTRACT.md) ``build_model(cfg) -> model`` and ``Trainable(model, build_objective(cfg, model))``."""
+    """A family's pure model and the ``Trainable`` that trains it (CONTRACT.md): ``build_model(cfg)``, then
+    ``Trainable(model, build_objective(cfg, model))``, stepped by ``sp_ray.train.loop.train_step``. The one place
+    of this file that knows the training API."""
 
     def __init__(self, cfg: Config, seed: int = 0) -> None:
-        from sp_ray.models.losses import ModelLosses
-
         torch.manual_seed(seed)
         self.cfg = cfg
-        self.model, self.criterion = build_model(cfg)
+        self.model = build_model(cfg)
         if cfg.model.name == "maskrcnn":
             _fewer_rois(self.model)
-        self._own_losses = isinstance(self.criterion, ModelLosses)  # Mask R-CNN: torchvision's losses
+        self.trainable = Trainable(self.model, build_objective(cfg, self.model))
 
     def losses(self, images: Tensor, targets: list[Target]) -> dict[str, Tensor]:
         """The training loss dict of one batch (train mode), with its graph."""
-        self.model.train()
-        outputs = self.model(images, targets) if self._own_losses else self.model(images)
-        return self.criterion(outputs, targets)
+        return self.trainable.train()(images, targets)
 
     def parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.model.parameters() if p.requires_grad]
+        return [p for p in self.trainable.parameters() if p.requires_grad]
 
     def optimizer(self) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-        from sp_ray.train.optim import build_optimizer, build_scheduler
-
-        optimizer = build_optimizer(self.model, self.cfg.train)
+        optimizer = build_optimizer(self.trainable, self.cfg.train)
         return optimizer, build_scheduler(optimizer, self.cfg.train, iters_per_epoch=1)
 
     def step(self, images: Tensor, targets: list[Target], optimizer, scheduler) -> dict[str, float]:
         """One step of the training loop (``train_step``): the float losses and their sum under ``loss``."""
-        from sp_ray.train.loop import train_step
-
-        return train_step(self.model, self.criterion, images, targets, optimizer, scheduler,
-                          grad_clip=self.cfg.train.grad_clip)  # fmt: skip
+        return train_step(self.trainable, images, targets, optimizer, scheduler, grad_clip=self.cfg.train.grad_clip)
 
 
 def _fewer_rois(model: nn.Module) -> None:
