@@ -114,13 +114,13 @@ def _images(seed: int = 1) -> Tensor:
     return torch.rand(B, 3, H, W) * 255
 
 
-def _target(boxes: list[tuple[int, int, int, int]], labels: list[int]) -> Target:
+def _target(boxes: list[tuple[int, int, int, int]], labels: list[int], image_id: int = 0) -> Target:
     """A target of rectangles (y0, y1, x0, x1) in the padded input frame."""
     masks = torch.zeros(len(boxes), H, W, dtype=torch.bool)
     for mask, (y0, y1, x0, x1) in zip(masks, boxes, strict=True):
         mask[y0:y1, x0:x1] = True
     return {"labels": torch.tensor(labels, dtype=torch.int64), "masks": masks, "boxes": mask_boxes(masks),
-            "image_id": 0, "orig_size": (H, W), "image_size": (H, W)}  # fmt: skip
+            "image_id": image_id, "orig_size": (H, W), "image_size": (H, W)}  # fmt: skip
 
 
 def _empty() -> Target:
@@ -128,21 +128,21 @@ def _empty() -> Target:
 
 
 def _scene() -> tuple[Tensor, list[Target]]:
-    """Two images of coloured rectangles on black (red = class 0, blue = 1, green = 2), three objects."""
+    """Two images of coloured rectangles on black (red = class 0, blue = 1, green = 2), three objects; image ids
+    10 and 11."""
     colours = torch.tensor([[220.0, 40.0, 40.0], [40.0, 40.0, 220.0], [40.0, 220.0, 40.0]])
     layouts = [([(8, 40, 8, 40), (24, 56, 56, 88)], [0, 1]), ([(16, 48, 40, 80)], [2])]
     images = torch.zeros(B, 3, H, W)
     targets = []
-    for image, (boxes, labels) in zip(images, layouts, strict=True):
+    for i, (image, (boxes, labels)) in enumerate(zip(images, layouts, strict=True)):
         for (y0, y1, x0, x1), label in zip(boxes, labels, strict=True):
             image[:, y0:y1, x0:x1] = colours[label][:, None, None]
-        targets.append(_target(boxes, labels))
+        targets.append(_target(boxes, labels, image_id=10 + i))
     return images, targets
 
 
 def _assert_finite_and_flowing(training: Training, losses: dict[str, Tensor]) -> None:
-    """Every loss finite; backward gives finite gradients, and a non-zero one to the backbone and the last
-    parameter built (the head)."""
+    """Every loss finite; backward gives finite gradients, non-zero ones among them in the backbone."""
     assert losses and all(torch.isfinite(v).all() for v in losses.values()), losses
     total = sum(losses.values())
     total.backward()
@@ -150,7 +150,6 @@ def _assert_finite_and_flowing(training: Training, losses: dict[str, Tensor]) ->
     grads = {n: p.grad for n, p in params.items() if p.requires_grad and p.grad is not None}
     assert all(torch.isfinite(g).all() for g in grads.values())
     assert any(n.startswith("backbone.") and g.abs().sum() > 0 for n, g in grads.items())
-    assert sum(g.abs().sum() for g in grads.values()) > 0
 
 
 # --- outputs ------------------------------------------------------------------------------------------------
@@ -230,6 +229,7 @@ def test_images_without_targets_give_a_finite_loss_and_gradients(family: str, wh
 def test_more_targets_than_queries(family: str) -> None:
     cfg = tiny_config(family)
     training = Training(cfg)
+    # Mask R-CNN has no queries: more targets than the detections it keeps per image.
     count = cfg.model.num_kernels + 3 if family in MASK_STRIDE else cfg.eval.topk + 3
     boxes = [(4 * (i % 8), 4 * (i % 8) + 24, 6 * i % 72, 6 * i % 72 + 24) for i in range(count)]
     targets = [_target(boxes, [i % NUM_CLASSES for i in range(count)]), _target(boxes[:1], [1])]
@@ -246,7 +246,8 @@ def test_a_nan_image_is_a_clear_error_naming_the_input(family: str) -> None:
     images[1, 0, 3, 5] = float("nan")
     optimizer, scheduler = training.optimizer()
     before = [p.detach().clone() for p in training.parameters()]
-    with pytest.raises(NonFiniteLossError, match=r"images.* not finite.*image 1\b"):
+    # Not "lower train.lr": BatchNorm spreads the NaN to every output, and QueryInst's roi_align crashed on it.
+    with pytest.raises(NonFiniteLossError, match=r"images are not finite: NaN or inf in image 1 \(image_id 11\) "):
         training.step(images, targets, optimizer, scheduler)
     assert all(torch.equal(a, p) for a, p in zip(before, training.parameters(), strict=True))  # step not applied
 
