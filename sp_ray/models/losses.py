@@ -313,11 +313,3 @@ class KNetCriterion(nn.Module):
         if return_matches:
             return losses, all_matches
         return losses
-
-
-class ModelLosses(nn.Module):
-    """The criterion of a model that computes its own losses: ``train_step`` then calls
-    ``model(images, targets)`` and this returns the model's loss dict unchanged."""
-
-    def forward(self, losses: dict[str, Tensor], targets: list[Target]) -> dict[str, Tensor]:
-        return losses

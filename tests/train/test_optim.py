@@ -80,3 +80,22 @@ def test_cosine_reaches_zero_and_scheduler_applies_it():
 def test_unknown_schedule():
     with pytest.raises(ValueError, match="lr_schedule"):
         lr_factor(TrainConfig(lr_schedule="poly"), 1)
+
+
+def test_a_trainable_is_grouped_as_its_model_with_the_objective_after_it():
+    """The groups of ``Trainable(model, objective)``: those of the model alone, in the same order, with the
+    objective's parameters (SP's prompt encoder and projection: no backbone) appended to the head group."""
+    from sp_ray.objectives import Trainable
+
+    torch.manual_seed(0)
+    model = WithNormsAndEmbeddings()
+    objective = nn.Module()
+    objective.projection = nn.Linear(4, 4)
+    cfg = TrainConfig(lr=1e-3, weight_decay=0.05, backbone_lr_mult=0.1, norm_decay_mult=0.0)
+    alone = build_optimizer(model, cfg).param_groups
+    together = build_optimizer(Trainable(model, objective), cfg).param_groups
+    assert [(g["lr"], g["weight_decay"]) for g in together] == [(g["lr"], g["weight_decay"]) for g in alone]
+    head = [id(p) for p in alone[0]["params"]] + [id(objective.projection.weight), id(objective.projection.bias)]
+    assert [id(p) for p in together[0]["params"]] == head
+    for a, b in zip(alone[1:], together[1:], strict=True):
+        assert [id(p) for p in a["params"]] == [id(p) for p in b["params"]]
