@@ -6,6 +6,7 @@ import io
 import struct
 import zlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,33 @@ from sp_ray.train.loop import fit
 REPO = Path(__file__).resolve().parents[1]
 KNET_TINY = REPO / "configs" / "demo" / "knet_tiny_synthetic.yaml"
 IMAGE_SIZE = 64
+
+
+@dataclass(frozen=True)
+class TinyKnetCli:
+    """The tiny K-Net of the command-line tests (tests/cli, tests/train/test_user_errors_ray.py): the demo's
+    tiny config shrunk to 64 px, 8 kernels, 1 stage, so that an epoch takes seconds."""
+
+    config: Path = KNET_TINY
+    overrides: tuple[str, ...] = (
+        "data.max_size=64", "data.short_size=64", "model.num_kernels=8", "model.feat_channels=32",
+        "model.ffn_channels=64", "model.num_heads=2", "model.num_stages=1", "train.batch_size=2",
+        "train.warmup_iters=2",
+    )  # fmt: skip
+
+    @staticmethod
+    def data_args(data: dict[str, Path]) -> list[str]:
+        return [f"data.train_annotations={data['train']}", f"data.train_images={data['images']}"]
+
+    def finetune_argv(self, data: dict[str, Path], work_dir: Path, *extra: str) -> list[str]:
+        """``sp-ray finetune`` of this model on ``data`` (``write_synthetic_dataset``'s paths) into ``work_dir``."""
+        return ["finetune", "--config", str(self.config), "--work-dir", str(work_dir), *self.data_args(data),
+                *self.overrides, *extra]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def tiny_knet_cli() -> TinyKnetCli:
+    return TinyKnetCli()
 
 
 @pytest.fixture(scope="module")

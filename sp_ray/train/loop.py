@@ -57,6 +57,26 @@ def targets_to(targets: list[Target], device: torch.device) -> list[Target]:
     ]
 
 
+def check_finite_images(images: torch.Tensor, targets: list[Target]) -> None:
+    """Raise ``NonFiniteLossError`` naming the images of a float batch that hold NaN or inf, if any.
+
+    Without it a NaN pixel reads as diverged training (BatchNorm in training spreads it to every output of the
+    batch, and the matcher refuses the NaN predictions), or crashes the process (torchvision's ``roi_align``
+    on NaN boxes, QueryInst). uint8 batches, those of the data loader, cannot hold NaN and are not read.
+    """
+    if not images.is_floating_point():
+        return
+    bad = torch.nonzero(~torch.isfinite(images.detach().flatten(1)).all(dim=1)).flatten().tolist()
+    if not bad:
+        return
+    ids = [targets[i].get("image_id") for i in bad] if len(targets) == images.shape[0] else []
+    which = ", ".join(f"image {i}" + (f" (image_id {ids[k]})" if ids else "") for k, i in enumerate(bad))
+    raise NonFiniteLossError(
+        f"the input images are not finite: NaN or inf in {which} of the batch of {images.shape[0]}; "
+        "the loss cannot be computed: check the images given to training"
+    )
+
+
 def train_step(
     trainable: nn.Module,
     images: torch.Tensor,
@@ -81,7 +101,9 @@ def train_step(
 
     Raises:
         NonFiniteLossError: a loss or an output is not finite (the step is not applied); a FloatingPointError.
+            A float batch is checked first: a NaN or inf in the images is named (nothing is run).
     """
+    check_finite_images(images, targets)
     trainable.train()
     use_amp = amp and images.device.type == "cuda"
     with torch.autocast(device_type=images.device.type, dtype=torch.bfloat16, enabled=use_amp):

@@ -1,3 +1,6 @@
+"""K-Net: what only K-Net does (initial kernels, kernel offsets, its settings and gradients); the checks of every
+family (shapes, batched = single, no targets, NaN input, export) are in test_families.py."""
+
 from __future__ import annotations
 
 import pytest
@@ -30,47 +33,6 @@ def model() -> KNet:
 def images() -> torch.Tensor:
     torch.manual_seed(1)
     return torch.rand(B, 3, H, W) * 255
-
-
-def _assert_shapes(out) -> None:
-    h, w = H // 8, W // 8
-    assert set(out) == {
-        "pred_logits",
-        "pred_masks",
-        "pred_kernels",
-        "aux_outputs",
-        "init_masks",
-        "init_kernels",
-    }
-    assert out["pred_logits"].shape == (B, N, C)
-    assert out["pred_masks"].shape == (B, N, h, w)
-    assert out["pred_kernels"].shape == (B, N, D)
-    assert out["init_masks"].shape == (B, N, h, w)
-    assert out["init_kernels"].shape == (B, N, D)
-    assert len(out["aux_outputs"]) == S - 1
-    for stage in out["aux_outputs"]:
-        assert stage["pred_logits"].shape == (B, N, C)
-        assert stage["pred_masks"].shape == (B, N, h, w)
-        assert stage["pred_kernels"].shape == (B, N, D)
-
-
-@pytest.mark.parametrize("train", [True, False])
-def test_forward_shapes_in_train_and_eval(model, images, train: bool) -> None:
-    model.train(train)
-    with torch.no_grad():
-        out = model(images)
-    _assert_shapes(out)
-    assert all(torch.isfinite(v).all() for v in (out["pred_logits"], out["pred_masks"], out["init_kernels"]))
-
-
-def test_batched_equals_single_image_in_eval(model, images) -> None:
-    model.eval()
-    with torch.no_grad():
-        batched = model(images)
-        singles = [model(images[i : i + 1]) for i in range(B)]
-    for key in ("pred_logits", "pred_masks", "pred_kernels", "init_masks", "init_kernels"):
-        single = torch.cat([s[key] for s in singles])
-        torch.testing.assert_close(batched[key], single, rtol=1e-4, atol=1e-4)
 
 
 def test_initial_kernels_pool_features_inside_binarised_initial_masks(model, images) -> None:

@@ -1,4 +1,5 @@
-"""Mask2Former: forward shapes and conventions, attention pieces, matcher and loss values, over-fitting."""
+"""Mask2Former: its output conventions, attention pieces, matcher and loss values, over-fitting; the checks of
+every family (shapes, batched = single, no targets, NaN input, export) are in test_families.py."""
 
 from __future__ import annotations
 
@@ -68,34 +69,17 @@ def _rect(y0: int, y1: int, x0: int, x1: int, size: tuple[int, int] = (H, W)) ->
 
 
 @pytest.mark.parametrize("train", [True, False])
-def test_forward_shapes_in_train_and_eval(model, images, train: bool) -> None:
+def test_class_logits_have_a_no_object_column_and_k0_is_the_query_features(model, images, train: bool) -> None:
+    """What Mask2Former adds to the outputs of every family (test_families.py): softmax class logits with a
+    "no object" column at every layer, and K^0 the learnable query features, the same for every image."""
     model.train(train)
     with torch.no_grad():
         out = model(images)
-    h, w = H // MASK_STRIDE, W // MASK_STRIDE
     assert MASK_STRIDE == 4
-    assert out["pred_logits"].shape == (B, N, C)
     assert out["pred_class_logits"].shape == out["init_class_logits"].shape == (B, N, C + 1)
-    assert out["pred_masks"].shape == out["init_masks"].shape == (B, N, h, w)
-    assert out["pred_kernels"].shape == out["init_kernels"].shape == (B, N, D)
-    assert len(out["aux_outputs"]) == L - 1
     for stage in out["aux_outputs"]:
-        assert stage["pred_logits"].shape == (B, N, C)
         assert stage["pred_class_logits"].shape == (B, N, C + 1)
-        assert stage["pred_masks"].shape == (B, N, h, w)
-        assert stage["pred_kernels"].shape == (B, N, D)
-    assert all(torch.isfinite(out[k]).all() for k in ("pred_logits", "pred_masks", "pred_kernels", "init_masks"))
-    # K^0 are the learnable query features, the same for every image.
     torch.testing.assert_close(out["init_kernels"], model.query_feat.weight[None].expand(B, -1, -1))
-
-
-def test_batched_equals_single_image_in_eval(model, images) -> None:
-    model.eval()
-    with torch.no_grad():
-        batched = model(images)
-        singles = [model(images[i : i + 1]) for i in range(B)]
-    for key in ("pred_logits", "pred_class_logits", "pred_masks", "pred_kernels", "init_masks"):
-        torch.testing.assert_close(batched[key], torch.cat([s[key] for s in singles]), rtol=1e-4, atol=1e-4)
 
 
 def test_pred_logits_give_the_softmax_scores_through_a_sigmoid(model, images) -> None:

@@ -11,7 +11,6 @@ import shlex
 import signal
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
@@ -21,28 +20,17 @@ from sp_ray.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[2]
-CONFIG = ROOT / "configs" / "demo" / "knet_tiny_synthetic.yaml"
-TINY = ["data.max_size=64", "data.short_size=64", "model.num_kernels=8", "model.feat_channels=32",
-        "model.ffn_channels=64", "model.num_heads=2", "model.num_stages=1", "train.batch_size=2",
-        "train.warmup_iters=2"]
-
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return write_synthetic_dataset(tmp_path_factory.mktemp("synthetic"), num_images=8, image_size=64, seed=4)
 
 
-def finetune_argv(data, work_dir: Path, *extra: str) -> list[str]:
-    return ["finetune", "--config", str(CONFIG), "--work-dir", str(work_dir),
-            f"data.train_annotations={data['train']}", f"data.train_images={data['images']}", *TINY, *extra]
-
-
-def test_a_user_error_in_a_worker_is_not_retried(local_ray, data, tmp_path, capsys):
+def test_a_user_error_in_a_worker_is_not_retried(local_ray, tiny_knet_cli, data, tmp_path, capsys):
     # Diverging weights are found only in the worker (the matcher refuses NaN outputs at the second step).
     # With train.max_failures=-1 Ray retries a failure without end, so the run ends only if it is not retried.
-    argv = finetune_argv(data, tmp_path, "train.epochs=2", "train.lr=1e30", "train.grad_clip=0",
-                         "train.warmup_iters=0", "train.max_failures=-1")
+    argv = tiny_knet_cli.finetune_argv(data, tmp_path, "train.epochs=2", "train.lr=1e30", "train.grad_clip=0",
+                                       "train.warmup_iters=0", "train.max_failures=-1")
     outcome: list[int] = []
     runner = threading.Thread(target=lambda: outcome.append(main(argv)), daemon=True)
     runner.start()
@@ -53,21 +41,21 @@ def test_a_user_error_in_a_worker_is_not_retried(local_ray, data, tmp_path, caps
     assert not (tmp_path / "final").exists()
 
 
-def test_relative_data_paths_reach_the_workers(local_ray, data, tmp_path, monkeypatch, capsys):
+def test_relative_data_paths_reach_the_workers(local_ray, tiny_knet_cli, data, tmp_path, monkeypatch, capsys):
     # The driver's checks read data/train.json from its directory; the Ray workers run elsewhere and
     # once failed on the same relative path as a fault (retried, exit 1 after a minute).
     monkeypatch.chdir(data["train"].parent)
-    argv = ["finetune", "--config", str(CONFIG), "--work-dir", str(tmp_path / "run"),
-            f"data.train_annotations={data['train'].name}", f"data.train_images={data['images'].name}",
-            *TINY, "train.epochs=1", "train.max_failures=0"]
+    relative = {"train": data["train"].name, "images": data["images"].name}
+    argv = tiny_knet_cli.finetune_argv(relative, tmp_path / "run", "train.epochs=1", "train.max_failures=0")
     assert main(argv) == 0, capsys.readouterr().err[-2000:]
     assert (tmp_path / "run" / "final" / "model.pt").is_file()
 
 
-def test_sigint_prints_the_resume_command_and_resuming_logs_each_epoch_once(local_ray, data, tmp_path, capsys):
+def test_sigint_prints_the_resume_command_and_resuming_logs_each_epoch_once(local_ray, tiny_knet_cli, data,
+                                                                                tmp_path, capsys):
     work_dir = tmp_path / "run"
     # Checkpoints every 2 epochs, so the interrupted run has usually logged epochs past its last checkpoint.
-    argv = finetune_argv(data, work_dir, "train.epochs=60", "train.checkpoint_interval=2")
+    argv = tiny_knet_cli.finetune_argv(data, work_dir, "train.epochs=60", "train.checkpoint_interval=2")
 
     def interrupt_after_the_first_checkpoint() -> None:
         deadline = time.monotonic() + 300

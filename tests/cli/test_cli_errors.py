@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import onnx
@@ -24,11 +25,8 @@ from sp_ray.data.synthetic import write_synthetic_dataset
 from sp_ray.errors import UserError
 from sp_ray.train.loop import fit
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIG = ROOT / "configs" / "demo" / "knet_tiny_synthetic.yaml"
-TINY = ["data.max_size=64", "data.short_size=64", "model.num_kernels=8", "model.feat_channels=32",
-        "model.ffn_channels=64", "model.num_heads=2", "model.num_stages=1", "train.batch_size=2",
-        "train.warmup_iters=2", "train.epochs=2"]
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+EPOCHS = "train.epochs=2"
 # The issue's bound: a user error must fail in under 15 s on the tiny config (it took 45-120 s with retries).
 BOUND_S = 15.0
 
@@ -38,18 +36,15 @@ def data(tmp_path_factory) -> dict[str, Path]:
     return write_synthetic_dataset(tmp_path_factory.mktemp("data"), num_images=6, image_size=64, seed=2)
 
 
-def data_args(data: dict[str, Path]) -> list[str]:
-    return [f"data.train_annotations={data['train']}", f"data.train_images={data['images']}"]
-
-
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory, data) -> Path:
+def finished(tmp_path_factory, data, tiny_knet_cli) -> Path:
     """The work dir of a complete 2-epoch run (last/ and final/ at epoch 2, two metrics rows)."""
     work_dir = tmp_path_factory.mktemp("finished")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        fit(load_config(CONFIG, [*data_args(data), *TINY]), work_dir)
+        tiny = tiny_knet_cli
+        fit(load_config(tiny.config, [*tiny.data_args(data), *tiny.overrides, EPOCHS]), work_dir)
     finally:
         torch.set_num_threads(threads)
     return work_dir
@@ -71,8 +66,10 @@ def run(argv: list[str], capsys) -> tuple[int, str, float]:
     return code, captured.err + captured.out, seconds
 
 
-def finetune(work_dir: Path, data, *extra: str) -> list[str]:
-    return ["finetune", "--config", str(CONFIG), "--work-dir", str(work_dir), *data_args(data), *TINY, *extra]
+@pytest.fixture(scope="module")
+def finetune(tiny_knet_cli, data) -> Callable[..., list[str]]:
+    """finetune(work_dir, *extra): the argv of a 2-epoch ``sp-ray finetune`` of the tiny K-Net on the module's data."""
+    return lambda work_dir, *extra: tiny_knet_cli.finetune_argv(data, work_dir, EPOCHS, *extra)
 
 
 def assert_one_line_error(code: int, text: str, seconds: float, *names: str) -> None:
@@ -95,23 +92,23 @@ def assert_one_line_error(code: int, text: str, seconds: float, *names: str) -> 
     ("data.flip_prob=1.5", ["data.flip_prob", "[0, 1]"]),
     ("train.placement_strategy=SPREADS", ["train.placement_strategy", "SPREAD"]),
 ])
-def test_bad_config_value_fails_on_the_driver(override, names, data, tmp_path, capsys):
-    code, text, seconds = run(finetune(tmp_path / "run", data, override), capsys)
+def test_bad_config_value_fails_on_the_driver(override, names, finetune, tmp_path, capsys):
+    code, text, seconds = run(finetune(tmp_path / "run", override), capsys)
     assert_one_line_error(code, text, seconds, *names)
     assert not (tmp_path / "run").exists()
 
 
-def test_zero_workers_is_a_config_error_not_a_ray_assertion(data, tmp_path, capsys):
-    code, text, seconds = run(finetune(tmp_path / "run", data, "--num-workers", "0"), capsys)
+def test_zero_workers_is_a_config_error_not_a_ray_assertion(finetune, tmp_path, capsys):
+    code, text, seconds = run(finetune(tmp_path / "run", "--num-workers", "0"), capsys)
     assert_one_line_error(code, text, seconds, "--num-workers 0", "train.num_workers", ">= 1")
-    code, text, seconds = run(finetune(tmp_path / "run", data, "train.num_workers=0"), capsys)
+    code, text, seconds = run(finetune(tmp_path / "run", "train.num_workers=0"), capsys)
     assert_one_line_error(code, text, seconds, "train.num_workers", ">= 1")
 
 
-def test_yaml_tag_in_an_override_is_refused_and_never_run(data, tmp_path, capsys):
+def test_yaml_tag_in_an_override_is_refused_and_never_run(finetune, tmp_path, capsys):
     marker = tmp_path / "code_ran"
     override = f"model.name=!!python/object/apply:os.mkdir [{marker}]"
-    code, text, seconds = run(finetune(tmp_path / "run", data, override), capsys)
+    code, text, seconds = run(finetune(tmp_path / "run", override), capsys)
     assert_one_line_error(code, text, seconds, "model.name", "not a plain YAML scalar")
     assert not marker.exists()
 
@@ -121,48 +118,48 @@ def write_json(path: Path, data: dict) -> Path:
     return path
 
 
-def test_duplicate_image_ids(data, tmp_path, capsys):
+def test_duplicate_image_ids(finetune, data, tmp_path, capsys):
     coco = json.loads(data["train"].read_text())
     coco["images"].append(dict(coco["images"][0]))
     bad = write_json(tmp_path / "dup.json", coco)
-    code, text, seconds = run(finetune(tmp_path / "run", data, f"data.train_annotations={bad}"), capsys)
+    code, text, seconds = run(finetune(tmp_path / "run", f"data.train_annotations={bad}"), capsys)
     assert_one_line_error(code, text, seconds, str(bad), "duplicate images id", str(coco["images"][0]["id"]))
 
 
-def test_empty_categories(data, tmp_path, capsys):
+def test_empty_categories(finetune, data, tmp_path, capsys):
     coco = json.loads(data["train"].read_text())
     coco["categories"] = []
     bad = write_json(tmp_path / "nocat.json", coco)
-    code, text, seconds = run(finetune(tmp_path / "run", data, f"data.train_annotations={bad}"), capsys)
+    code, text, seconds = run(finetune(tmp_path / "run", f"data.train_annotations={bad}"), capsys)
     assert_one_line_error(code, text, seconds, str(bad), "empty 'categories'")
 
 
-def test_annotation_file_that_is_not_json(data, tmp_path, capsys):
+def test_annotation_file_that_is_not_json(finetune, data, tmp_path, capsys):
     bad = tmp_path / "cut.json"
     bad.write_text('{"images": [')
-    code, text, seconds = run(finetune(tmp_path / "run", data, f"data.train_annotations={bad}"), capsys)
+    code, text, seconds = run(finetune(tmp_path / "run", f"data.train_annotations={bad}"), capsys)
     assert_one_line_error(code, text, seconds, str(bad), "not valid JSON")
 
 
-def test_image_folder_that_does_not_exist(data, tmp_path, capsys):
+def test_image_folder_that_does_not_exist(finetune, data, tmp_path, capsys):
     missing = tmp_path / "no_such_folder"
-    code, text, seconds = run(finetune(tmp_path / "run", data, f"data.train_images={missing}"), capsys)
+    code, text, seconds = run(finetune(tmp_path / "run", f"data.train_images={missing}"), capsys)
     assert_one_line_error(code, text, seconds, "data.train_images", str(missing), "does not exist")
 
 
-def test_image_folder_without_the_json_images(data, tmp_path, capsys):
+def test_image_folder_without_the_json_images(finetune, data, tmp_path, capsys):
     empty = tmp_path / "other_images"
     empty.mkdir()
-    code, text, seconds = run(finetune(tmp_path / "run", data, f"data.train_images={empty}"), capsys)
+    code, text, seconds = run(finetune(tmp_path / "run", f"data.train_images={empty}"), capsys)
     assert_one_line_error(code, text, seconds, str(empty), "holds none of the", "000001.png")
 
 
-def test_image_folder_of_unreadable_files(data, tmp_path, capsys):
+def test_image_folder_of_unreadable_files(finetune, data, tmp_path, capsys):
     garbage = tmp_path / "garbage"
     garbage.mkdir()
     for image in data["images"].iterdir():
         (garbage / image.name).write_bytes(b"not an image")
-    code, text, seconds = run(finetune(tmp_path / "run", data, f"data.train_images={garbage}"), capsys)
+    code, text, seconds = run(finetune(tmp_path / "run", f"data.train_images={garbage}"), capsys)
     assert_one_line_error(code, text, seconds, str(garbage), "can be read")
 
 
@@ -189,33 +186,33 @@ class RunsCode:
 
 
 @pytest.mark.parametrize("how, names", [("truncated", ["truncated"]), ("hostile", ["cannot be loaded safely"])])
-def test_init_from_a_damaged_checkpoint(how, names, finished, data, tmp_path, capsys):
+def test_init_from_a_damaged_checkpoint(how, names, finished, finetune, tmp_path, capsys):
     damaged = damaged_copy(finished / "final", tmp_path / "ckpt", how=how)
     before = snapshot(finished)
-    code, text, seconds = run(finetune(tmp_path / "run", data, "--init", str(damaged)), capsys)
+    code, text, seconds = run(finetune(tmp_path / "run", "--init", str(damaged)), capsys)
     assert_one_line_error(code, text, seconds, str(damaged / "model.pt"), *names)
     assert "weights_only" not in text.replace("never runs code", "")
     assert not (tmp_path / "code_ran").exists()
     assert snapshot(finished) == before
 
 
-def test_resume_of_a_damaged_last_checkpoint(finished, data, tmp_path, capsys):
+def test_resume_of_a_damaged_last_checkpoint(finished, finetune, tmp_path, capsys):
     work_dir = tmp_path / "run"
     damaged_copy(finished / "last", work_dir / "last", how="truncated")
-    code, text, seconds = run(finetune(work_dir, data, "--resume", "train.epochs=3"), capsys)
+    code, text, seconds = run(finetune(work_dir, "--resume", "train.epochs=3"), capsys)
     assert_one_line_error(code, text, seconds, str(work_dir / "last" / "model.pt"), "truncated")
 
 
-def test_resume_from_a_final_model_has_no_optimizer(finished, data, capsys):
+def test_resume_from_a_final_model_has_no_optimizer(finished, finetune, capsys):
     before = snapshot(finished)
-    code, text, seconds = run(finetune(finished, data, "--resume-from", str(finished / "final")), capsys)
+    code, text, seconds = run(finetune(finished, "--resume-from", str(finished / "final")), capsys)
     assert_one_line_error(code, text, seconds, str(finished / "final"), "no optimizer.pt", "--init")
     assert snapshot(finished) == before
 
 
-def test_resume_of_a_finished_run_changes_nothing_and_exits_0(finished, data, capsys):
+def test_resume_of_a_finished_run_changes_nothing_and_exits_0(finished, finetune, capsys):
     before, listing, changed = snapshot(finished), sorted(finished.rglob("*")), finished.stat().st_mtime_ns
-    code, text, seconds = run(finetune(finished, data, "--resume"), capsys)
+    code, text, seconds = run(finetune(finished, "--resume"), capsys)
     assert code == 0, text
     assert "at epoch 2 of 2: the run is complete" in text and "nothing was changed" in text
     assert seconds < BOUND_S
@@ -224,51 +221,51 @@ def test_resume_of_a_finished_run_changes_nothing_and_exits_0(finished, data, ca
     assert json.loads((finished / "final" / "meta.json").read_text())["epoch"] == 2
 
 
-def test_resume_with_fewer_epochs_than_trained(finished, data, capsys):
+def test_resume_with_fewer_epochs_than_trained(finished, finetune, capsys):
     before = snapshot(finished)
     # The override follows --resume: it is an override, not the flag's argument.
-    code, text, seconds = run(finetune(finished, data, "--resume", "train.epochs=1"), capsys)
+    code, text, seconds = run(finetune(finished, "--resume", "train.epochs=1"), capsys)
     assert_one_line_error(code, text, seconds, "train.epochs=1", "epoch of --resume", "(2)", "above 2")
     assert snapshot(finished) == before
 
 
-def test_resume_without_a_checkpoint_in_the_work_dir(data, tmp_path, capsys):
-    code, text, seconds = run(finetune(tmp_path / "run", data, "--resume"), capsys)
+def test_resume_without_a_checkpoint_in_the_work_dir(finetune, tmp_path, capsys):
+    code, text, seconds = run(finetune(tmp_path / "run", "--resume"), capsys)
     assert_one_line_error(code, text, seconds, str(tmp_path / "run" / "last"), "not a checkpoint directory")
 
 
-def test_overrides_after_resume_are_overrides(data, tmp_path, capsys):
-    code, text, _ = run(finetune(tmp_path / "run", data, "--resume", "model.num_kernels=5", "--print-config"), capsys)
+def test_overrides_after_resume_are_overrides(finetune, tmp_path, capsys):
+    code, text, _ = run(finetune(tmp_path / "run", "--resume", "model.num_kernels=5", "--print-config"), capsys)
     assert code == 0, text
     assert "num_kernels: 5" in text
 
 
-def test_work_dir_that_is_a_file(data, tmp_path, capsys):
+def test_work_dir_that_is_a_file(finetune, tmp_path, capsys):
     a_file = tmp_path / "a_file"
     a_file.write_text("not a folder")
-    code, text, seconds = run(finetune(a_file, data), capsys)
+    code, text, seconds = run(finetune(a_file), capsys)
     assert_one_line_error(code, text, seconds, "--work-dir", str(a_file), "is a file")
 
 
-def test_debug_shows_the_traceback(data, tmp_path, monkeypatch):
+def test_debug_shows_the_traceback(finetune, tmp_path, monkeypatch):
     with pytest.raises(UserError, match="train.batch_size"):
-        main(["--debug", *finetune(tmp_path / "run", data, "train.batch_size=0")])
+        main(["--debug", *finetune(tmp_path / "run", "train.batch_size=0")])
     monkeypatch.setenv("SP_RAY_DEBUG", "1")
     with pytest.raises(UserError, match="train.batch_size"):
-        main(finetune(tmp_path / "run", data, "train.batch_size=0"))
+        main(finetune(tmp_path / "run", "train.batch_size=0"))
 
 
 def test_ssl_images_folder_that_does_not_exist(tmp_path, capsys):
     missing = tmp_path / "unlabeled"
     code, text, seconds = run(["ssl", "--images", str(missing), "--config",
-                               str(ROOT / "configs" / "demo" / "densecl_tiny.yaml"),
+                               str(CONFIGS / "demo" / "densecl_tiny.yaml"),
                                "--work-dir", str(tmp_path / "run")], capsys)
     assert_one_line_error(code, text, seconds, "--images", str(missing), "does not exist")
 
 
 def test_ssl_bad_value(data, tmp_path, capsys):
     code, text, seconds = run(["ssl", "--images", str(data["images"]), "--config",
-                               str(ROOT / "configs" / "demo" / "densecl_tiny.yaml"),
+                               str(CONFIGS / "demo" / "densecl_tiny.yaml"),
                                "--work-dir", str(tmp_path / "run"), "ssl.temperature=0"], capsys)
     assert_one_line_error(code, text, seconds, "ssl.temperature", "> 0")
 

@@ -1,7 +1,7 @@
 """``sp-ray evaluate`` (checkpoint and ONNX) on validation data with bad entries: the dataset's skip rules
 decide what is evaluated, nothing crashes, and the summary counts what was left out.
 
-Here rather than in tests/evaluation for the trained tiny K-Net and its export (tests/export/conftest.py).
+The trained tiny K-Net and its export are the session fixtures of tests/conftest.py.
 """
 
 from __future__ import annotations
