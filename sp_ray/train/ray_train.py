@@ -111,7 +111,6 @@ def setup_worker(loop_config: dict[str, Any]) -> tuple[Config, Path]:
 
 
 def _finetune_worker(loop_config: dict[str, Any]) -> None:
-def _finetune_worker(loop_config: dict[str, Any]) -> None:
     cfg, work_dir = setup_worker(loop_config)
     fit(cfg, work_dir, init=loop_config["init"], resume=loop_config["resume"], session=RaySession(cfg, work_dir),
         objective=build_objective)
