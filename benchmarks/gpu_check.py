@@ -203,8 +203,8 @@ def cmd_parity(args: argparse.Namespace) -> None:
     from export.exporter.onnx_export import sample_images, torch_instances
     from export.providers import GpuSettings
     from export.runtime import read_metadata
-    from sp_ray.models import build_model
     from sp_ray.checkpoint import load_checkpoint
+    from sp_ray.models import build_model
 
     data = dataset(args.work)
     images = sample_images(data["images"], count=4)

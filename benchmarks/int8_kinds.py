@@ -36,10 +36,10 @@ from export.exporter.onnx_export import (
     sample_images,
 )
 from export.runtime import Segmenter
+from sp_ray.checkpoint import load_checkpoint
 from sp_ray.evaluation.coco_eval import evaluate_onnx
 from sp_ray.machine import describe_cpu
 from sp_ray.models import build_model
-from sp_ray.checkpoint import load_checkpoint
 
 CPU = ["CPUExecutionProvider"]
 

@@ -160,6 +160,7 @@ def write_unlabeled_pool(out: Path, data: Path, pool: Path | None) -> tuple[Path
 
 def prepare(args: argparse.Namespace, out: Path, timings: dict[str, float]) -> dict[str, Any]:
     """Data, splits, unlabeled pool, DenseCL backbone, pseudo masks and SP pre-training; returns their paths."""
+    from sp_ray.checkpoint import is_checkpoint
     from sp_ray.config import load_config
     from sp_ray.data.split import split_fractions
     from sp_ray.data.synthetic import write_synthetic_dataset
@@ -167,7 +168,6 @@ def prepare(args: argparse.Namespace, out: Path, timings: dict[str, float]) -> d
     from sp_ray.densecl.train import BACKBONE_FILE, train_densecl
     from sp_ray.evaluation.proposal_quality import pseudo_mask_recall
     from sp_ray.pretrain.propose import propose
-    from sp_ray.checkpoint import is_checkpoint
     from sp_ray.train.ray_train import run_training
 
     data = out / "data"
@@ -298,8 +298,8 @@ def run_finetune(job: dict[str, Any]) -> str:
     os.environ.update({"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, **dict(arithmetic.env)})
     import torch
 
-    from sp_ray.config import load_config
     from sp_ray.checkpoint import is_checkpoint
+    from sp_ray.config import load_config
     from sp_ray.train.loop import fit
 
     torch.set_num_threads(arithmetic.threads)

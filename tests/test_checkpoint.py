@@ -4,9 +4,6 @@ import pytest
 import torch
 from torch import nn
 
-from sp_ray.config import Config, apply_overrides
-from sp_ray.errors import UserError
-from sp_ray.objectives import Trainable
 from sp_ray.checkpoint import (
     copy_as_final,
     init_from_checkpoint,
@@ -16,6 +13,9 @@ from sp_ray.checkpoint import (
     save_checkpoint,
     split_legacy_state,
 )
+from sp_ray.config import Config, apply_overrides
+from sp_ray.errors import UserError
+from sp_ray.objectives import Trainable
 
 
 def net(out: int = 3) -> nn.Module:

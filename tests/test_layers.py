@@ -7,6 +7,7 @@ of our own code, at any depth in the file (lazy imports included), is checked ag
 from __future__ import annotations
 
 import ast
+from itertools import pairwise
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,7 +98,7 @@ def test_no_import_circle_between_files() -> None:
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
                 circle = stack[stack.index(nxt):] + [nxt]
-                if not all(b.startswith(a + ".") or a.startswith(b + ".") for a, b in zip(circle, circle[1:])):
+                if not all(b.startswith(a + ".") or a.startswith(b + ".") for a, b in pairwise(circle)):
                     circles.append(circle)
             elif nxt not in state:
                 visit(nxt, stack)
@@ -113,7 +114,8 @@ def test_no_import_circle_between_files() -> None:
 def test_the_checks_see_an_import_against_the_layers(tmp_path: Path) -> None:
     """The parser finds top-level and lazy imports, so the layer test cannot pass by reading nothing."""
     source = tmp_path / "m.py"
-    source.write_text("import sp_ray.cli\n\ndef f():\n    from sp_ray.train.loop import fit\n    from export import rle\n")
+    source.write_text("import sp_ray.cli\n\ndef f():\n"
+                      "    from sp_ray.train.loop import fit\n    from export import rle\n")
     assert imports_of(source, {"sp_ray.train.loop", "export.rle"}) == {"sp_ray.cli", "sp_ray.train.loop", "export.rle"}
     assert unit_of("sp_ray.train.loop") == "sp_ray.train" and RANK["sp_ray.train"] > RANK["sp_ray.models"]
     assert unit_of("export.exporter.onnx_export") == "export.exporter" and unit_of("export.rle") == "export.runtime"

@@ -37,11 +37,11 @@ from export.exporter.parity import ParityReport, compare_instances
 from export.metadata import INPUT_NAME, OUTPUT_NAMES, ROI_FORMAT, TOPK_FORMAT, ModelInfo, replace_metadata_props
 from export.runtime import Instances, Segmenter, check_image, decode_outputs, prepare_batch
 from sp_ray import __version__
+from sp_ray.checkpoint import load_checkpoint
 from sp_ray.config import Config, config_hash
 from sp_ray.data.images import load_image_rgb
 from sp_ray.models import build_model
 from sp_ray.models.common import IMAGENET_MEAN, IMAGENET_STD
-from sp_ray.checkpoint import load_checkpoint
 
 log = logging.getLogger("sp_ray")
 

@@ -66,6 +66,7 @@ from export.metadata import ModelInfo
 from export.runtime import Instances, Segmenter, decode_outputs, prepare_batch
 from sp_ray import __version__
 from sp_ray.benchmark import FORMATS
+from sp_ray.checkpoint import MODEL_FILE, Checkpoint, is_checkpoint, load_checkpoint
 from sp_ray.data.coco import CocoInstanceDataset
 from sp_ray.data.images import UnusableImageError
 from sp_ray.errors import UserError
@@ -73,7 +74,6 @@ from sp_ray.evaluation.coco_eval import evaluate_checkpoint, evaluate_onnx
 from sp_ray.evaluation.timing import Timing
 from sp_ray.machine import cpu_facts, describe_cpu
 from sp_ray.models import build_model
-from sp_ray.checkpoint import MODEL_FILE, Checkpoint, is_checkpoint, load_checkpoint
 from sp_ray.train.preflight import check_coco_data, check_output_file
 
 log = logging.getLogger("sp_ray")

@@ -26,12 +26,12 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
+from sp_ray.checkpoint import copy_as_final, load_checkpoint, save_checkpoint
 from sp_ray.config import Config, SSLConfig
 from sp_ray.densecl.data import UnlabeledImageFolder, build_two_view_transform
 from sp_ray.densecl.model import DenseCL, export_backbone_weights
-from sp_ray.errors import NonFiniteLossError, UserError
-from sp_ray.checkpoint import copy_as_final, load_checkpoint, save_checkpoint
 from sp_ray.device import select_device
+from sp_ray.errors import NonFiniteLossError, UserError
 from sp_ray.train.loop import keep_metrics_through, seed_everything
 from sp_ray.train.session import LocalSession, current_session
 

@@ -25,13 +25,13 @@ from torch import nn
 
 from export.coco_results import coco_result
 from export.providers import GpuSettings
+from sp_ray.checkpoint import load_checkpoint
 from sp_ray.config import Config, apply_overrides
 from sp_ray.data.coco import CocoInstanceDataset, DatasetSkipWarning
 from sp_ray.data.images import UnusableImageError
 from sp_ray.data.transforms import build_transforms, collate
-from sp_ray.models import build_model, model_family
-from sp_ray.checkpoint import load_checkpoint
 from sp_ray.device import select_device
+from sp_ray.models import build_model, model_family
 
 log = logging.getLogger("sp_ray")
 

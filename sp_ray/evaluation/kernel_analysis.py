@@ -20,16 +20,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sp_ray.checkpoint import load_checkpoint, load_init_weights
 from sp_ray.config import Config
 from sp_ray.data.images import load_image_rgb
 from sp_ray.data.listing import list_images
 from sp_ray.data.transforms import resize_for_inference
+from sp_ray.device import select_device
 from sp_ray.models import build_model, model_family
 from sp_ray.models.common import SIZE_DIVISOR
 from sp_ray.models.knet import MASK_STRIDE as KNET_STRIDE
-
-from sp_ray.checkpoint import load_checkpoint, load_init_weights
-from sp_ray.device import select_device
 
 log = logging.getLogger("sp_ray")
 

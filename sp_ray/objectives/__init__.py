@@ -23,12 +23,12 @@ from torch import nn
 
 from sp_ray.config import Config, ConfigError
 from sp_ray.models import model_family
+from sp_ray.objectives.instance_unique import IUQObjective, build_iuq_objective, instance_unique_enabled
 from sp_ray.objectives.knet_criterion import KNetCriterion
 from sp_ray.objectives.mask2former_criterion import Mask2FormerCriterion, Mask2FormerMatcher
+from sp_ray.objectives.maskrcnn import MaskRCNNObjective
 from sp_ray.objectives.matcher import HungarianMatcher
 from sp_ray.objectives.queryinst_criterion import BoxHungarianMatcher, QueryInstCriterion
-from sp_ray.objectives.instance_unique import IUQObjective, build_iuq_objective, instance_unique_enabled
-from sp_ray.objectives.maskrcnn import MaskRCNNObjective
 from sp_ray.objectives.trainable import SetObjective, Trainable
 
 __all__ = ["CRITERIA", "IUQObjective", "MaskRCNNObjective", "SetObjective", "Trainable", "build_criterion",

@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sp_ray.config import Config, ConfigError, InstanceUniqueConfig
-from sp_ray.models.instance_unique import QueryMaskHead
 from sp_ray.models.common import SIZE_DIVISOR
+from sp_ray.models.instance_unique import QueryMaskHead
 from sp_ray.objectives.losses import sigmoid_focal_loss
 from sp_ray.types import ModelOutputs, Target
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from sp_ray.models.knet import MASK_STRIDE
 from sp_ray.objectives.losses import dice_loss, mask_bce_loss, sigmoid_focal_loss
@@ -18,7 +18,6 @@ from sp_ray.objectives.weak_mask_losses import (
     projection_dice_loss,
 )
 from sp_ray.types import ModelOutputs, Target
-
 
 MASK_LOSSES = ("full", "weak")
 

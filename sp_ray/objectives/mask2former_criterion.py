@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sp_ray.objectives.losses import mask_bce_loss
 from sp_ray.models.mask2former import MASK_STRIDE, Mask2FormerOutputs
+from sp_ray.objectives.losses import mask_bce_loss
 from sp_ray.objectives.matcher import Matches, hungarian_match
 from sp_ray.objectives.set_criterion import SetCriterion
 from sp_ray.types import Target

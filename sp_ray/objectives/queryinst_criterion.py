@@ -12,9 +12,9 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import generalized_box_iou, generalized_box_iou_loss, roi_align
 
+from sp_ray.models.queryinst import MASK_STRIDE
 from sp_ray.objectives.losses import dice_loss, mask_bce_loss, sigmoid_focal_loss
 from sp_ray.objectives.matcher import Matches, focal_class_cost, hungarian_match
-from sp_ray.models.queryinst import MASK_STRIDE
 from sp_ray.objectives.set_criterion import SetCriterion
 from sp_ray.types import ModelOutputs, Target
 

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.transforms.v2 import functional as TF
 
+from sp_ray.checkpoint import MODEL_FILE, load_checkpoint, load_init_weights
 from sp_ray.config import Config, ConfigError, InstanceUniqueConfig, SelfTrainConfig
 from sp_ray.data.transforms import resize_for_inference
 from sp_ray.models import build_model
@@ -38,7 +39,6 @@ from sp_ray.models.common import SIZE_DIVISOR
 from sp_ray.models.postprocess import paste_crops, paste_mask_logits
 from sp_ray.pretrain.proposers import Proposals, Ready, c5_channels
 from sp_ray.pretrain.saliency import matrix_nms
-from sp_ray.checkpoint import MODEL_FILE, load_checkpoint, load_init_weights
 
 
 def check_selftrain_config(cfg: SelfTrainConfig) -> None:

@@ -18,14 +18,6 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from sp_ray.config import Config
-from sp_ray.data.coco import CocoInstanceDataset
-from sp_ray.data.transforms import build_transforms, collate
-from sp_ray.errors import EvaluationError, NonFiniteLossError, UserError
-from sp_ray.evaluation.coco_eval import evaluate_model, format_metrics
-from sp_ray.models import build_model
-from sp_ray.objectives import Trainable, build_objective
-from sp_ray.pretrain.sp_objective import load_saliency_queries
 from sp_ray.checkpoint import (
     copy_as_final,
     init_from_checkpoint,
@@ -33,7 +25,15 @@ from sp_ray.checkpoint import (
     save_checkpoint,
     update_meta,
 )
+from sp_ray.config import Config
+from sp_ray.data.coco import CocoInstanceDataset
+from sp_ray.data.transforms import build_transforms, collate
 from sp_ray.device import select_device
+from sp_ray.errors import EvaluationError, NonFiniteLossError, UserError
+from sp_ray.evaluation.coco_eval import evaluate_model, format_metrics
+from sp_ray.models import build_model
+from sp_ray.objectives import Trainable, build_objective
+from sp_ray.pretrain.sp_objective import load_saliency_queries
 from sp_ray.train.optim import build_optimizer, build_scheduler
 from sp_ray.train.session import LocalSession
 from sp_ray.types import Target

@@ -20,9 +20,9 @@ from typing import Any
 
 from torch import nn
 
+from sp_ray.checkpoint import init_from_checkpoint, load_checkpoint
 from sp_ray.config import Config, check_config_values
 from sp_ray.errors import UserError
-from sp_ray.checkpoint import init_from_checkpoint, load_checkpoint
 
 log = logging.getLogger("sp_ray")
 

@@ -11,6 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
+from sp_ray.checkpoint import load_checkpoint
 from sp_ray.config import load_config
 from sp_ray.data.synthetic import write_synthetic_dataset
 from sp_ray.densecl.data import UnlabeledImageFolder, build_two_view_transform
@@ -25,7 +26,6 @@ from sp_ray.densecl.model import (
 from sp_ray.densecl.train import check_batch_fits_queue, ssl_train_step, train_densecl
 from sp_ray.models import build_model
 from sp_ray.models.backbone import build_resnet, load_backbone_weights
-from sp_ray.checkpoint import load_checkpoint
 
 TINY_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo" / "densecl_tiny.yaml"
 

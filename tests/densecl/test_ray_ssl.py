@@ -6,11 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from sp_ray.checkpoint import load_checkpoint
 from sp_ray.config import load_config
 from sp_ray.data.synthetic import write_synthetic_dataset
 from sp_ray.densecl.train import run_ssl
 from sp_ray.models.backbone import build_resnet, load_backbone_weights
-from sp_ray.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow
 

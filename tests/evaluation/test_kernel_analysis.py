@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from sp_ray.checkpoint import save_checkpoint
 from sp_ray.cli import main
 from sp_ray.config import load_config
 from sp_ray.evaluation.kernel_analysis import (
@@ -21,7 +22,6 @@ from sp_ray.evaluation.kernel_analysis import (
     render_kernel_grid,
 )
 from sp_ray.models import build_model
-from sp_ray.checkpoint import save_checkpoint
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo" / "knet_tiny_synthetic.yaml"
 

@@ -30,11 +30,11 @@ from export.exporter.onnx_export import (
 from export.exporter.parity import BOUNDS, ParityReport, compare_instances
 from export.metadata import ROI_FORMAT, TOPK_FORMAT
 from export.runtime import Instances, Segmenter, prepare_batch
+from sp_ray.checkpoint import load_checkpoint
 from sp_ray.cli import main
 from sp_ray.config import load_config
 from sp_ray.models import FAMILIES
 from sp_ray.models.maskrcnn import build_maskrcnn
-from sp_ray.checkpoint import load_checkpoint
 
 from .conftest import IMAGE_SIZE
 

@@ -17,12 +17,12 @@ from onnx import TensorProto, helper
 from export.metadata import TOPK_FORMAT, ModelInfo
 from export.rle import decode_rle
 from export.runtime import Segmenter
+from sp_ray.checkpoint import load_checkpoint
 from sp_ray.data.coco import CocoInstanceDataset
 from sp_ray.data.images import load_image_rgb
 from sp_ray.data.transforms import build_transforms, collate
 from sp_ray.models import build_model
 from sp_ray.models.postprocess import postprocess
-from sp_ray.checkpoint import load_checkpoint
 
 from .conftest import IMAGE_SIZE, REPO
 

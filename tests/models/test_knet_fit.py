@@ -3,9 +3,9 @@ from __future__ import annotations
 import torch
 
 from sp_ray.models.knet import build_knet
+from sp_ray.models.postprocess import postprocess
 from sp_ray.objectives.knet_criterion import KNetCriterion
 from sp_ray.objectives.matcher import HungarianMatcher
-from sp_ray.models.postprocess import postprocess
 
 H, W = 64, 96
 COLORS = {0: (220.0, 40.0, 40.0), 1: (40.0, 40.0, 220.0)}

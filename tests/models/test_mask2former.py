@@ -17,6 +17,7 @@ from sp_ray.models.mask2former import (
     build_mask2former,
     sigmoid_compatible_logits,
 )
+from sp_ray.models.postprocess import postprocess
 from sp_ray.objectives.mask2former_criterion import (
     Mask2FormerCriterion,
     Mask2FormerMatcher,
@@ -27,7 +28,6 @@ from sp_ray.objectives.mask2former_criterion import (
     sample_uncertain_points,
     softmax_class_cost,
 )
-from sp_ray.models.postprocess import postprocess
 
 B, H, W = 2, 64, 96
 N, C, D, L = 8, 3, 32, 3

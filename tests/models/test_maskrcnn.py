@@ -8,6 +8,7 @@ import torch
 from torchvision.models import resnet18
 from torchvision.models.detection import maskrcnn_resnet50_fpn
 
+from sp_ray.checkpoint import load_init_weights
 from sp_ray.config import load_config
 from sp_ray.data.coco import CocoInstanceDataset
 from sp_ray.data.synthetic import write_synthetic_dataset
@@ -17,7 +18,6 @@ from sp_ray.models import FAMILIES, build_model
 from sp_ray.models.knet import build_knet
 from sp_ray.models.maskrcnn import MaskRCNN, build_maskrcnn, postprocess_maskrcnn
 from sp_ray.objectives import MaskRCNNObjective, Trainable, build_objective
-from sp_ray.checkpoint import load_init_weights
 from sp_ray.train.loop import train_step
 from sp_ray.train.optim import build_optimizer, build_scheduler
 

@@ -11,6 +11,7 @@ import pytest
 import ray
 import torch
 
+from sp_ray.checkpoint import init_from_checkpoint, load_checkpoint, save_checkpoint
 from sp_ray.config import load_config
 from sp_ray.data.synthetic import write_synthetic_dataset
 from sp_ray.data.transforms import mask_boxes
@@ -25,10 +26,9 @@ from sp_ray.models.queryinst import (
     multilevel_roi_align,
     paste_roi_masks,
 )
-from sp_ray.objectives.queryinst_criterion import BoxHungarianMatcher, QueryInstCriterion, roi_mask_targets
 from sp_ray.objectives import Trainable
+from sp_ray.objectives.queryinst_criterion import BoxHungarianMatcher, QueryInstCriterion, roi_mask_targets
 from sp_ray.pretrain.sp_objective import SPObjective, build_sp_objective
-from sp_ray.checkpoint import init_from_checkpoint, load_checkpoint, save_checkpoint
 from sp_ray.train.loop import fit
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"

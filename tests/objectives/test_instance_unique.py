@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sp_ray.checkpoint import load_checkpoint, load_init_weights, save_checkpoint, split_legacy_state
 from sp_ray.config import ConfigError, load_config
 from sp_ray.data.synthetic import write_synthetic_dataset
 from sp_ray.models import build_model
@@ -26,7 +27,6 @@ from sp_ray.objectives.instance_unique import (
     mask_equivariance_loss,
     sample_transform,
 )
-from sp_ray.checkpoint import load_checkpoint, load_init_weights, save_checkpoint, split_legacy_state
 from sp_ray.train.loop import fit
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"

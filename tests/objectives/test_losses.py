@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from sp_ray.objectives.losses import dice_loss, mask_bce_loss, sigmoid_focal_loss
 from sp_ray.objectives.knet_criterion import KNetCriterion
+from sp_ray.objectives.losses import dice_loss, mask_bce_loss, sigmoid_focal_loss
 from sp_ray.objectives.matcher import HungarianMatcher
 from sp_ray.types import ModelOutputs, StageOutput
 

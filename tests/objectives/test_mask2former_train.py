@@ -13,6 +13,7 @@ import torch
 
 from export.exporter.onnx_export import export_checkpoint
 from export.runtime import Segmenter
+from sp_ray.checkpoint import init_from_checkpoint, load_checkpoint
 from sp_ray.cli import main
 from sp_ray.config import ConfigError, load_config
 from sp_ray.data.coco import CocoInstanceDataset
@@ -22,7 +23,6 @@ from sp_ray.models import build_model
 from sp_ray.models.mask2former import MASK_STRIDE, Mask2Former
 from sp_ray.objectives import Trainable
 from sp_ray.pretrain.sp_objective import SPObjective, build_sp_objective, check_promptable
-from sp_ray.checkpoint import init_from_checkpoint, load_checkpoint
 from sp_ray.train.loop import fit
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "demo"

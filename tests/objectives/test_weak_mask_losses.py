@@ -11,6 +11,7 @@ from sp_ray.config import load_config
 from sp_ray.data.transforms import collate
 from sp_ray.models import build_model
 from sp_ray.models.knet import build_knet
+from sp_ray.objectives import build_objective
 from sp_ray.objectives.knet_criterion import KNetCriterion
 from sp_ray.objectives.matcher import HungarianMatcher
 from sp_ray.objectives.weak_mask_losses import (
@@ -21,7 +22,6 @@ from sp_ray.objectives.weak_mask_losses import (
     rgb_to_lab,
     unfold_neighbours,
 )
-from sp_ray.objectives import build_objective
 from sp_ray.types import ModelOutputs, StageOutput
 
 EPS = 1e-5  # FreeSOLO's dice smoothing

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from sp_ray.checkpoint import load_checkpoint
 from sp_ray.cli import main
 from sp_ray.data.synthetic import write_synthetic_dataset
-from sp_ray.checkpoint import load_checkpoint
 
 from .test_sp_model import write_pseudo_masks
 

@@ -210,8 +210,8 @@ def test_fingerprint_follows_the_checkpoint_and_the_selftrain_settings(trained: 
 
 
 def test_a_mask_rcnn_checkpoint_is_refused(tmp_path: Path) -> None:
-    from sp_ray.models import build_model
     from sp_ray.checkpoint import save_checkpoint
+    from sp_ray.models import build_model
 
     cfg = load_config(CONFIGS / "demo" / "maskrcnn_tiny_synthetic.yaml", ["model.num_classes=2"])
     model = build_model(cfg)
@@ -241,8 +241,8 @@ def test_cli_propose_from_checkpoint_with_ray_and_rerun(trained: dict[str, Path]
 @pytest.mark.parametrize("config", ["mask2former_tiny_synthetic.yaml", "queryinst_tiny_synthetic.yaml"])
 def test_proposer_reads_every_query_family(config: str, trained: dict[str, Path], tmp_path: Path) -> None:
     """Stride-4 families: masks at image size, prompts of their C5 width, one candidate per query at most."""
-    from sp_ray.models import build_model
     from sp_ray.checkpoint import save_checkpoint
+    from sp_ray.models import build_model
 
     pixel_decoder = ["model.encoder_layers=1"] if config.startswith("mask2former") else []  # Mask2Former's key
     cfg = _tiny(config, "model.num_classes=2", "model.num_stages=2", *pixel_decoder)

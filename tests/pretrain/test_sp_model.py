@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from sp_ray.checkpoint import init_from_checkpoint, load_checkpoint
 from sp_ray.config import ConfigError, load_config
 from sp_ray.data.coco import CocoInstanceDataset
 from sp_ray.data.synthetic import write_synthetic_dataset
@@ -19,7 +20,6 @@ from sp_ray.models import build_model
 from sp_ray.models.knet import KNet
 from sp_ray.objectives import Trainable
 from sp_ray.pretrain.sp_objective import SPObjective, build_sp_objective
-from sp_ray.checkpoint import init_from_checkpoint, load_checkpoint
 from sp_ray.train.loop import fit
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"

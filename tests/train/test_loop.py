@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from sp_ray.checkpoint import load_checkpoint
 from sp_ray.config import load_config
 from sp_ray.data.synthetic import write_synthetic_dataset
 from sp_ray.errors import EvaluationError, NonFiniteLossError, UserError
 from sp_ray.evaluation.coco_eval import METRIC_NAMES, evaluate_checkpoint
-from sp_ray.checkpoint import load_checkpoint
 from sp_ray.train.loop import fit
 from sp_ray.train.session import LocalSession
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import ray
 
+from sp_ray.checkpoint import load_checkpoint
 from sp_ray.config import dump_config, load_config
 from sp_ray.data.synthetic import write_synthetic_dataset
-from sp_ray.checkpoint import load_checkpoint
 from sp_ray.train.ray_train import run_training
 
 pytestmark = pytest.mark.slow

@@ -14,9 +14,9 @@ import time
 
 import pytest
 
+from sp_ray.checkpoint import load_checkpoint
 from sp_ray.cli import main
 from sp_ray.data.synthetic import write_synthetic_dataset
-from sp_ray.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow
 
