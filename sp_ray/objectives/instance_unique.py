@@ -21,7 +21,6 @@ the memory holds images, not batches, pooled to ``memory_resolution``; an image 
 image is a positive of the inter-scene loss (the released SOLOv2 code used the matched ones only).
 """
 
-
 from __future__ import annotations
 
 import math

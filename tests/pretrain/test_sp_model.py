@@ -228,3 +228,23 @@ def test_analyze_kernels_reads_the_pretraining_checkpoint(pretrained, pseudo, tm
 def test_analyze_kernels_without_decodable_images_says_so(pretrained, pseudo, tmp_path):
     with pytest.raises(ValueError, match="none of the 2 images could be decoded"):
         analyze_kernels(pretrained / "final", pseudo["annotations"], tmp_path / "k.png", num_images=2)
+
+
+def test_resume_restores_the_model_and_the_learned_projection(pseudo, tmp_path):
+    """A stopped pre-training run continued with --resume ends where the straight run ends: objective.pt (the
+    learned L_ker projection) is restored with model.pt."""
+    extra = ("model.num_stages=1", "pretrain.kernel_projection=learned")
+    straight = tiny_pretrain_config(pseudo, "train.epochs=2", *extra)
+    torch.manual_seed(0)
+    fit(straight, tmp_path / "straight", objective=build_sp_objective)
+    torch.manual_seed(0)
+    fit(tiny_pretrain_config(pseudo, "train.epochs=1", *extra), tmp_path / "stopped", objective=build_sp_objective)
+    first = load_checkpoint(tmp_path / "stopped" / "last").objective_state  # epoch 1
+    fit(straight, tmp_path / "stopped", resume=tmp_path / "stopped" / "last", objective=build_sp_objective)
+    a, b = load_checkpoint(tmp_path / "straight" / "final"), load_checkpoint(tmp_path / "stopped" / "final")
+    assert a.objective_state and a.objective_state.keys() == b.objective_state.keys()
+    assert a.model_state.keys() == b.model_state.keys()
+    for state_a, state_b in ((a.model_state, b.model_state), (a.objective_state, b.objective_state)):
+        for name in state_a:
+            torch.testing.assert_close(state_a[name], state_b[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert any(not torch.equal(first[name], b.objective_state[name]) for name in first)  # it trained on
