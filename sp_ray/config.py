@@ -23,7 +23,7 @@ import typing
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, TypeVar
 
 import yaml
 
@@ -127,7 +127,6 @@ class KNetLoss(LossConfig):
 class Mask2FormerLoss(LossConfig):
     """Mask2Former's weights and costs (its paper values are 2 / 5 / 5, every layer alike) and point sampling."""
 
-    mask_loss: ClassVar[str] = "full"  # not a key: the weak mask losses are K-Net's (KNetLoss.mask_loss)
     cls_weight: float = 2.0
     mask_weight: float = 1.0
     dice_weight: float = 4.0
@@ -145,7 +144,6 @@ class QueryInstLoss(LossConfig):
     """QueryInst's box terms (Sparse R-CNN: focal 2 = cls_weight, L1 5, GIoU 2; the same values as matching
     costs, cost_class for the class); its RoI masks take mask_weight (BCE) and dice_weight (paper: dice 8)."""
 
-    mask_loss: ClassVar[str] = "full"  # not a key: the weak mask losses are K-Net's (KNetLoss.mask_loss)
     cls_weight: float = 2.0
     mask_weight: float = 1.0
     dice_weight: float = 4.0

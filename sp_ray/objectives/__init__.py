@@ -51,8 +51,6 @@ def build_knet_criterion(cfg: Config) -> nn.Module:
 def build_mask2former_criterion(cfg: Config) -> nn.Module:
     """The loss section's cls/mask/dice weights and costs, no_object_weight and the point-sampling settings."""
     m, loss = cfg.model, cfg.loss
-    if loss.mask_loss != "full":
-        raise ConfigError(f"loss.mask_loss {loss.mask_loss!r} is K-Net only; Mask2Former uses 'full'")
     matcher = Mask2FormerMatcher(
         cost_class=loss.cost_class, cost_mask=loss.cost_mask, cost_dice=loss.cost_dice, num_points=loss.num_points
     )
@@ -66,8 +64,6 @@ def build_mask2former_criterion(cfg: Config) -> nn.Module:
 def build_queryinst_criterion(cfg: Config) -> nn.Module:
     """cls/L1/GIoU weights and costs, and the RoI masks' BCE (mask_weight) and dice (dice_weight)."""
     m, loss = cfg.model, cfg.loss
-    if loss.mask_loss != "full":
-        raise ConfigError(f"loss.mask_loss {loss.mask_loss!r} is K-Net only; QueryInst uses 'full'")
     matcher = BoxHungarianMatcher(cost_class=loss.cost_class, cost_l1=loss.cost_l1, cost_giou=loss.cost_giou)
     return QueryInstCriterion(
         num_classes=m.num_classes, matcher=matcher, cls_weight=loss.cls_weight, l1_weight=loss.l1_weight,
