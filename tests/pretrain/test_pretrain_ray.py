@@ -11,7 +11,7 @@ from sp_ray.checkpoint import load_checkpoint
 from sp_ray.cli import main
 from sp_ray.data.synthetic import write_synthetic_dataset
 
-from .test_sp_model import write_pseudo_masks
+from .test_sp_objective import write_pseudo_masks
 
 pytestmark = pytest.mark.slow
 
