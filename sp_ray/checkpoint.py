@@ -36,7 +36,7 @@ OBJECTIVE_FILE = "objective.pt"
 OPTIMIZER_FILE = "optimizer.pt"
 CONFIG_FILE = "config.yaml"
 META_FILE = "meta.json"
-# The attribute under which the SP pre-training wrapper of sp-ray <= 0.x held its detector: the key prefix of
+# The attribute under which the SP pre-training wrapper of earlier checkpoints held its detector: the key prefix of
 # the detector's tensors in the model.pt of those checkpoints (``split_legacy_state``).
 LEGACY_MODEL_PREFIX = "model."
 
