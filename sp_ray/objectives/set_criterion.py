@@ -20,6 +20,7 @@ matches), ``_stage_losses`` (one stage's weighted terms) and, where they differ 
 
 from __future__ import annotations
 
+import abc
 from typing import Any
 
 import torch
@@ -47,7 +48,7 @@ def mean_over_workers(value: Tensor) -> Tensor:
     return value
 
 
-class SetCriterion(nn.Module):
+class SetCriterion(nn.Module, metaclass=abc.ABCMeta):
     """Base of the set criteria: the stage loop, the normaliser, the loss names and ``return_matches``.
 
     ``forward(outputs, targets)`` runs, in this order:
@@ -135,14 +136,15 @@ class SetCriterion(nn.Module):
 
     # The family's part.
 
+    @abc.abstractmethod
     def _prepare(self, outputs: Any, targets: list[Any]) -> tuple[list[Stage], list[dict[str, Tensor]], torch.device]:
         """Validate the batch; return the stages in order, the targets in the family's form, and the device."""
-        raise NotImplementedError
 
     def _stage_inputs(self, stage_index: int, stage: Stage) -> Stage:
         """What matching and losses of one stage read (default: the stage as ``_prepare`` listed it)."""
         return stage
 
+    @abc.abstractmethod
     def _match(
         self,
         stage_index: int,
@@ -153,7 +155,6 @@ class SetCriterion(nn.Module):
     ) -> Matches:
         """The matches of one stage; ``previous`` and ``previous_matches`` are the stage before (None at the
         first)."""
-        raise NotImplementedError
 
     def _positive_count(self, targets: list[dict[str, Tensor]], matches: Matches) -> int:
         """The count the losses are normalised by: by default the matched pairs of the first stage (every
@@ -167,6 +168,7 @@ class SetCriterion(nn.Module):
         losses read (default: ``stages``)."""
         return stages
 
+    @abc.abstractmethod
     def _stage_losses(
         self,
         stage_index: int,
@@ -176,4 +178,3 @@ class SetCriterion(nn.Module):
         num_pos: Tensor,
     ) -> dict[str, Tensor]:
         """The weighted loss terms of one stage, {name: float scalar}, named without ``loss_`` and the stage."""
-        raise NotImplementedError
