@@ -30,9 +30,9 @@ class MaskRCNNObjective(nn.Module):
             ``loss_classifier``, ``loss_box_reg``, ``loss_mask``, ``loss_objectness``, ``loss_rpn_box_reg``,
             float32 scalars.
         """
-        image_list, features = model.backbone_features(images)
         if targets is None or len(targets) != images.shape[0]:
             raise ValueError("MaskRCNN in training mode needs one target per image")
+        image_list, features = model.backbone_features(images)
         tv_targets = [
             {"boxes": t["boxes"].float(), "labels": t["labels"] + 1, "masks": t["masks"].to(torch.uint8)}
             for t in targets
