@@ -274,7 +274,6 @@ def test_training_steps_on_one_batch_lower_the_loss(family: str) -> None:
 def test_export_of_the_random_model_matches_torch(family: str, tmp_path) -> None:
     """fp32 ONNX against PyTorch on the parity images, as ``sp-ray export`` checks it (tests/export)."""
     from export.exporter.onnx_export import check_parity, export_model, model_info, sample_images
-
     from export.runtime import Segmenter, prepare_batch
 
     cfg = tiny_config(family, "eval.topk=10")

@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import open_clip  # a dev dependency: without it these tests fail (as the Ray tests do without Ray), never skip
 import pytest
 import torch
 import torch.nn.functional as F
@@ -38,8 +39,6 @@ from sp_ray.pretrain.clip_proposals import (
 from sp_ray.pretrain.propose import build_proposer, proposal_identity, propose
 from sp_ray.pretrain.proposers import Proposals
 from sp_ray.pretrain.shards import ShardActor, fingerprint, merge_shards
-
-open_clip = pytest.importorskip("open_clip")
 
 EMBED = 32
 INPUT = 128  # CLIP input side: an 8x8 grid of 16-pixel patches (the config's native grid is 4x4)
