@@ -180,6 +180,53 @@ def test_round_trip_finetune_relabel_pretrain_relabel(trained: dict[str, Path]) 
 
 
 def test_proposer_matches_the_checkpoint_models_predictions(trained: dict[str, Path]) -> None:
+    """The pseudo masks and scores are the checkpoint model's own post-processed predictions, kept by the
+    documented rule: score = max class probability x maskness (mean probability inside the mask), kept when
+    the maskness passes ``maskness_threshold``, best first. The model is rebuilt here from the checkpoint and
+    post-processed with ``sp_ray.models.postprocess`` one kernel at a time (its score is the same product, so
+    the proposer's scores must equal it); Matrix NMS is made a no-op by a
+    vanishing sigma, and the 64 x 64 images need no evaluation resize."""
+    from PIL import Image
+
+    from sp_ray.checkpoint import load_checkpoint
+    from sp_ray.models import build_model
+    from sp_ray.models.postprocess import postprocess
+
+    cfg = SelfTrainConfig(score_threshold=0.0, maskness_threshold=0.05, max_per_image=8, nms_sigma=1e-9,
+                          max_box_width=1.0)  # fmt: skip
+    proposer = CheckpointProposer(trained["checkpoint"], cfg, device=torch.device("cpu"))
+    ckpt = load_checkpoint(trained["checkpoint"])
+    model = build_model(ckpt.config)
+    model.load_state_dict(ckpt.model_state)
+    model.eval()
+    checked = 0
+    for path in sorted(Path(trained["images"]).glob("*.png"))[:3]:
+        pixels = np.asarray(Image.open(path).convert("RGB"))
+        assert pixels.shape[:2] == (SIZE, SIZE)
+        (proposals,) = proposer([({"id": 0}, pixels)])
+        with torch.inference_mode():
+            outputs = model(torch.from_numpy(pixels.copy()).permute(2, 0, 1)[None].float())
+        logits, mask_logits = outputs["pred_logits"].float(), outputs["pred_masks"].float()
+        stride = SIZE // mask_logits.shape[-1]
+        expected = []
+        for n in range(logits.shape[1]):
+            kernel = {"pred_logits": logits[:, n : n + 1], "pred_masks": mask_logits[:, n : n + 1]}
+            (one,) = postprocess(kernel, image_sizes=[(SIZE, SIZE)], orig_sizes=[(SIZE, SIZE)], k=1, mask_stride=stride)
+            probs = mask_logits[0, n].sigmoid()
+            quality = (probs[probs > 0.5].mean() if (probs > 0.5).any() else torch.tensor(0.0)).item()
+            mask = one["masks"][0]
+            if quality >= cfg.maskness_threshold and mask.any() and mask.any(0).sum() < SIZE:
+                expected.append((one["scores"][0].item(), mask))  # postprocess's score: class prob x maskness
+        expected.sort(key=lambda pair: -pair[0])
+        assert len(proposals.masks) == len(expected)
+        torch.testing.assert_close(proposals.scores, torch.tensor([s for s, _ in expected]), atol=1e-5, rtol=1e-5)
+        for got, (_, want) in zip(proposals.masks, expected, strict=True):
+            assert torch.equal(got, want)
+        checked += len(expected)
+    assert checked >= 3  # the comparison is not vacuous
+
+
+def test_proposer_batched_equals_one_image_at_a_time(trained: dict[str, Path]) -> None:
     """Batched (padded to the largest image) equals one image at a time."""
     cfg = SelfTrainConfig(score_threshold=0.0, maskness_threshold=0.05, max_per_image=5)
     proposer = CheckpointProposer(trained["checkpoint"], cfg, device=torch.device("cpu"))
