@@ -10,6 +10,7 @@ import onnx
 import pytest
 import ray
 import torch
+from PIL import Image
 
 from export.exporter.onnx_export import export_checkpoint
 from export.runtime import Segmenter
@@ -21,6 +22,7 @@ from sp_ray.data.synthetic import write_synthetic_dataset
 from sp_ray.data.transforms import build_transforms, collate
 from sp_ray.models import build_model
 from sp_ray.models.mask2former import MASK_STRIDE, Mask2Former
+from sp_ray.models.postprocess import postprocess
 from sp_ray.objectives import Trainable
 from sp_ray.pretrain.sp_objective import SPObjective, build_sp_objective, check_promptable
 from sp_ray.train.loop import fit
@@ -107,9 +109,28 @@ def test_export_passes_fp32_parity_and_the_runtime_decodes_it(trained, synthetic
     scores, labels, masks = segmenter.run(np.zeros((2, 3, 96, 128), np.uint8))
     assert scores.shape == labels.shape == (2, 20) and masks.shape == (2, 20, 96 // 4, 128 // 4)
     (found,) = segmenter.predict_batch([image], score_threshold=0.0)
-    # Every top-20 detection with a positive score (an empty mask scores exactly 0), at the image's size.
-    kept = int((segmenter.run(segmenter.prepare_batch([image])[0])[0][0] > 0).sum())
-    assert kept > 0 and found.masks.shape == (kept, 70, 90) and found.boxes.shape == (kept, 4)
+    # The expected instances come from PyTorch: the checkpoint's model on training's evaluation
+    # pre-processing of the same image, post-processed with the config's top-k and the same threshold.
+    ckpt = load_checkpoint(trained)
+    model = build_model(ckpt.config)
+    model.load_state_dict(ckpt.model_state)
+    model.eval()
+    Image.fromarray(image).save(tmp_path / "random.png")
+    (tmp_path / "random.json").write_text(json.dumps({
+        "images": [{"id": 1, "file_name": "random.png", "height": 70, "width": 90}], "annotations": [],
+        "categories": json.loads(Path(synthetic["train"]).read_text())["categories"]}))
+    dataset = CocoInstanceDataset(tmp_path / "random.json", tmp_path,
+                                  transforms=build_transforms(train=False, max_size=SIZE, short_size=SIZE))
+    images, targets = collate([dataset[0]], size_divisor=32)
+    with torch.no_grad():
+        (expected,) = postprocess(model(images.float()), image_sizes=[targets[0]["image_size"]],
+                                  orig_sizes=[targets[0]["orig_size"]], k=ckpt.config.eval.topk,
+                                  score_threshold=0.0, mask_stride=MASK_STRIDE)
+    kept = len(expected["scores"])
+    assert 0 < kept <= 20 and found.masks.shape == (kept, 70, 90) and found.boxes.shape == (kept, 4)
+    np.testing.assert_allclose(found.scores, expected["scores"].numpy(), atol=1e-4)
+    np.testing.assert_array_equal(found.labels, expected["labels"].numpy())
+    assert (found.masks != expected["masks"].numpy()).mean() < 1e-3
 
 
 def _pseudo_batch(pseudo):
