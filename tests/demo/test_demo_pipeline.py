@@ -46,13 +46,39 @@ def test_report_links_resolve(demo, name):
         assert not link.startswith(("/", "http")) and (out / link).is_file(), link
 
 
+AP_TABLE_HEADER = ("labeled", "model", "epochs", "segm AP", "AP50", "AP75", "bbox AP")
+
+
+def markdown_table(text: str, header: tuple[str, ...]) -> list[dict[str, str]]:
+    """The rows of the pipe table of ``text`` whose header row is ``header``, as dicts by column."""
+    lines = text.splitlines()
+    cells = lambda line: [c.strip() for c in line.strip().strip("|").split("|")]  # noqa: E731
+    (start,) = [i for i, line in enumerate(lines) if line.startswith("|") and tuple(cells(line)) == header]
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append(dict(zip(header, cells(line), strict=True)))
+    return rows
+
+
 def test_artefacts_hold_what_the_report_says(demo):
     out, _ = demo
     layout = DemoLayout(out)
+    # The report's AP table is the metrics files, row for row, at the report's two decimals.
+    table = markdown_table((out / "report.md").read_text(), AP_TABLE_HEADER)
+    assert len(table) == len(demo_runs(TINY))
+    titles = {"scratch": "K-Net from scratch", "sp": "K-Net from SP", "maskrcnn": "Mask R-CNN"}
     for run in demo_runs(TINY):
         metrics = json.loads(layout.metrics(run).read_text())
-        assert 0.0 <= metrics["segm"]["AP"] <= 100.0
         lines = (layout.run(run) / "metrics.jsonl").read_text().splitlines()
+        images = len(json.loads(layout.split(run.fraction).read_text())["images"])
+        labeled = f"{round(100 * run.fraction)}% ({images} image{'' if images == 1 else 's'})"
+        (row,) = [r for r in table if r["labeled"] == labeled and r["model"] == titles[run.variant]]
+        assert row == {"labeled": labeled, "model": titles[run.variant],
+                       "epochs": str(json.loads(lines[-1])["epoch"]),
+                       "segm AP": f"{metrics['segm']['AP']:.2f}", "AP50": f"{metrics['segm']['AP50']:.2f}",
+                       "AP75": f"{metrics['segm']['AP75']:.2f}", "bbox AP": f"{metrics['bbox']['AP']:.2f}"}
         assert len(lines) == (TINY.maskrcnn_epochs if run.variant == "maskrcnn" else TINY.finetune_epochs)
         if run.variant != "maskrcnn":  # K-Net runs evaluate every eval_interval epochs: the AP curves
             assert all("segm_AP" in json.loads(line) for line in lines)
@@ -62,6 +88,7 @@ def test_artefacts_hold_what_the_report_says(demo):
     onnx_ap = json.loads((layout.onnx_eval / knet.name / "metrics.json").read_text())["segm"]["AP"]
     torch_ap = json.loads(layout.metrics(knet).read_text())["segm"]["AP"]
     assert onnx_ap == pytest.approx(torch_ap, abs=0.5)
+    assert f"segm AP: PyTorch {torch_ap:.2f}, onnxruntime {onnx_ap:.2f} " in (out / "report.md").read_text()
     samples = json.loads((layout.onnx_eval / "samples.json").read_text())
     assert [len(samples[run.name]) for run in exported_runs(TINY)] == [TINY.sample_images] * 2
     pseudo = json.loads(layout.pseudo_summary.read_text())

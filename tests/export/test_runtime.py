@@ -123,12 +123,32 @@ def test_round_trip_on_odd_sizes(segmenter, shape) -> None:
     np.testing.assert_array_equal(found.category_ids, np.asarray(segmenter.info.cat_ids)[found.labels])
 
 
-def test_grayscale_converted_by_the_caller_equals_the_same_rgb_image(segmenter) -> None:
-    gray = (np.arange(50 * 70).reshape(50, 70) % 251).astype(np.uint8)
-    rgb = np.repeat(gray[..., None], 3, axis=2)
-    a, b = segmenter.predict(rgb), segmenter.predict(np.stack([gray] * 3, axis=-1))
-    np.testing.assert_array_equal(a.scores, b.scores)
-    np.testing.assert_array_equal(a.masks, b.masks)
+def test_a_grayscale_image_is_refused_with_a_hint_whose_conversion_matches_the_loader(
+    segmenter, synthetic, tmp_path
+) -> None:
+    """A 2-D (grayscale) array is refused, and the conversion the error names gives what a user gets
+    from a grayscale file through ``load_image_rgb``: the same pixels, so the same predictions as
+    the RGB file holding the same gray in its three channels."""
+    from PIL import Image
+
+    source = Image.open(sorted(synthetic["images"].iterdir())[0]).convert("L")
+    gray = np.asarray(source)
+    assert gray.ndim == 2 and gray.std() > 0
+    with pytest.raises(ValueError, match=r"np\.repeat\(image\[\.\.\., None\], 3, axis=2\)"):
+        segmenter.predict(gray)
+    converted = np.repeat(gray[..., None], 3, axis=2)  # the conversion the error message names
+    source.save(tmp_path / "gray.png")  # an 8-bit grayscale ("L") file
+    Image.fromarray(converted, "RGB").save(tmp_path / "rgb.png")
+    from_gray_file = load_image_rgb(tmp_path / "gray.png")
+    assert from_gray_file.shape == (*gray.shape, 3) and from_gray_file.dtype == np.uint8
+    np.testing.assert_array_equal(from_gray_file, converted)
+    expected = segmenter.predict(load_image_rgb(tmp_path / "rgb.png"))
+    assert len(expected) > 0 and expected.masks.any()
+    for image in (converted, from_gray_file):
+        found = segmenter.predict(image)
+        np.testing.assert_array_equal(found.labels, expected.labels)
+        np.testing.assert_allclose(found.scores, expected.scores, atol=1e-6)
+        np.testing.assert_array_equal(found.masks, expected.masks)
 
 
 def test_batch_equals_single_images_of_the_same_size_and_thresholds_apply(segmenter, synthetic) -> None:
