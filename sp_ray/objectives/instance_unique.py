@@ -36,6 +36,7 @@ from sp_ray.config import Config, ConfigError, InstanceUniqueConfig
 from sp_ray.models.common import SIZE_DIVISOR
 from sp_ray.models.instance_unique import QueryMaskHead
 from sp_ray.objectives.losses import sigmoid_focal_loss
+from sp_ray.objectives.trainable import to_float32
 from sp_ray.types import ModelOutputs, Target
 
 TRANSFORMS = ("flip", "rescale", "flip_rescale")
@@ -200,16 +201,6 @@ def mask_equivariance_loss(transformed: Tensor, original: Tensor, transform: Tra
     return ((a - c).square().sum(-1) / (a.square().sum(-1) + c.square().sum(-1) + 1.0)).mean()
 
 
-def _float32(tree: Any) -> Any:
-    if isinstance(tree, Tensor):
-        return tree.float() if tree.is_floating_point() else tree
-    if isinstance(tree, dict):
-        return {k: _float32(v) for k, v in tree.items()}
-    if isinstance(tree, list):
-        return [_float32(v) for v in tree]
-    return tree
-
-
 class IUQObjective(nn.Module):
     """The family criterion plus the IUQ losses: ``objective(model, images, targets)`` returns the loss dict.
 
@@ -279,7 +270,7 @@ class IUQObjective(nn.Module):
             transformed = (transform, transformed_features, model.forward_from_features(transformed_features))
         # Losses in float32 outside autocast, as the plain training step computes them.
         with torch.autocast(device_type=images.device.type, enabled=False):
-            losses = self.criterion(_float32(outputs), targets)
+            losses = self.criterion(to_float32(outputs), targets)
             if self.inter_scene_weight > 0:
                 losses["loss_inter_scene"] = self.inter_scene_weight * self._inter_scene(
                     model, features, outputs, [t["image_id"] for t in targets]
