@@ -1,12 +1,14 @@
 """Training throughput of the tiny K-Net: the plain loop, Ray Train with 1 worker, Ray Train with 2 workers.
 
-All three run the same config on the same synthetic data in one invocation. Throughput is the
-wall-clock images/s of each epoch after the first (warm-up), including checkpointing and Ray's
-reporting; start-up (Ray, worker processes) is excluded. The table gives the median and the
-slowest-5% (p95 of epoch time) figures. The Ray overhead per step is the difference of the
-median step times of Ray (1 worker) and the plain loop, at equal CPU threads.
+All three run the same config on the same synthetic data in one invocation, interleaved: ``--rounds`` rounds,
+each training every contender for ``--epochs`` epochs in an order rotated by one per round, so that load
+from other processes on a shared machine falls on all three alike. Throughput is the wall-clock images/s of
+each epoch after the first of its training (warm-up), including checkpointing and Ray's reporting;
+start-up (Ray, worker processes) is excluded. The table gives the median over all measured epochs and the
+slowest-5% figure (images/s at the 95th percentile of epoch time). The Ray overhead per step is the
+difference of the median step times of Ray (1 worker) and the plain loop, at equal CPU threads.
 
-    python benchmarks/train_scaling.py --epochs 6 --out runs/bench/train_scaling.json
+    python benchmarks/train_scaling.py --results benchmarks/results/train_scaling
 """
 
 from __future__ import annotations
@@ -14,15 +16,21 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import platform
 import statistics
+import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import ray
 import torch
 
 from sp_ray.config import load_config
 from sp_ray.data.synthetic import write_synthetic_dataset
+from sp_ray.machine import cpu_facts
 from sp_ray.train.loop import fit
 from sp_ray.train.ray_train import run_training
 
@@ -41,40 +49,54 @@ def epoch_throughput(work_dir: Path) -> list[float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--epochs", type=int, default=6)
-    parser.add_argument("--num-images", type=int, default=80, help="synthetic images (80% of them train)")
+    parser.add_argument("--epochs", type=int, default=4, help="epochs of each training (the first is warm-up)")
+    parser.add_argument("--rounds", type=int, default=3, help="trainings of every contender, interleaved")
+    parser.add_argument("--num-images", type=int, default=80, help="synthetic images (80%% of them train)")
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=4, help="images per worker per step")
     parser.add_argument("--cpus", type=int, default=2, help="CPU threads of the plain loop and of 1 Ray worker")
-    parser.add_argument("--out", default="runs/bench/train_scaling.json")
+    parser.add_argument("--out", default="runs/bench/train_scaling", help="writes OUT.json and OUT.md")
+    parser.add_argument("--results", default=None, help="also copy them to this stem (benchmarks/results/...)")
     args = parser.parse_args()
+    if args.epochs < 2:
+        parser.error("--epochs must be >= 2: the first epoch of every training is warm-up")
     logging.basicConfig(level=logging.WARNING)
 
+    runs: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         data = write_synthetic_dataset(tmp / "data", num_images=args.num_images, image_size=args.image_size)
         base = [f"data.train_annotations={data['train']}", f"data.train_images={data['images']}",
                 f"data.max_size={args.image_size}", f"data.short_size={args.image_size}",
                 f"train.epochs={args.epochs}", f"train.batch_size={args.batch_size}"]
-        runs: dict[str, list[float]] = {}
-
         torch.set_num_threads(args.cpus)
-        fit(load_config(CONFIG, base), tmp / "plain")
-        runs["plain loop, 1 process"] = epoch_throughput(tmp / "plain")
+        half = max(1, args.cpus // 2)
 
-        import ray
+        def ray_train(workers: int, cpus: int) -> Callable[[Path], object]:
+            return lambda work: run_training(load_config(CONFIG, [
+                *base, f"train.num_workers={workers}", f"train.resources_per_worker={{CPU: {cpus}}}"]), work)
 
-        ray.init(address="local", num_cpus=max(2, args.cpus), include_dashboard=False, log_to_driver=False)
-        run_training(load_config(CONFIG, [*base, "train.num_workers=1",
-                                          f"train.resources_per_worker={{CPU: {args.cpus}}}"]), tmp / "ray1")
-        runs["Ray Train, 1 worker"] = epoch_throughput(tmp / "ray1")
-        run_training(load_config(CONFIG, [*base, "train.num_workers=2",
-                                          f"train.resources_per_worker={{CPU: {max(1, args.cpus // 2)}}}"]),
-                     tmp / "ray2")
-        runs["Ray Train, 2 workers"] = epoch_throughput(tmp / "ray2")
-        ray.shutdown()
+        contenders: dict[str, Callable[[Path], object]] = {
+            "plain loop, 1 process": lambda work: fit(load_config(CONFIG, base), work),
+            f"Ray Train, 1 worker ({args.cpus} CPUs)": ray_train(1, args.cpus),
+            f"Ray Train, 2 workers ({half} CPU each)": ray_train(2, half),
+        }
+        names = list(contenders)
+        started_ray = not ray.is_initialized()
+        if started_ray:
+            ray.init(address="local", num_cpus=max(2, args.cpus), include_dashboard=False, log_to_driver=False)
+        try:
+            for round_index in range(args.rounds):
+                shift = round_index % len(names)
+                for name in names[shift:] + names[:shift]:
+                    work = tmp / f"{names.index(name)}_round{round_index}"
+                    contenders[name](work)
+                    runs.setdefault(name, []).extend(epoch_throughput(work))
+        finally:
+            if started_ray:
+                ray.shutdown()
 
-    plain = statistics.median(runs["plain loop, 1 process"])
+    plain = statistics.median(runs[names[0]])
     rows = []
     for name, values in runs.items():
         median = statistics.median(values)
@@ -83,18 +105,27 @@ def main() -> None:
                      "ratio_to_plain": median / plain, "epochs_measured": len(values)})
     ray1 = rows[1]["images_per_second_median"]
     overhead_ms = (args.batch_size / ray1 - args.batch_size / plain) * 1000.0
-    print(f"tiny K-Net, {args.image_size}px, batch {args.batch_size} per worker, {args.cpus} CPU threads in all\n")
-    print("| run | images/s (median) | images/s (slowest 5% epochs) | x plain |")
-    print("|---|---|---|---|")
-    for row in rows:
-        print(f"| {row['run']} | {row['images_per_second_median']:.1f} | "
-              f"{row['images_per_second_p95_slowest']:.1f} | {row['ratio_to_plain']:.2f} |")
-    print(f"\nRay Train overhead per step (1 worker vs plain): {overhead_ms:+.1f} ms")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "rows": rows, "ray_overhead_ms_per_step": overhead_ms,
-                               "per_epoch": runs}, indent=2))
-    print(f"written: {out}")
+    commit = subprocess.run(["git", "-C", str(CONFIG.parents[2]), "rev-parse", "--short", "HEAD"],
+                            capture_output=True, text=True).stdout.strip()
+    machine = cpu_facts()
+    lines = [f"Tiny K-Net, {args.image_size} px, batch {args.batch_size} per worker, {args.cpus} CPU threads in all; "
+             f"{args.rounds} interleaved rounds of {args.epochs}-epoch trainings, each training's first epoch "
+             f"dropped; {machine['cpu']} ({machine['cores']} cores; {' '.join(machine['isa'])}), torch "
+             f"{torch.__version__}, Ray {ray.__version__}, Python {platform.python_version()}, commit {commit}.", "",
+             "| run | images/s (median) | images/s (slowest 5% of epochs) | x plain |", "|---|---:|---:|---:|"]
+    lines += [f"| {row['run']} | {row['images_per_second_median']:.1f} | {row['images_per_second_p95_slowest']:.1f} "
+              f"| {row['ratio_to_plain']:.2f} |" for row in rows]
+    lines += ["", f"Ray Train overhead per step (1 worker vs plain): {overhead_ms:+.1f} ms"]
+    table = "\n".join(lines) + "\n"
+    print(table, end="")
+    result = {"args": vars(args), "machine": machine, "torch": torch.__version__, "ray": ray.__version__,
+              "commit": commit, "load_average": list(os.getloadavg()), "rows": rows,
+              "ray_overhead_ms_per_step": overhead_ms, "per_epoch": runs}
+    for stem in [Path(args.out), *([Path(args.results)] if args.results else [])]:
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+        stem.with_suffix(".md").write_text(table)
+        print(f"written: {stem.with_suffix('.json')}, {stem.with_suffix('.md')}")
 
 
 if __name__ == "__main__":

@@ -169,6 +169,29 @@ def train_one_epoch(
     return EpochStats({k: v / iters for k, v in sums.items()}, seen, time.perf_counter() - start)
 
 
+def training_dataset(cfg: Config) -> CocoInstanceDataset:
+    """``data.train_*`` with the training augmentation; in pre-training each pseudo mask also carries its
+    saliency query (target ``queries``, for L_ker).
+
+    Raises:
+        UserError: no image of the json could be read from ``data.train_images``.
+    """
+    train_set = CocoInstanceDataset(
+        cfg.data.train_annotations, cfg.data.train_images,
+        transforms=build_transforms(
+            train=True, max_size=cfg.data.max_size, short_size=cfg.data.short_size, flip_prob=cfg.data.flip_prob,
+            scale_range=tuple(cfg.data.train_scale_range),
+        ),
+        extra_per_annotation=load_saliency_queries(cfg) if cfg.pretrain.enabled else None,
+    )
+    if len(train_set) == 0:
+        raise UserError(
+            f"no usable training image in {cfg.data.train_images} for {cfg.data.train_annotations} "
+            f"(skipped: {dict(train_set.skipped)}); check that the folder holds the json's images"
+        )
+    return train_set
+
+
 def resolve_num_classes(cfg: Config, dataset: CocoInstanceDataset) -> Config:
     """Return ``cfg`` with ``model.num_classes`` set from the dataset (an explicit value must agree)."""
     found = len(dataset.class_names)
@@ -289,20 +312,7 @@ def fit(
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     device = select_device(cfg.train.use_gpu)
-    train_set = CocoInstanceDataset(
-        cfg.data.train_annotations, cfg.data.train_images,
-        transforms=build_transforms(
-            train=True, max_size=cfg.data.max_size, short_size=cfg.data.short_size, flip_prob=cfg.data.flip_prob,
-            scale_range=tuple(cfg.data.train_scale_range),
-        ),
-        # Pre-training: each pseudo mask carries its saliency query (target "queries") for L_ker.
-        extra_per_annotation=load_saliency_queries(cfg) if cfg.pretrain.enabled else None,
-    )
-    if len(train_set) == 0:
-        raise UserError(
-            f"no usable training image in {cfg.data.train_images} for {cfg.data.train_annotations} "
-            f"(skipped: {dict(train_set.skipped)}); check that the folder holds the json's images"
-        )
+    train_set = training_dataset(cfg)
     cfg = scaled_lr(resolve_num_classes(cfg, train_set), world_size)
     seed_everything(cfg.train.seed)
     # Model first, then its objective: the order of random-number use of every run before the split.

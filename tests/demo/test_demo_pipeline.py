@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ from sp_ray.demo import TINY, DemoLayout, run_demo
 from sp_ray.demo.settings import demo_runs, exported_runs, kernel_checkpoints
 
 pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +101,32 @@ def test_artefacts_hold_what_the_report_says(demo):
                for t in throughput["models"].values())
     workers = sorted((layout.pretrain / "workers").glob("rank*.json"))
     assert len(workers) == 2  # SP pre-training ran in two Ray Train workers
+
+
+def test_results_file_copies_the_demos_ap_and_step_tables(demo, tmp_path):
+    out, _ = demo
+    layout = DemoLayout(out)
+    stem = tmp_path / "demo"
+    subprocess.run([sys.executable, str(REPO / "benchmarks" / "demo_results.py"), "--demo", str(out),
+                    "--results", str(stem)], check=True, capture_output=True, text=True)
+    result = json.loads(stem.with_suffix(".json").read_text())
+    assert result["steps"] == json.loads(layout.steps.read_text())
+    table = markdown_table(stem.with_suffix(".md").read_text(),
+                           ("labeled", "model", "epochs", "segm AP", "AP50", "bbox AP"))
+    titles = {"scratch": "K-Net from scratch", "sp": "K-Net from SP", "maskrcnn": "Mask R-CNN"}
+    expected = []
+    for run in demo_runs(TINY):
+        metrics = json.loads(layout.metrics(run).read_text())
+        images = len(json.loads(layout.split(run.fraction).read_text())["images"])
+        epochs = json.loads((layout.run(run) / "metrics.jsonl").read_text().splitlines()[-1])["epoch"]
+        labeled = f"{round(100 * run.fraction)}% ({images} image{'' if images == 1 else 's'})"
+        expected.append({"labeled": labeled, "model": titles[run.variant],
+                         "epochs": str(epochs), "segm AP": f"{metrics['segm']['AP']:.2f}",
+                         "AP50": f"{metrics['segm']['AP50']:.2f}", "bbox AP": f"{metrics['bbox']['AP']:.2f}"})
+    assert table == expected
+    steps = markdown_table(stem.with_suffix(".md").read_text(),
+                           ("step", "wall time (s)", "load average when it finished"))
+    assert [row["step"] for row in steps] == list(DEMO_STEPS)
 
 
 def test_rerun_skips_every_step_and_redo_reruns_from_a_step(demo):

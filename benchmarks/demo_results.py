@@ -1,0 +1,98 @@
+"""The results file of a finished demo run: its AP table and step times, copied out of ``runs/demo`` into
+``benchmarks/results`` so that the README's demo tables have a file behind them.
+
+Reads (nothing is recomputed): every fine-tuning run's ``eval/<run>/metrics.json`` and ``finetune/<run>/metrics.jsonl``,
+``steps.json`` (each step's wall time, finish time and load average), ``pseudo/summary.json``,
+``export/export.json``, the onnxruntime AP and ``throughput.json``. Writes STEM.json (all of it, plus the CPU, the
+commit and whether the tree had uncommitted changes) and STEM.md (the two tables as the README prints them).
+
+    make demo && python benchmarks/demo_results.py --demo runs/demo --results benchmarks/results/demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from sp_ray.demo.settings import VARIANT_TITLES, DemoLayout, DemoSettings, demo_runs, exported_runs
+from sp_ray.machine import cpu_facts
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _read(path: Path) -> Any:
+    if not path.is_file():
+        sys.exit(f"demo_results.py: {path} does not exist: run the whole demo first (make demo)")
+    return json.loads(path.read_text())
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True).stdout.strip()
+
+
+def collect(demo: Path) -> dict[str, Any]:
+    """Everything the README's demo tables show, read from the demo folder ``demo``."""
+    layout = DemoLayout(demo.resolve())
+    settings = DemoSettings()
+    runs = {}
+    for run in demo_runs(settings):
+        metrics = _read(layout.metrics(run))
+        curve = [json.loads(line) for line in (layout.run(run) / "metrics.jsonl").read_text().splitlines()]
+        images = len(_read(layout.split(run.fraction))["images"])
+        runs[run.name] = {"variant": run.variant, "model": VARIANT_TITLES[run.variant], "fraction": run.fraction,
+                          "labeled_images": images, "epochs": curve[-1]["epoch"], "segm": metrics["segm"],
+                          "bbox": metrics["bbox"], "curve": curve}
+    knet = exported_runs(settings)[0]
+    steps = _read(layout.steps)
+    return {
+        "demo": str(layout.root), "commit": _git("rev-parse", "--short", "HEAD"),
+        "uncommitted_changes": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "machine": cpu_facts(), "steps": steps,
+        "steps_seconds_total": sum(entry["seconds"] for entry in steps.values()),
+        "runs": runs, "pseudo_masks": _read(layout.pseudo_summary),
+        "export": _read(layout.export / "export.json"),
+        "onnxruntime_ap": {"run": knet.name, **_read(layout.onnx_eval / knet.name / "metrics.json")},
+        "throughput": _read(layout.throughput),
+    }
+
+
+def markdown(result: dict[str, Any]) -> str:
+    machine = result["machine"]
+    dirty = ", with uncommitted changes" if result["uncommitted_changes"] else ""
+    lines = [f"`make demo` output `{result['demo']}`, recorded at commit {result['commit']}{dirty}, on "
+             f"{machine['cpu']} ({machine['cores']} cores; {' '.join(machine['isa'])}).", "",
+             "| labeled | model | epochs | segm AP | AP50 | bbox AP |", "|---|---|---:|---:|---:|---:|"]
+    for run in result["runs"].values():
+        images = run["labeled_images"]
+        labeled = f"{run['fraction']:.0%} ({images} image{'' if images == 1 else 's'})"
+        segm, bbox = run["segm"], run["bbox"]
+        lines.append(f"| {labeled} | {run['model']} | {run['epochs']} | {segm['AP']:.2f} | {segm['AP50']:.2f} | "
+                     f"{bbox['AP']:.2f} |")
+    lines += ["", "| step | wall time (s) | load average when it finished |", "|---|---:|---:|"]
+    lines += [f"| {name} | {entry['seconds']:.0f} | {entry['load_average']:.1f} |"
+              for name, entry in result["steps"].items()]
+    lines += ["", f"Sum of the steps: {result['steps_seconds_total'] / 60:.1f} min."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--demo", default="runs/demo", help="the demo's output folder (sp-ray demo --out)")
+    parser.add_argument("--results", default="benchmarks/results/demo", help="writes STEM.json and STEM.md")
+    args = parser.parse_args()
+    result = collect(Path(args.demo))
+    table = markdown(result)
+    print(table, end="")
+    stem = Path(args.results)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(table)
+    print(f"written: {stem.with_suffix('.json')}, {stem.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()
