@@ -103,7 +103,9 @@ def test_write_report_checks_links_first(tmp_path):
 def _benchmark(verdict: str, mean: float, low: float, high: float) -> dict:
     interval = {"mean": mean, "ci_low": low, "ci_high": high, "n": 6, "verdict": verdict}
     return {"comparisons": [{"fraction": 0.1, "high": "sp", "low": "scratch", "AP": interval},
-                            {"fraction": 0.1, "high": "sp", "low": "ssl", "AP": {**interval, "mean": -9.0}}]}
+                            {"fraction": 0.1, "high": "sp", "low": "ssl", "AP": {**interval, "mean": -9.0}}],
+            "sizes": {"labeled_train": 320, "unlabeled_pool": 2320},
+            "args": {"ssl_epochs": 4, "pretrain_epochs": 3, "epochs": 40}}
 
 
 def test_sp_gap_sentences_follow_the_sign_of_the_numbers():
@@ -112,18 +114,20 @@ def test_sp_gap_sentences_follow_the_sign_of_the_numbers():
     assert ahead == [
         "One seed per run: at 5% K-Net from SP is 1.50 AP above K-Net from scratch; "
         "at 10% K-Net from SP is 3.25 AP above K-Net from scratch.",
-        "The benchmark (`benchmarks/results/low_data_knet.json`, its larger unlabeled pool): at 10% SP - scratch is "
-        "+2.50 AP [+0.75, +4.25] over 6 paired runs (interval above 0): this run's gap has the sign it establishes.",
+        "The benchmark (`benchmarks/results/low_data_knet.json`) measures the same comparison under other "
+        "settings (an unlabeled pool of 2320 images, DenseCL 4 and SP 3 epochs over it, 40 fine-tuning "
+        "epochs): at 10% SP - scratch is +2.50 AP [+0.75, +4.25] over 6 paired runs (interval above 0): this run's "
+        "gap has the same sign. Its intervals are the spread of its own runs, not of this table's rows, whose "
+        "settings differ.",
     ]
     behind = sp_gap_sentences({0.1: -1.44}, gain)
     assert "at 10% K-Net from SP is 1.44 AP below K-Net from scratch." in behind[0]
-    assert behind[1].endswith("this run's gap goes against the gain it establishes.")
+    assert "(interval above 0): this run's gap does not have that sign." in behind[1]
     loss = sp_gap_sentences({0.1: -1.44}, _benchmark("below 0", -2.0, -3.0, -1.0))
-    assert loss[1].endswith(
-        "[-3.00, -1.00] over 6 paired runs (interval below 0): this run's gap has the sign it establishes.")
+    assert "[-3.00, -1.00] over 6 paired runs (interval below 0): this run's gap has the same sign." in loss[1]
     unsettled = sp_gap_sentences({0.1: 0.0}, _benchmark("includes 0", 0.5, -1.0, 2.0))
     assert "level with K-Net from scratch" in unsettled[0]
-    assert unsettled[1].endswith("it establishes neither sign.")
+    assert "(interval includes 0): it establishes neither sign." in unsettled[1]
     # No benchmark result: the one-seed gap is reported, and said to decide nothing.
     alone = sp_gap_sentences({0.1: 3.25}, None)
     assert len(alone) == 2 and "decides nothing" in alone[1]

@@ -139,9 +139,13 @@ def draw_predictions(layout: DemoLayout, runs: Sequence[Run], path: Path) -> Pat
 def sp_gap_sentences(gaps: dict[float, float], benchmark: dict[str, Any] | None) -> list[str]:
     """What the demo's SP - scratch gaps (one seed per run) say, next to the benchmark's paired intervals.
 
+    The benchmark runs the same comparison under other settings (its pool, epochs and seeds), so its intervals
+    are the spread of its own runs: they are named as such and never offered as error bars of the demo's rows.
+
     Args:
         gaps: labeled fraction -> this run's K-Net from SP minus K-Net from scratch, val segm AP.
-        benchmark: the JSON that ``benchmarks/low_data.py`` writes (its ``comparisons``), or None.
+        benchmark: the JSON that ``benchmarks/low_data.py`` writes (its ``comparisons``, ``sizes`` and
+            ``args``), or None.
 
     Returns:
         Sentences, each computed from the numbers it names.
@@ -163,16 +167,22 @@ def sp_gap_sentences(gaps: dict[float, float], benchmark: dict[str, Any] | None)
         d = found.get(fraction)
         if d is None:
             continue
-        reading = {"above 0": "this run's gap has the sign it establishes" if gap > 0 else
-                   "this run's gap goes against the gain it establishes",
-                   "below 0": "this run's gap has the sign it establishes" if gap < 0 else
-                   "this run's gap goes against the loss it establishes",
-                   "includes 0": "it establishes neither sign"}[d["verdict"]]
+        if d["verdict"] == "includes 0":
+            reading = "it establishes neither sign"
+        else:
+            same = (gap > 0) == (d["verdict"] == "above 0") and gap != 0
+            reading = "this run's gap has the same sign" if same else "this run's gap does not have that sign"
         read.append(f"at {fraction:.0%} SP - scratch is {d['mean']:+.2f} AP [{d['ci_low']:+.2f}, "
                     f"{d['ci_high']:+.2f}] over {d['n']} paired runs (interval {d['verdict']}): {reading}")
     if read:
-        lines.append("The benchmark (`benchmarks/results/low_data_knet.json`, its larger unlabeled pool): "
-                     + "; ".join(read) + ".")
+        args, sizes = benchmark.get("args", {}), benchmark.get("sizes", {})
+        settings = ""
+        if {"ssl_epochs", "pretrain_epochs", "epochs"} <= set(args) and "unlabeled_pool" in sizes:
+            settings = (f" (an unlabeled pool of {sizes['unlabeled_pool']} images, DenseCL {args['ssl_epochs']} and "
+                        f"SP {args['pretrain_epochs']} epochs over it, {args['epochs']} fine-tuning epochs)")
+        lines.append(f"The benchmark (`benchmarks/results/low_data_knet.json`) measures the same comparison under "
+                     f"other settings{settings}: " + "; ".join(read) + ". Its intervals are the spread of its own "
+                     "runs, not of this table's rows, whose settings differ.")
     return lines
 
 
