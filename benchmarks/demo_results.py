@@ -4,7 +4,8 @@
 Reads (nothing is recomputed): every fine-tuning run's ``eval/<run>/metrics.json`` and ``finetune/<run>/metrics.jsonl``,
 ``steps.json`` (each step's wall time, finish time and load average), ``pseudo/summary.json``,
 ``export/export.json``, the onnxruntime AP and ``throughput.json``. Writes STEM.json (all of it, plus the CPU, the
-commit and whether the tree had uncommitted changes) and STEM.md (the two tables as the README prints them).
+commit and whether the tree had uncommitted changes) and STEM.md (the two tables as the README prints them; the
+training images/s of a run is the median over its epochs of ``metrics.jsonl``'s ``images_per_second``).
 
     make demo && python benchmarks/demo_results.py --demo runs/demo --results benchmarks/results/demo
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -65,13 +67,15 @@ def markdown(result: dict[str, Any]) -> str:
     dirty = ", with uncommitted changes" if result["uncommitted_changes"] else ""
     lines = [f"`make demo` output `{result['demo']}`, recorded at commit {result['commit']}{dirty}, on "
              f"{machine['cpu']} ({machine['cores']} cores; {' '.join(machine['isa'])}).", "",
-             "| labeled | model | epochs | segm AP | AP50 | bbox AP |", "|---|---|---:|---:|---:|---:|"]
+             "| labeled | model | epochs | segm AP | AP50 | bbox AP | training images/s |",
+             "|---|---|---:|---:|---:|---:|---:|"]
     for run in result["runs"].values():
         images = run["labeled_images"]
         labeled = f"{run['fraction']:.0%} ({images} image{'' if images == 1 else 's'})"
         segm, bbox = run["segm"], run["bbox"]
+        rate = statistics.median(row["images_per_second"] for row in run["curve"])
         lines.append(f"| {labeled} | {run['model']} | {run['epochs']} | {segm['AP']:.2f} | {segm['AP50']:.2f} | "
-                     f"{bbox['AP']:.2f} |")
+                     f"{bbox['AP']:.2f} | {rate:.2f} |")
     lines += ["", "| step | wall time (s) | load average when it finished |", "|---|---:|---:|"]
     lines += [f"| {name} | {entry['seconds']:.0f} | {entry['load_average']:.1f} |"
               for name, entry in result["steps"].items()]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -112,17 +113,19 @@ def test_results_file_copies_the_demos_ap_and_step_tables(demo, tmp_path):
     result = json.loads(stem.with_suffix(".json").read_text())
     assert result["steps"] == json.loads(layout.steps.read_text())
     table = markdown_table(stem.with_suffix(".md").read_text(),
-                           ("labeled", "model", "epochs", "segm AP", "AP50", "bbox AP"))
+                           ("labeled", "model", "epochs", "segm AP", "AP50", "bbox AP", "training images/s"))
     titles = {"scratch": "K-Net from scratch", "sp": "K-Net from SP", "maskrcnn": "Mask R-CNN"}
     expected = []
     for run in demo_runs(TINY):
         metrics = json.loads(layout.metrics(run).read_text())
         images = len(json.loads(layout.split(run.fraction).read_text())["images"])
-        epochs = json.loads((layout.run(run) / "metrics.jsonl").read_text().splitlines()[-1])["epoch"]
+        curve = [json.loads(line) for line in (layout.run(run) / "metrics.jsonl").read_text().splitlines()]
+        rate = statistics.median(row["images_per_second"] for row in curve)
         labeled = f"{round(100 * run.fraction)}% ({images} image{'' if images == 1 else 's'})"
         expected.append({"labeled": labeled, "model": titles[run.variant],
-                         "epochs": str(epochs), "segm AP": f"{metrics['segm']['AP']:.2f}",
-                         "AP50": f"{metrics['segm']['AP50']:.2f}", "bbox AP": f"{metrics['bbox']['AP']:.2f}"})
+                         "epochs": str(curve[-1]["epoch"]), "segm AP": f"{metrics['segm']['AP']:.2f}",
+                         "AP50": f"{metrics['segm']['AP50']:.2f}", "bbox AP": f"{metrics['bbox']['AP']:.2f}",
+                         "training images/s": f"{rate:.2f}"})
     assert table == expected
     steps = markdown_table(stem.with_suffix(".md").read_text(),
                            ("step", "wall time (s)", "load average when it finished"))
