@@ -153,8 +153,9 @@ _SHAPE = {"segm": "segmentation", "bbox": "bbox"}
 
 def format_category_table(scores: CategoryScores) -> str:
     """A fixed-width table of one IoU type: one row per category; "-" where a category has no ground truth."""
-    width = max([len(row.name) for row in scores.rows] + [len(scores.iou_type) + 5])
-    lines = [f"{'id':>4}  {scores.iou_type + ' AP':<{width}}" + "".join(f"{c:>8}" for c in _COLUMNS)]
+    title = f"{scores.iou_type} category"
+    width = max([len(row.name) for row in scores.rows] + [len(title)])
+    lines = [f"{'id':>4}  {title:<{width}}" + "".join(f"{c:>8}" for c in _COLUMNS)]
     for row in scores.rows:
         aps = "".join(f"{_cell(v):>8}" for v in (row.AP, row.AP50, row.AP75))
         counts = "".join(f"{v:>8}" for v in (row.gt, row.crowd, row.pred))
@@ -186,7 +187,8 @@ def markdown_category_table(scores: Mapping[str, CategoryScores | None], source:
 
 
 def plot_precision_recall(scores: Mapping[str, CategoryScores], iou: float, path: str | Path) -> Path:
-    """One PNG at IoU ``iou``: a panel per IoU type, a line per category with ground truth and their mean.
+    """One PNG at IoU ``iou``: a panel per IoU type, a line per category with ground truth and their mean,
+    each labelled with its AP at this IoU (the mean precision over the recall points).
 
     With more than ``MAX_LABELLED`` categories the category lines are thin and unlabelled; the mean is
     always labelled (its area under the curve is the AP at this IoU).
@@ -196,10 +198,12 @@ def plot_precision_recall(scores: Mapping[str, CategoryScores], iou: float, path
     for iou_type, table in scores.items():
         curves = table.precision[iou]
         labelled = len(curves) <= MAX_LABELLED
-        lines = [Line(names[cat_id] if labelled else "", table.recall, curve, marker=False,
-                      width=1.2 if labelled else 0.6) for cat_id, curve in curves.items()]
-        lines.append(Line("mean over categories", table.recall, table.mean_precision(iou), dashed=True, marker=False,
-                          width=2.0, color="black"))
+        # The legend gives each curve's mean precision: its AP at this IoU.
+        lines = [Line(f"{names[cat_id]}: {np.mean(curve) * 100:.1f}" if labelled else "", table.recall, curve,
+                      marker=False, width=1.2 if labelled else 0.6) for cat_id, curve in curves.items()]
+        mean = table.mean_precision(iou)
+        lines.append(Line(f"mean over categories: {np.mean(mean) * 100:.1f}", table.recall, mean, dashed=True,
+                          marker=False, width=2.0, color="black"))
         panels.append(Panel(f"{iou_type}, IoU {iou:.2f}", tuple(lines), ylabel="precision", xlabel="recall",
                             limits=((0.0, 1.0), (0.0, 1.05))))
     return plot_panels(panels, path, title=f"precision-recall at IoU {iou:.2f}")

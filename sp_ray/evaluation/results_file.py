@@ -4,7 +4,9 @@ A results file is a json list of {"image_id", "category_id", "score", "segmentat
 segmentation is a compressed RLE (``counts`` a str, or bytes through the Python API), an uncompressed RLE
 (``counts`` a list of ints) or a list of polygons; a bbox is [x, y, width, height]. The evaluated set is the
 one ``sp-ray evaluate --onnx`` scores: the images of --annotations that the dataset keeps
-(``CocoInstanceDataset``'s rules), with the dataset's ground truth.
+(``CocoInstanceDataset``'s rules), with the dataset's ground truth. The images are not decoded (the
+dataset reads their headers): an image that passes its header check but does not decode is evaluated, and
+without a prediction on it its objects count as missed, where ``--onnx`` leaves it out.
 
 What is an error (the file is not what it claims to be, nothing is evaluated) and what is a counted skip
 (the entry is fine but outside the evaluated set):

@@ -169,8 +169,8 @@ def test_evaluate_predictions_file_prints_and_writes_the_per_category_table(data
     lines = out.splitlines()
     assert any(line.split() == ["2", "beta", "30.00", "100.00", "0.00", "1", "0", "1"] for line in lines)
     assert any(line.split() == ["4", "delta", "-", "-", "-", "0", "0", "1"] for line in lines)
-    assert any(line.split()[:2] == ["id", "segm"] for line in lines)
-    assert any(line.split()[:2] == ["id", "bbox"] for line in lines)
+    assert any(line.split()[:3] == ["id", "segm", "category"] for line in lines)
+    assert any(line.split()[:3] == ["id", "bbox", "category"] for line in lines)
 
 
 def test_polygons_and_uncompressed_rle_score_as_compressed_rle(dataset, capsys) -> None:
