@@ -189,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--annotations", required=True)
     ev.add_argument("--images", required=True)
     ev.add_argument("--out", default=None,
-                    help="metrics json (default: CHECKPOINT/eval/metrics.json); the per-category table "
+                    help="metrics json (default: CHECKPOINT/eval/, M_eval/ for --onnx M.onnx, PREDICT_DIR/, "
+                         "F_eval/ for --predictions F.json; metrics.json there); the per-category table "
                          "(NAME_per_category.md) and precision-recall PNGs (NAME_pr_iou50.png, NAME_pr_iou75.png) "
                          "go next to it")
     ev.add_argument("--write-predictions", metavar="FILE", default=None,

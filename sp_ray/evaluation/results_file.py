@@ -27,6 +27,7 @@ An entry with only a bbox counts for bbox AP only; a file without any segmentati
 from __future__ import annotations
 
 import json
+import logging
 import math
 import warnings
 from collections import Counter
@@ -38,6 +39,8 @@ import pycocotools.mask as mask_util
 from sp_ray.data.coco import CocoInstanceDataset, DatasetSkipWarning, segmentation_rle
 from sp_ray.errors import UserError
 from sp_ray.evaluation.coco_eval import IOU_TYPES, score_results
+
+log = logging.getLogger("sp_ray")
 
 NOT_IN_ANNOTATIONS = "image_id not in --annotations"
 ON_LEFT_OUT_IMAGE = "on an image the dataset leaves out"
@@ -191,6 +194,9 @@ def evaluate_results_file(
         warnings.warn(f"--predictions {path}: skipped {sum(skipped.values())} of {len(entries)} entries ("
                       + "; ".join(f"{reason}: {count}" for reason, count in skipped.most_common()) + ")",
                       DatasetSkipWarning, stacklevel=2)
+    if by_type["segm"] is not None and len(by_type["segm"]) < len(by_type["bbox"]):
+        log.warning("--predictions %s: %d of %d evaluated entries have no segmentation; they count for bbox AP "
+                    "only", path, len(by_type["bbox"]) - len(by_type["segm"]), len(by_type["bbox"]))
     image_ids = dataset.image_ids
     evaluated = {iou_type: results for iou_type in IOU_TYPES if (results := by_type[iou_type]) is not None}
     summary, scores = score_results(dataset.coco_ground_truth(image_ids), evaluated, image_ids=image_ids)

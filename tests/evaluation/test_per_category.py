@@ -200,6 +200,19 @@ def test_bbox_only_predictions_have_bbox_ap_and_no_segm(dataset, capsys) -> None
     is_png(metrics["per_category"]["files"]["pr_iou75"])
 
 
+def test_entries_without_a_mask_count_for_bbox_only(dataset, capsys, caplog) -> None:
+    """beta's prediction without its mask: bbox AP as constructed, segm counts beta as not predicted."""
+    entries = predictions()
+    del entries[2]["segmentation"]
+    code, _, err, metrics_path = evaluate(dataset, entries, capsys)
+    assert code == 0, err
+    per_category = json.loads(metrics_path.read_text())["per_category"]
+    assert per_category["bbox"] == approx_rows(hand_rows())
+    beta = per_category["segm"][1]
+    assert (beta["name"], beta["AP"], beta["AP50"], beta["pred"]) == ("beta", 0.0, 0.0, 0)
+    assert "1 of 4 evaluated entries have no segmentation" in caplog.text
+
+
 def test_entries_on_unknown_images_are_skipped_and_counted(dataset, capsys) -> None:
     entries = [*predictions(), {"image_id": 77, "category_id": 1, "score": 0.5, "bbox": [0.0, 0.0, 5.0, 5.0]}]
     with pytest.warns(UserWarning, match=r"skipped 1 of 5 entries \(image_id not in --annotations: 1\)"):
