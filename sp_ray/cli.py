@@ -9,10 +9,12 @@
     sp-ray finetune --config FILE [--init CKPT] [--work-dir DIR] [--resume | --resume-from CKPT] [KEY=VALUE ...]
     sp-ray ssl --images DIR [--config FILE] [--work-dir DIR] [--resume | --resume-from CKPT] [KEY=VALUE ...]
     sp-ray analyze-kernels --checkpoint CKPT --images DIR_OR_JSON [--out kernels.png] [--num-images N]
-    sp-ray evaluate --checkpoint CKPT --annotations A.json --images DIR [--out metrics.json] [KEY=VALUE ...]
+    sp-ray evaluate --checkpoint CKPT --annotations A.json --images DIR [--out metrics.json]
+                    [--write-predictions FILE] [KEY=VALUE ...]
     sp-ray evaluate --onnx model.onnx --annotations A.json --images DIR [--out metrics.json]
-                    [--gpu [--trt-cache DIR] [--trt-fp16]]
+                    [--write-predictions FILE] [--gpu [--trt-cache DIR] [--trt-fp16]]
     sp-ray evaluate --results PREDICT_DIR --annotations A.json --images DIR [--out metrics.json]
+    sp-ray evaluate --predictions RESULTS.json --annotations A.json --images DIR [--out metrics.json]
     sp-ray export --checkpoint CKPT --out model.onnx [--opset N] [--input-size HxW | --dynamic-size]
                   [--batch N | --dynamic-batch] [--fp16 | --int8 [--calibration-images DIR] [--calibration-count N]]
     sp-ray benchmark --checkpoint CKPT --annotations A.json --images DIR [--formats torch onnx onnx-fp16 onnx-int8]
@@ -170,16 +172,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_resume_args(ssl)
     _add_ray_args(ssl)
 
-    ev = command(sub, "evaluate", help="COCO segm and bbox AP of a checkpoint or of an exported ONNX model")
+    ev = command(sub, "evaluate", help="COCO segm and bbox AP, overall and per category, of a checkpoint, an "
+                 "exported ONNX model, or predictions already made")
     source = ev.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="checkpoint directory (PyTorch)")
     source.add_argument("--onnx", help="model exported by 'sp-ray export' (onnxruntime, as deployed)")
     source.add_argument("--results", metavar="PREDICT_DIR",
                         help="score the output of 'sp-ray predict' (its --out) instead of running a model")
+    source.add_argument("--predictions", metavar="FILE",
+                        help="score a COCO results json of another tool (detectron2, mmdet): a list of {image_id, "
+                             "category_id, score, segmentation (RLE or polygons) and/or bbox}. A malformed file "
+                             "(not a list, empty, an entry missing a key or of a wrong type, a category id the "
+                             "annotations lack, a mask of another size) is an error; entries on images the "
+                             "annotations do not list or the dataset leaves out are skipped and counted. "
+                             "bbox-only entries count for bbox AP only; without any segmentation segm is absent")
     ev.add_argument("--annotations", required=True)
     ev.add_argument("--images", required=True)
-    ev.add_argument("--out", default=None, help="metrics json (default: CHECKPOINT/eval/metrics.json)")
-    ev.add_argument("--predictions", default=None, help="COCO results json (default: next to --out)")
+    ev.add_argument("--out", default=None,
+                    help="metrics json (default: CHECKPOINT/eval/, M_eval/ for --onnx M.onnx, PREDICT_DIR/, "
+                         "F_eval/ for --predictions F.json; metrics.json there); the per-category table "
+                         "(NAME_per_category.md) and precision-recall PNGs (NAME_pr_iou50.png, NAME_pr_iou75.png) "
+                         "go next to it")
+    ev.add_argument("--write-predictions", metavar="FILE", default=None,
+                    help="where --checkpoint / --onnx write the model's COCO results json (default: "
+                         "predictions.json next to --out)")
     ev.add_argument("--gpu", action="store_true", help="run on CUDA (onnxruntime: CUDA/TensorRT providers)")
     ev.add_argument("--threads", type=int, default=None, help="onnxruntime CPU threads (--onnx only)")
     _add_trt_args(ev)
@@ -417,11 +433,14 @@ def _check_onnx_file(path: str) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from sp_ray.evaluation.coco_eval import evaluate_checkpoint, evaluate_onnx, format_metrics
+    from sp_ray.evaluation.coco_eval import evaluate_checkpoint, evaluate_onnx
     from sp_ray.train.preflight import check_coco_data, check_output_file
 
-    if args.results:
-        _score_predict_output(args)
+    if args.write_predictions is not None and not (args.checkpoint or args.onnx):
+        raise UserError("--write-predictions applies to --checkpoint / --onnx (a model's predictions); "
+                        "--results and --predictions score predictions already written")
+    if args.results or args.predictions:
+        _score_existing_predictions(args)
         return
     if (args.trt_cache is not None or args.trt_fp16) and not args.onnx:
         raise UserError("--trt-cache and --trt-fp16 apply to --onnx (onnxruntime's TensorRT provider)")
@@ -433,47 +452,84 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     else:
         default_out = Path(args.checkpoint) / "eval" / "metrics.json"
     out = Path(args.out) if args.out else default_out
-    predictions = Path(args.predictions) if args.predictions else out.with_name("predictions.json")
+    predictions = Path(args.write_predictions) if args.write_predictions else out.with_name("predictions.json")
     # Everything that can fail on the input fails now, not after the evaluation.
-    check_output_file(out, what="--out")
-    check_output_file(predictions, what="--predictions")
+    _check_evaluation_outputs(out)
+    check_output_file(predictions, what="--write-predictions")
     check_coco_data(args.annotations, args.images, what="--annotations / --images", images_what="--images")
     if args.onnx:
         _check_onnx_file(args.onnx)
         metrics, results = evaluate_onnx(
             args.onnx, annotations=args.annotations, images=args.images,
             providers=None if args.gpu else ["CPUExecutionProvider"], threads=args.threads,
-            gpu=gpu,
+            gpu=gpu, per_category=True,
         )
     else:
         metrics, results = evaluate_checkpoint(
             args.checkpoint, annotations=args.annotations, images=args.images,
-            overrides=args.overrides, use_gpu=args.gpu,
+            overrides=args.overrides, use_gpu=args.gpu, per_category=True,
         )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(metrics, indent=2))
     predictions.parent.mkdir(parents=True, exist_ok=True)
     predictions.write_text(json.dumps(results))
-    print(format_metrics(metrics))
-    print(f"metrics: {out}\npredictions: {predictions} ({len(results)} instances)")
+    _write_evaluation(metrics, out, source=f"{args.onnx or args.checkpoint} on {args.annotations}")
+    print(f"predictions: {predictions} ({len(results)} instances)")
 
 
-def _score_predict_output(args: argparse.Namespace) -> None:
-    """``evaluate --results DIR``: COCO AP of predict's DIR/predictions.json against --annotations."""
-    from sp_ray.evaluation.coco_eval import format_metrics
-    from sp_ray.predict.score import score_predictions
-    from sp_ray.train.preflight import check_coco_data, check_output_file
+def _check_evaluation_outputs(out: Path) -> None:
+    from sp_ray.evaluation.per_category import report_paths
+    from sp_ray.train.preflight import check_output_file
 
-    if args.overrides:
-        raise ConfigError("KEY=VALUE overrides apply to --checkpoint; --results scores predictions already made")
-    out = Path(args.out) if args.out else Path(args.results) / "metrics.json"
     check_output_file(out, what="--out")
-    check_coco_data(args.annotations, args.images, what="--annotations / --images", images_what="--images")
-    metrics = score_predictions(args.results, args.annotations, images_root=args.images)
+    for path in report_paths(out).values():
+        check_output_file(path, what="--out (its per-category files)")
+
+
+def _write_evaluation(metrics: dict, out: Path, *, source: str) -> None:
+    """Write the metrics json with its per-category table and precision-recall PNGs, and print them."""
+    from sp_ray.evaluation.coco_eval import format_metrics
+    from sp_ray.evaluation.per_category import format_category_tables, write_category_report
+
+    scores = metrics.pop("per_category")
+    metrics["per_category"] = write_category_report(scores, out, source=source)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(metrics, indent=2))
     print(format_metrics(metrics))
+    print()
+    print(format_category_tables(scores))
+    print()
     print(f"metrics: {out}")
+    for name, path in metrics["per_category"]["files"].items():
+        print(f"{name}: {path}")
+
+
+def _score_existing_predictions(args: argparse.Namespace) -> None:
+    """``evaluate --results DIR`` (predict's DIR/predictions.json) or ``--predictions FILE`` (another tool's
+    COCO results json): COCO AP against --annotations without running a model."""
+    from sp_ray.train.preflight import check_coco_data
+
+    given = "--results" if args.results else "--predictions"
+    if args.overrides:
+        raise ConfigError(f"KEY=VALUE overrides apply to --checkpoint; {given} scores predictions already made")
+    if args.gpu or args.threads is not None or args.trt_cache is not None or args.trt_fp16:
+        raise UserError(f"--gpu, --threads, --trt-cache and --trt-fp16 run a model; {given} scores predictions "
+                        "already made")
+    if args.results:
+        out = Path(args.out) if args.out else Path(args.results) / "metrics.json"
+    else:
+        source = Path(args.predictions)
+        out = Path(args.out) if args.out else source.with_name(source.stem + "_eval") / "metrics.json"
+    _check_evaluation_outputs(out)
+    check_coco_data(args.annotations, args.images, what="--annotations / --images", images_what="--images")
+    if args.results:
+        from sp_ray.predict.score import score_predictions
+
+        metrics = score_predictions(args.results, args.annotations, images_root=args.images, per_category=True)
+    else:
+        from sp_ray.evaluation.results_file import evaluate_results_file
+
+        metrics, _ = evaluate_results_file(args.predictions, annotations=args.annotations, images=args.images,
+                                           per_category=True)
+    _write_evaluation(metrics, out, source=f"{args.results or args.predictions} on {args.annotations}")
 
 
 def _parse_size(text: str) -> tuple[int, int]:

@@ -483,6 +483,24 @@ class CocoInstanceDataset(Dataset):
         return None
 
 
+def segmentation_rle(segmentation: Any, height: int, width: int) -> dict[str, Any]:
+    """A COCO segmentation (polygons, uncompressed RLE, or compressed RLE with str or bytes counts) as one
+    RLE of an image of ``height`` x ``width``, by the rules the dataset applies to its annotations.
+
+    Raises:
+        ValueError: the segmentation is not one of those forms, has no polygon of 3 or more points, has an
+            RLE ``size`` other than [height, width], or runs that do not cover the image; the message is the
+            reason.
+    """
+    try:
+        rle = _segmentation_rle(segmentation, height, width)
+    except _Skip as skip:
+        raise ValueError(skip.args[0]) from None
+    if isinstance(rle["counts"], str) and _rle_string_total(rle["counts"]) != height * width:
+        raise ValueError(MALFORMED_SEGMENTATION)
+    return rle
+
+
 def _segmentation_rle(segmentation: Any, height: int, width: int) -> dict[str, Any]:
     if isinstance(segmentation, list):
         polygons = [[float(value) for value in polygon] for polygon in segmentation if _is_polygon(polygon)]

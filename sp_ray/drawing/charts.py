@@ -12,12 +12,19 @@ DPI = 110
 
 @dataclass(frozen=True)
 class Line:
-    """One curve: y against x; ``dashed`` for a series of another kind (e.g. another model family)."""
+    """One curve: y against x; ``dashed`` for a series of another kind (e.g. another model family).
+
+    ``marker`` draws a dot at each point (off for dense curves such as precision-recall); ``width`` and
+    ``color`` default to matplotlib's; an empty ``label`` keeps the line out of the legend.
+    """
 
     label: str
     x: tuple[float, ...]
     y: tuple[float, ...]
     dashed: bool = False
+    marker: bool = True
+    width: float | None = None
+    color: str | None = None
 
     def __post_init__(self) -> None:
         if len(self.x) != len(self.y):
@@ -31,6 +38,7 @@ class Panel:
     ylabel: str
     xlabel: str = "epoch"
     log_y: bool = False
+    limits: tuple[tuple[float, float], tuple[float, float]] | None = None  # ((x0, x1), (y0, y1))
 
 
 def _pyplot():
@@ -67,15 +75,18 @@ def plot_panels(panels: Sequence[Panel], path: str | Path, *, title: str | None 
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.5), squeeze=False)
     for ax, panel in zip(axes[0], panels, strict=True):
         for line in panel.lines:
-            ax.plot(line.x, line.y, linestyle="--" if line.dashed else "-", marker="o", markersize=3,
-                    label=line.label)
+            ax.plot(line.x, line.y, linestyle="--" if line.dashed else "-", marker="o" if line.marker else None,
+                    markersize=3, linewidth=line.width, color=line.color, label=line.label or "_nolegend_")
         if panel.log_y:
             ax.set_yscale("log")
+        if panel.limits is not None:
+            ax.set_xlim(*panel.limits[0])
+            ax.set_ylim(*panel.limits[1])
         ax.set_title(panel.title, fontsize=10)
         ax.set_xlabel(panel.xlabel)
         ax.set_ylabel(panel.ylabel)
         ax.grid(alpha=0.3)
-        if panel.lines:
+        if any(line.label for line in panel.lines):
             ax.legend(fontsize=8)
     if title:
         fig.suptitle(title, fontsize=11)

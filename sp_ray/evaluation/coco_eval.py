@@ -13,7 +13,7 @@ import contextlib
 import io
 import logging
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -31,11 +31,13 @@ from sp_ray.data.coco import CocoInstanceDataset, DatasetSkipWarning
 from sp_ray.data.images import UnusableImageError
 from sp_ray.data.transforms import build_transforms, collate
 from sp_ray.device import select_device
+from sp_ray.evaluation.per_category import CategoryScores, category_scores
 from sp_ray.models import build_model, model_family
 
 log = logging.getLogger("sp_ray")
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+IOU_TYPES = ("segm", "bbox")
 
 
 def instances_to_coco(
@@ -146,10 +148,54 @@ def evaluation_ground_truth(dataset: CocoInstanceDataset) -> tuple[COCO, list[in
     return dataset.coco_ground_truth(image_ids), image_ids, skipped
 
 
+def score_results(
+    coco_gt: COCO, results: Mapping[str, Sequence[dict[str, Any]]], image_ids: Sequence[int] | None = None,
+) -> tuple[dict[str, dict[str, float]], dict[str, CategoryScores]]:
+    """COCOeval of each IoU type on its own results: the summary numbers and the per-category scores.
+
+    Args:
+        coco_gt: ground truth (crowd regions are handled by COCOeval as ignore regions).
+        results: IoU type ("segm", "bbox") -> its COCO result dicts (``segmentation`` RLE for segm,
+            ``bbox`` xywh for bbox); one list may serve both types (it is loaded once).
+        image_ids: restrict the evaluation to these images (default: all images of ``coco_gt``).
+
+    Returns:
+        ({iou type: {"AP": ..., "AP50": ...}} in percent, -1 for a metric without ground truth (e.g. no
+        small objects); {iou type: ``CategoryScores``}). A type with no results scores 0 (COCOeval cannot
+        load an empty result list).
+    """
+    ids = list(coco_gt.getImgIds()) if image_ids is None else list(image_ids)
+    metrics: dict[str, dict[str, float]] = {}
+    scores: dict[str, CategoryScores] = {}
+    loaded: dict[int, COCO] = {}
+    for iou_type, typed in results.items():
+        if not typed:
+            log.warning("no %s predictions to evaluate: every %s AP is 0", iou_type, iou_type)
+            metrics[iou_type] = {name: 0.0 for name in METRIC_NAMES}
+            scores[iou_type] = category_scores(iou_type, coco_gt, typed, ids, None)
+            continue
+        with contextlib.redirect_stdout(io.StringIO()):
+            if id(typed) not in loaded:
+                loaded[id(typed)] = coco_gt.loadRes(list(typed))
+            evaluator = COCOeval(coco_gt, loaded[id(typed)], iouType=iou_type)
+            if image_ids is not None:
+                evaluator.params.imgIds = ids
+            evaluator.evaluate()
+            evaluator.accumulate()
+            evaluator.summarize()
+        # COCOeval marks metrics without any ground truth (e.g. no small objects) with -1.
+        metrics[iou_type] = {
+            name: float(value) * 100.0 if value >= 0 else -1.0
+            for name, value in zip(METRIC_NAMES, evaluator.stats[:6], strict=True)
+        }
+        scores[iou_type] = category_scores(iou_type, coco_gt, typed, ids, evaluator)
+    return metrics, scores
+
+
 def coco_metrics(
-    coco_gt: COCO, results: list[dict[str, Any]], iou_types: Iterable[str] = ("segm", "bbox"),
-    image_ids: Sequence[int] | None = None,
-) -> dict[str, dict[str, float]]:
+    coco_gt: COCO, results: list[dict[str, Any]], iou_types: Iterable[str] = IOU_TYPES,
+    image_ids: Sequence[int] | None = None, *, per_category: bool = False,
+) -> dict[str, Any]:
     """COCOeval summary numbers, in percent: ``{"segm": {"AP": ..., "AP50": ...}, "bbox": {...}}``.
 
     Args:
@@ -157,28 +203,12 @@ def coco_metrics(
         results: COCO result dicts (``segmentation`` RLE for segm, ``bbox`` xywh for bbox).
         iou_types: which evaluations to run.
         image_ids: restrict the evaluation to these images (default: all images of ``coco_gt``).
+        per_category: add ``"per_category"``: {iou type: ``CategoryScores``} (``score_results``).
 
     An empty ``results`` gives 0 for every metric (COCOeval cannot load an empty result list).
     """
-    metrics: dict[str, dict[str, float]] = {}
-    if not results:
-        log.warning("no predictions to evaluate: every AP is 0")
-        return {t: {name: 0.0 for name in METRIC_NAMES} for t in iou_types}
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco_dt = coco_gt.loadRes(results)
-        for iou_type in iou_types:
-            evaluator = COCOeval(coco_gt, coco_dt, iouType=iou_type)
-            if image_ids is not None:
-                evaluator.params.imgIds = list(image_ids)
-            evaluator.evaluate()
-            evaluator.accumulate()
-            evaluator.summarize()
-            # COCOeval marks metrics without any ground truth (e.g. no small objects) with -1.
-            metrics[iou_type] = {
-                name: float(value) * 100.0 if value >= 0 else -1.0
-                for name, value in zip(METRIC_NAMES, evaluator.stats[:6], strict=True)
-            }
-    return metrics
+    metrics, scores = score_results(coco_gt, {iou_type: results for iou_type in iou_types}, image_ids)
+    return {**metrics, "per_category": scores} if per_category else dict(metrics)
 
 
 def evaluate_model(
@@ -188,11 +218,13 @@ def evaluate_model(
     annotations: str,
     images: str,
     device: torch.device,
-) -> tuple[dict[str, dict[str, float]], list[dict[str, Any]]]:
+    per_category: bool = False,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Predict on a COCO-format set and score it: returns ``(metrics, coco_results)``.
 
     ``metrics`` holds ``segm`` and ``bbox`` (``coco_metrics``) and ``skipped`` ({"images": n,
-    "annotations": m}, what the dataset's rules left out of the evaluation; ``evaluation_ground_truth``).
+    "annotations": m}, what the dataset's rules left out of the evaluation; ``evaluation_ground_truth``);
+    with ``per_category``, also ``per_category`` ({iou type: ``CategoryScores``}).
     """
     dataset = CocoInstanceDataset(
         annotations, images,
@@ -201,20 +233,23 @@ def evaluate_model(
     )
     results = predict_coco(model, dataset, cfg, device=device)
     ground_truth, image_ids, skipped = evaluation_ground_truth(dataset)
-    return {**coco_metrics(ground_truth, results, image_ids=image_ids), "skipped": skipped}, results
+    metrics = coco_metrics(ground_truth, results, image_ids=image_ids, per_category=per_category)
+    return {**metrics, "skipped": skipped}, results
 
 
-def format_metrics(metrics: dict[str, dict[str, float]]) -> str:
-    """A fixed-width table: one row per IoU type, one column per metric; then what was left out, if anything."""
+def format_metrics(metrics: dict[str, Any]) -> str:
+    """A fixed-width table: one row per IoU type evaluated, one column per metric; then what was left out."""
     header = f"{'':6}" + "".join(f"{name:>8}" for name in METRIC_NAMES)
     rows = [header]
-    for iou_type, values in metrics.items():
-        if iou_type != "skipped":
-            rows.append(f"{iou_type:6}" + "".join(f"{values[name]:8.2f}" for name in METRIC_NAMES))
+    for iou_type in IOU_TYPES:
+        if iou_type in metrics:
+            rows.append(f"{iou_type:6}" + "".join(f"{metrics[iou_type][name]:8.2f}" for name in METRIC_NAMES))
     skipped = metrics.get("skipped", {})
-    if any(skipped.values()):
+    if skipped.get("images") or skipped.get("annotations"):
         rows.append(f"not evaluated (bad data, skipped as in training): {skipped['images']} images with their "
                     f"ground truth, {skipped['annotations']} annotations")
+    if skipped.get("predictions"):
+        rows.append(f"predictions not evaluated (not on an evaluated image): {skipped['predictions']}")
     return "\n".join(rows)
 
 
@@ -225,15 +260,17 @@ def evaluate_checkpoint(
     images: str,
     overrides: Sequence[str] = (),
     use_gpu: bool = False,
-) -> tuple[dict[str, dict[str, float]], list[dict[str, Any]]]:
-    """Load a checkpoint directory with its own config (plus ``overrides``) and evaluate it."""
+    per_category: bool = False,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Load a checkpoint directory with its own config (plus ``overrides``) and evaluate it (``evaluate_model``)."""
     ckpt = load_checkpoint(checkpoint)
     cfg = apply_overrides(ckpt.config, list(overrides))
     device = select_device(use_gpu)
     model = build_model(cfg)
     model.load_state_dict(ckpt.model_state)
     model.to(device)
-    return evaluate_model(model, cfg, annotations=annotations, images=images, device=device)
+    return evaluate_model(model, cfg, annotations=annotations, images=images, device=device,
+                          per_category=per_category)
 
 
 def evaluate_onnx(
@@ -245,7 +282,8 @@ def evaluate_onnx(
     threads: int | None = None,
     max_image_pixels: int | None = None,
     gpu: GpuSettings | None = None,
-) -> tuple[dict[str, dict[str, float]], list[dict[str, Any]]]:
+    per_category: bool = False,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """COCO AP of an exported model through the onnxruntime runtime (``export.runtime.Segmenter``).
 
     Images are decoded as for training (``CocoInstanceDataset.read_image``, EXIF orientation applied)
@@ -263,6 +301,7 @@ def evaluate_onnx(
         max_image_pixels: larger images are skipped (None: ``export.geometry.MAX_IMAGE_PIXELS``).
         gpu: settings of the GPU providers (``export.runtime.Segmenter``); a dynamic-batch model runs
             one image per graph run here, so give ``trt_max_batch=1``.
+        per_category: add ``metrics["per_category"]`` as ``evaluate_model``.
 
     Returns:
         ``(metrics, coco_results)`` as ``evaluate_checkpoint``.
@@ -295,4 +334,5 @@ def evaluate_onnx(
                 image_id, found.scores, found.labels, None, found.boxes, segmenter.info.cat_ids, rles=found.rles,
             ))
     ground_truth, image_ids, skipped = evaluation_ground_truth(dataset)
-    return {**coco_metrics(ground_truth, results, image_ids=image_ids), "skipped": skipped}, results
+    metrics = coco_metrics(ground_truth, results, image_ids=image_ids, per_category=per_category)
+    return {**metrics, "skipped": skipped}, results

@@ -25,7 +25,7 @@ def _absolute(path: str | os.PathLike) -> str:
 
 
 def score_predictions(out: str | os.PathLike, annotations: str | os.PathLike,
-                      images_root: str | os.PathLike | None = None) -> dict[str, Any]:
+                      images_root: str | os.PathLike | None = None, *, per_category: bool = False) -> dict[str, Any]:
     """Score DIR/predictions.json against a COCO json.
 
     Args:
@@ -33,6 +33,7 @@ def score_predictions(out: str | os.PathLike, annotations: str | os.PathLike,
         annotations: COCO json of (some of) the predicted files.
         images_root: folder the json's file names are relative to (default: images.json's ``root``,
             the ``--source`` folder).
+        per_category: add ``metrics["per_category"]`` ({iou type: ``CategoryScores``}, ``coco_metrics``).
 
     Returns:
         Metrics as ``sp-ray evaluate``: {"segm": {...}, "bbox": {...}, "skipped": {"images", "annotations"}}.
@@ -74,7 +75,8 @@ def score_predictions(out: str | os.PathLike, annotations: str | os.PathLike,
                         "file names are relative to")
     results = [{key: value for key, value in {**r, "image_id": to_truth[r["image_id"]]}.items() if key != "frame_index"}
                for r in predictions if r["image_id"] in to_truth]
-    metrics = coco_metrics(dataset.coco_ground_truth(evaluated), results, image_ids=evaluated)
+    metrics = coco_metrics(dataset.coco_ground_truth(evaluated), results, image_ids=evaluated,
+                           per_category=per_category)
     lost = sum(len(dataset.coco.getAnnIds(imgIds=[image_id])) for image_id in left_out)
     metrics["skipped"] = {"images": sum(dataset.skipped_images.values()) + len(left_out),
                           "annotations": sum(dataset.skipped_annotations.values()) + lost}

@@ -69,7 +69,27 @@ def test_evaluate_onnx_on_bad_data_equals_the_clean_data_and_counts_the_skips(
     assert metrics["skipped"] == {"images": 2, "annotations": 3}  # the 2-point polygon, the two images' ones
     assert clean["skipped"] == {"images": 0, "annotations": 0}
     assert metrics["segm"] == clean["segm"] and metrics["bbox"] == clean["bbox"] and clean["segm"]["AP"] > 0
-    assert "not evaluated (bad data, skipped as in training): 2 images" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "not evaluated (bad data, skipped as in training): 2 images" in printed
+    # Per category: pycocotools' summary AP is the mean over the categories with ground truth.
+    val = json.loads(synthetic["val"].read_text())
+    for iou_type in ("segm", "bbox"):
+        rows = metrics["per_category"][iou_type]
+        assert [row["id"] for row in rows] == sorted(c["id"] for c in val["categories"])
+        assert sum(row["gt"] for row in rows) == sum(not a.get("iscrowd", 0) for a in val["annotations"])
+        with_truth = [row["AP"] for row in rows if row["gt"]]
+        assert sum(with_truth) / len(with_truth) == pytest.approx(metrics[iou_type]["AP"])
+        assert f"{iou_type} category" in printed
+    for name in ("pr_iou50", "pr_iou75"):
+        png = Path(metrics["per_category"]["files"][name])
+        assert png.parent == out.parent and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The predictions it wrote, read back by --predictions on the clean json, score as the clean evaluation.
+    again = tmp_path / "again" / "metrics.json"
+    assert main(["evaluate", "--predictions", str(out.with_name("predictions.json")), "--annotations",
+                 str(synthetic["val"]), "--images", str(synthetic["images"]), "--out", str(again)]) == 0
+    scored = json.loads(again.read_text())
+    assert scored["segm"] == pytest.approx(clean["segm"]) and scored["bbox"] == pytest.approx(clean["bbox"])
+    assert scored["per_category"]["segm"] == metrics["per_category"]["segm"]
 
 
 def test_evaluate_checkpoint_on_bad_data_equals_the_clean_data(trained_knet, synthetic, bad_val) -> None:
