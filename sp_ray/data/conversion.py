@@ -152,16 +152,19 @@ def write_conversion(
     return summary
 
 
-def describe_skips(summary: dict[str, Any]) -> str:
-    """One line per skip reason with its count and the first names, for printing."""
-    if not summary["skipped"]:
-        return "nothing skipped"
+def skip_lines(summary: dict[str, Any]) -> list[str]:
+    """One line per skip reason: its count and the first names."""
     lines = []
     for reason, entry in summary["skipped"].items():
         shown = ", ".join(entry["files"][:_PRINTED_NAMES])
         more = f" and {entry['count'] - _PRINTED_NAMES} more" if entry["count"] > _PRINTED_NAMES else ""
         lines.append(f"{reason}: {entry['count']} ({shown}{more})")
-    return "; ".join(lines)
+    return lines
+
+
+def describe_skips(summary: dict[str, Any]) -> str:
+    """The skip reasons of a summary on one line, for an error message."""
+    return "; ".join(skip_lines(summary)) or "nothing skipped"
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -176,6 +179,10 @@ def format_summary(summary: dict[str, Any]) -> str:
     ]
     if summary["sources"]:
         lines.append("annotation sources: " + ", ".join(f"{k} {v}" for k, v in summary["sources"].items()))
-    lines.append("skipped: " + describe_skips(summary))
+    if summary["skipped"]:
+        lines.append("skipped (counted, named in the summary file):")
+        lines.extend(f"  {line}" for line in skip_lines(summary))
+    else:
+        lines.append("skipped: nothing")
     lines.append(f"summary: {summary_path(summary['out'])}")
     return "\n".join(lines)
