@@ -60,6 +60,7 @@ IMAGE_SUFFIX = "_leftImg8bit.png"
 INSTANCE_IDS_SUFFIX = "_gtFine_instanceIds.png"
 POLYGONS_SUFFIX = "_gtFine_polygons.json"
 UNKNOWN_LABEL = "polygon with a label Cityscapes does not define"
+MALFORMED_OBJECT = "object without a string label or a polygon of (x, y) points"
 
 # The instance benchmark's classes, from the package's table: person, rider, car, truck, bus, train,
 # motorcycle, bicycle.
@@ -201,14 +202,14 @@ def _render_polygons(path: Path, name: str, report: ConversionReport) -> np.ndar
 
 def _object_problem(obj: Any) -> str | None:
     if not isinstance(obj, dict) or not isinstance(obj.get("label"), str) or "polygon" not in obj:
-        return MALFORMED_ANNOTATION
+        return MALFORMED_OBJECT
     label = obj["label"]
     # createInstanceImage's own rule: a known name, or a known name + "group".
     if label not in name2label and not (label.endswith("group") and label[: -len("group")] in name2label):
         return UNKNOWN_LABEL
     polygon = obj["polygon"]
     if not isinstance(polygon, list) or not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in polygon):
-        return MALFORMED_ANNOTATION
+        return MALFORMED_OBJECT
     if not all(_is_number(v) for point in polygon for v in point):
         return BAD_NUMBER
     if len(polygon) < 3:

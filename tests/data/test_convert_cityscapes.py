@@ -81,6 +81,8 @@ def _build_tree(root: Path) -> None:
         {"label": "flyingcar", "polygon": _rect(0, 0, 3, 3)},
         {"label": "car", "polygon": [[0, 0], [5, 5]]},
         {"label": "car", "polygon": [[0, 0], [5, "x"], [5, 0]]},
+        {"label": "car", "polygon": [[0, 0, 1], [5, 5], [5, 0]]},
+        {"polygon": _rect(0, 0, 3, 3)},
     ])
     # bochum: an empty image, and every kind of broken input.
     road_only = np.full((H, W), ROAD, dtype=np.int32)
@@ -150,6 +152,9 @@ def test_every_broken_input_is_counted_and_named(converted: tuple[Path, Path, di
             "aachen/aachen_000001_000019_gtFine_polygons.json: object 7 (label 'car')"],
         "polygon with a coordinate that is not a finite number": [
             "aachen/aachen_000001_000019_gtFine_polygons.json: object 8 (label 'car')"],
+        "object without a string label or a polygon of (x, y) points": [
+            "aachen/aachen_000001_000019_gtFine_polygons.json: object 9 (label 'car')",
+            "aachen/aachen_000001_000019_gtFine_polygons.json: object 10 (label None)"],
     }
 
 
