@@ -2,6 +2,8 @@
 
     sp-ray data synthetic --out DIR [--num-images N] [--image-size S] [--seed K]
     sp-ray data split --annotations A.json --fractions 0.01 0.05 0.1 --seed 0 --out DIR
+    sp-ray data convert --format cityscapes|ctw1500 --split SPLIT --out A.json [--root DIR]
+                        [--source auto|instance-ids|polygons] [--images DIR] [--labels DIR]
     sp-ray propose --images DIR_OR_JSON --out pseudo/ [--config FILE] [--image-root DIR] [--from-checkpoint CKPT]
                    [--proposer saliency|clip] [KEY=VALUE ...]
     sp-ray pretrain --config FILE [--work-dir DIR] [--resume | --resume-from CKPT] [--num-workers N] [--gpu]
@@ -118,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     def command(subparsers: argparse._SubParsersAction, name: str, **kwargs: str) -> argparse.ArgumentParser:
         return subparsers.add_parser(name, parents=[common], **kwargs)
 
-    data = command(sub, "data", help="datasets: synthetic data, labeled-fraction splits")
+    data = command(sub, "data", help="datasets: synthetic data, labeled-fraction splits, Cityscapes / CTW1500 "
+                                     "conversion")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     syn = command(data_sub, "synthetic", help="write the built-in synthetic COCO-format dataset")
     syn.add_argument("--out", required=True)
@@ -130,6 +133,31 @@ def build_parser() -> argparse.ArgumentParser:
     split.add_argument("--fractions", type=float, nargs="+", required=True)
     split.add_argument("--seed", type=int, default=0)
     split.add_argument("--out", required=True)
+    convert = command(
+        data_sub, "convert", help="a public dataset's annotations -> COCO instance json (Cityscapes, CTW1500)",
+        description="Convert a dataset in its official layout to a COCO instance json for training and evaluation; "
+                    "OUT.summary.json (next to --out) gets the counts per class, the images without instances and "
+                    "every skipped file or object (missing pairs, malformed files, bad polygons) under its reason.",
+        epilog="cityscapes: ROOT/leftImg8bit/<split>/<city>/*_leftImg8bit.png with ROOT/gtFine/<split>/<city>/"
+               "*_gtFine_instanceIds.png or *_gtFine_polygons.json; --split train|val; the 8 instance classes; "
+               "file names relative to ROOT/leftImg8bit/<split>. "
+               "ctw1500: ROOT/train_images + ROOT/ctw1500_train_labels (*.xml), ROOT/test_images + "
+               "ROOT/ctw1500_test_labels (*.txt); --split train|test; one class, text, as polygons; file names "
+               "relative to the images folder.",
+    )
+    convert.add_argument("--format", required=True, choices=("cityscapes", "ctw1500"), help="the dataset")
+    convert.add_argument("--root", default=None, help="the dataset folder, with its official sub-folders")
+    convert.add_argument("--split", required=True, help="cityscapes: train or val; ctw1500: train or test")
+    convert.add_argument("--out", required=True, help="the COCO json to write (OUT.summary.json next to it)")
+    convert.add_argument("--source", choices=("auto", "instance-ids", "polygons"), default="auto",
+                         help="cityscapes: read *_gtFine_instanceIds.png (instance-ids), *_gtFine_polygons.json "
+                              "(polygons), or the PNG where an image has one and its polygons otherwise (auto, "
+                              "the default: the PNGs are what the official evaluation reads)")
+    convert.add_argument("--images", default=None,
+                         help="ctw1500: the images folder, instead of ROOT/<split>_images")
+    convert.add_argument("--labels", default=None,
+                         help="ctw1500: the label folder (*.xml or *.txt), instead of ROOT/ctw1500_<split>_labels "
+                              "(or ROOT/<split>_labels)")
 
     pr = command(sub, "propose", help="saliency pseudo masks and prompts for unlabeled images (Ray Data)")
     pr.add_argument("--images", required=True, help="image folder, or a COCO json whose images are used")
@@ -308,12 +336,36 @@ def cmd_data(args: argparse.Namespace) -> None:
             args.out, num_images=args.num_images, image_size=args.image_size, seed=args.seed,
         )
         print(json.dumps({k: str(v) for k, v in paths.items()}, indent=2))
+    elif args.data_command == "convert":
+        print(_convert_dataset(args))
     else:
         from sp_ray.data.split import split_fractions
 
         paths = split_fractions(args.annotations, args.fractions, seed=args.seed, out_dir=args.out)
         for fraction, path in paths.items():
             print(f"{fraction:g}: {path}")
+
+
+def _convert_dataset(args: argparse.Namespace) -> str:
+    """``sp-ray data convert``: runs the converter of --format and returns its printed summary."""
+    from sp_ray.data.conversion import format_summary
+
+    if args.format == "cityscapes":
+        from sp_ray.data.cityscapes import convert_cityscapes
+
+        if args.images is not None or args.labels is not None:
+            raise UserError("--images and --labels are options of --format ctw1500; Cityscapes is read from --root "
+                            "(leftImg8bit/ and gtFine/)")
+        if args.root is None:
+            raise UserError("--format cityscapes needs --root, the folder holding leftImg8bit/ and gtFine/")
+        summary = convert_cityscapes(args.root, args.split, args.out, source=args.source)
+    else:
+        from sp_ray.data.ctw1500 import convert_ctw1500
+
+        if args.source != "auto":
+            raise UserError("--source is an option of --format cityscapes")
+        summary = convert_ctw1500(args.out, root=args.root, split=args.split, images=args.images, labels=args.labels)
+    return format_summary(summary)
 
 
 def cmd_propose(args: argparse.Namespace) -> None:
