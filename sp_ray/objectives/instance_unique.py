@@ -39,8 +39,8 @@ what follows is this module's reading, stated exactly:
   about whether query n still segments the same instance after T; the fixed assignment is what makes it
   an equivariance constraint on the queries (METHODS.md: "(same matching)"; IUQ's SOLOv2 code also takes
   the flipped view's kernels at the original view's positive positions). Only the mask terms are taken:
-  that code also puts a focal loss on the flipped view's categories, which the class term of a second
-  view would repeat here; ``loss_equi_mask`` is the sum over every supervised stage, as the main term is.
+  that code also puts a focal loss on the flipped view's categories, which this term leaves out;
+  ``loss_equi_mask`` is the sum over every supervised stage, as the main term is.
 """
 
 from __future__ import annotations
