@@ -32,8 +32,17 @@ Variants of the neighbouring papers (``--variants``, each compared with plain ``
 
 * ``sp_weak``: SP pre-training with FreeSOLO's weak mask losses (``loss.mask_loss=weak``);
 * ``sp_selftrain``: one FreeSOLO self-training round: the SP model re-labels the pool
-  (``propose --from-checkpoint``) and pre-training continues from it on those masks;
-* ``sp_iuq``: ``sp`` fine-tuned with the instance-unique querying losses (weights 0.3, IUQ's code);
+  (``propose --from-checkpoint``) and pre-training continues from it on those masks for another
+  ``--pretrain-epochs``, so it has pre-trained twice as long as ``sp``;
+* ``sp_continued``: the control of ``sp_selftrain``: SP pre-training continued from the ``sp`` checkpoint for
+  the same ``--pretrain-epochs`` (same schedule, same init) on the original saliency pseudo masks; the pair
+  ``sp_selftrain - sp_continued`` is what the re-labelling itself buys, ``sp_continued - sp`` what the extra
+  pre-training epochs buy;
+* ``sp_iuq``: ``sp`` fine-tuned with the instance-unique querying losses (weights 0.3, IUQ's code; the
+  equivariance mask term in its ground-truth form, ``iuq.equivariance_target=ground_truth``, the default);
+* ``sp_iuq_consistency``: the same with the consistency form of that term (``iuq.equivariance_target=
+  consistency``: T(image)'s masks against T(masks of image)); the pair ``sp_iuq - sp_iuq_consistency`` compares
+  the two forms;
 * ``uplvp``: SP pre-training on CLIP pseudo masks (``propose.proposer=clip``); needs ``--clip-weights``, a
   local open_clip ViT file, as nothing is downloaded.
 
@@ -67,15 +76,20 @@ ROOT = Path(__file__).resolve().parents[1]
 TITLES = {"knet": "K-Net", "mask2former": "Mask2Former", "queryinst": "QueryInst", "maskrcnn": "Mask R-CNN"}
 SSL_CONFIG = ROOT / "configs" / "demo" / "densecl_tiny.yaml"
 VARIANTS = ("scratch", "ssl", "sp")
-EXTRA_VARIANTS = ("sp_weak", "sp_selftrain", "sp_iuq", "uplvp")
+EXTRA_VARIANTS = ("sp_weak", "sp_selftrain", "sp_continued", "sp_iuq", "sp_iuq_consistency", "uplvp")
 # variant -> the pre-training its fine-tuning starts from (None: the backbone alone or random init)
 PRETRAINING_OF = {"scratch": None, "ssl": None, "sp": "sp", "sp_weak": "sp_weak", "sp_selftrain": "sp_selftrain",
-                  "sp_iuq": "sp", "uplvp": "uplvp"}
+                  "sp_continued": "sp_continued", "sp_iuq": "sp", "sp_iuq_consistency": "sp", "uplvp": "uplvp"}
 IUQ_OVERRIDES = ("iuq.inter_scene_weight=0.3", "iuq.equivariance_mask_weight=0.3",
                  "iuq.equivariance_feature_weight=0.3")
+# IUQ variant -> its equivariance mask term (iuq.equivariance_target)
+IUQ_TARGET_OF = {"sp_iuq": "ground_truth", "sp_iuq_consistency": "consistency"}
 TABLE_METRICS = ("AP", "AP50", "AP75", "AUC")
-# The comparisons the benchmark makes: (lower, higher) initialisation.
+# The comparisons the benchmark makes: (lower, higher) initialisation. Every extra variant is also compared
+# with plain sp.
 BASE_PAIRS = (("scratch", "ssl"), ("ssl", "sp"), ("scratch", "sp"))
+# the self-training round against its control (same pre-training epochs, original pseudo masks); the IUQ forms
+EXTRA_PAIRS = (("sp_continued", "sp_selftrain"), ("sp_iuq_consistency", "sp_iuq"))
 _AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 
 
@@ -240,7 +254,7 @@ def prepare(args: argparse.Namespace, out: Path, timings: dict[str, float]) -> d
 
     wanted = {PRETRAINING_OF[v] for v in args.variants} - {None}
     checkpoints: dict[str, Path] = {}
-    if wanted & {"sp", "sp_iuq", "sp_selftrain"}:
+    if wanted & {"sp", "sp_selftrain", "sp_continued"}:
         checkpoints["sp"] = pretrain("sp", out / "pseudo", [])
     if "sp_weak" in wanted:
         checkpoints["sp_weak"] = pretrain("sp_weak", out / "pseudo", ["loss.mask_loss=weak"])
@@ -250,6 +264,9 @@ def prepare(args: argparse.Namespace, out: Path, timings: dict[str, float]) -> d
             propose_overrides(propose_size), from_checkpoint=checkpoints["sp"])
         checkpoints["sp_selftrain"] = pretrain(
             "sp_selftrain", out / f"{family_prefix(args)}pseudo_selftrain", [], init=checkpoints["sp"])
+    if "sp_continued" in wanted:
+        # The control of the self-training round: as many more epochs from the same checkpoint, the old masks.
+        checkpoints["sp_continued"] = pretrain("sp_continued", out / "pseudo", [], init=checkpoints["sp"])
     if "uplvp" in wanted:
         if not args.clip_weights:
             raise SystemExit("the uplvp variant needs --clip-weights: a local open_clip ViT state dict")
@@ -273,8 +290,8 @@ def finetune_overrides(args: argparse.Namespace, variant: str, labeled: Path, da
     ]
     if variant != "scratch":
         overrides.append(f"model.backbone_weights={backbone}")
-    if variant == "sp_iuq":
-        overrides += list(IUQ_OVERRIDES)
+    if variant in IUQ_TARGET_OF:
+        overrides += [*IUQ_OVERRIDES, f"iuq.equivariance_target={IUQ_TARGET_OF[variant]}"]
     return overrides
 
 
@@ -361,7 +378,7 @@ def comparisons(table: dict[str, dict[str, Any]], args: argparse.Namespace) -> l
     """Paired differences (final AP and curve area) of every compared pair of initialisations."""
     from sp_ray.evaluation.paired_stats import paired_difference
 
-    pairs = list(BASE_PAIRS) + [("sp", v) for v in args.variants if v in EXTRA_VARIANTS]
+    pairs = list(BASE_PAIRS) + [("sp", v) for v in args.variants if v in EXTRA_VARIANTS] + list(EXTRA_PAIRS)
     found = []
     for fraction in args.fractions:
         for low_name, high_name in pairs:

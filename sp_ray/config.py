@@ -393,7 +393,13 @@ class InstanceUniqueConfig:
     inter_scene_weight: float = 0.0  # focal loss of the final queries' masks on other images' features
     memory_size: int = 16  # images in the FIFO memory of detached mask features (per training process)
     memory_resolution: int = 16  # the memory's feature maps are average-pooled to this side
-    equivariance_mask_weight: float = 0.0  # masks of T(image) vs T(masks of image), same query index
+    # how a memory image's pixels are weighted: "instance" (each of its instances and its background weigh
+    # equally) or "pixel" (every pixel weighs equally: background dominates)
+    inter_scene_balance: str = "instance"
+    equivariance_mask_weight: float = 0.0  # the mask term on T(image), see equivariance_target
+    # "ground_truth": masks of T(image) vs T(GT masks) under the original view's matching (IUQ's L_equi);
+    # "consistency": masks of T(image) vs T(masks of image), query n to query n, both with gradients
+    equivariance_target: str = "ground_truth"
     equivariance_feature_weight: float = 0.0  # FPN features of T(image) vs T(features of image)
     equivariance_transform: str = "flip"  # T: "flip" (horizontal), "rescale" or "flip_rescale"
     rescale_range: list[float] = field(default_factory=lambda: [0.5, 1.0])  # rescale factor, drawn uniformly

@@ -112,6 +112,11 @@ class KNetCriterion(SetCriterion):
         self.pairwise_warmup_iters = pairwise_warmup_iters
         self.calls = 0  # forward calls in training mode: the clock of the pairwise warmup
 
+    @property
+    def mask_terms(self) -> tuple[str, ...]:
+        """The per-stage mask terms: ``mask`` and ``dice``, or the weak losses' three."""
+        return ("mask", "dice") if self.mask_loss == "full" else ("proj", "proj_avg", "pairwise")
+
     def _prepare_targets(
         self, targets: list[Target], input_size: tuple[int, int], size: tuple[int, int], device: torch.device
     ) -> list[dict[str, Tensor]]:

@@ -8,7 +8,7 @@ from torch import Tensor
 
 
 def sigmoid_focal_loss(
-    logits: Tensor, targets_onehot: Tensor, *, alpha: float = 0.25, gamma: float = 2.0
+    logits: Tensor, targets_onehot: Tensor, *, alpha: float = 0.25, gamma: float = 2.0, reduction: str = "sum"
 ) -> Tensor:
     """Sigmoid focal loss (Lin et al. 2017, eq. 5), summed; the caller normalises.
 
@@ -19,17 +19,21 @@ def sigmoid_focal_loss(
         targets_onehot: float [..., C] in {0, 1}; all zeros for background.
         alpha: weight of the positives (1 - alpha for the negatives).
         gamma: focusing exponent.
+        reduction: "sum", or "none" for the elementwise FL (a caller that weights the elements).
 
     Returns:
-        float scalar, the sum over all elements.
+        float scalar, the sum over all elements; with "none", float [..., C].
     """
+    if reduction not in ("sum", "none"):
+        raise ValueError(f"sigmoid_focal_loss: reduction must be 'sum' or 'none', got {reduction!r}")
     logits = logits.float()
     t = targets_onehot.to(logits.dtype)
     p = logits.sigmoid()
     ce = F.binary_cross_entropy_with_logits(logits, t, reduction="none")
     p_t = p * t + (1 - p) * (1 - t)
     alpha_t = alpha * t + (1 - alpha) * (1 - t)
-    return (alpha_t * (1 - p_t).pow(gamma) * ce).sum()
+    loss = alpha_t * (1 - p_t).pow(gamma) * ce
+    return loss.sum() if reduction == "sum" else loss
 
 
 def dice_loss(mask_logits: Tensor, targets: Tensor, *, eps: float = 1e-3) -> Tensor:

@@ -11,7 +11,10 @@ families share:
   workers and clamped at 1 (DETR's ``num_boxes``), computed once and shared by every stage;
 - the loss names ``loss_<name>_s<stage>``, in the order the family's per-stage terms come;
 - ``return_matches=True``: also the matches of stages [0, 1, ..., S], stage 0 with no pairs where the
-  family does not supervise its initial prediction (SP pre-training indexes them by stage).
+  family does not supervise its initial prediction (SP pre-training indexes them by stage);
+- ``matches=``: losses under a given assignment instead of the matcher's (IUQ's equivariance term supervises
+  a transformed view under the assignment of the original view);
+- ``mask_terms``: the names of the family's mask losses among its per-stage terms.
 
 A family supplies ``_prepare`` (validate and convert the targets, list the stages), ``_match`` (one stage's
 matches), ``_stage_losses`` (one stage's weighted terms) and, where they differ from the defaults,
@@ -69,13 +72,20 @@ class SetCriterion(nn.Module, metaclass=abc.ABCMeta):
         match_ahead: match every stage before computing any loss (for a family whose losses need every
             stage's matches); False matches and supervises stage by stage, so that random draws of the
             matching and of the losses interleave stage by stage.
+        mask_terms: the names (without ``loss_`` and the stage) of the per-stage terms that supervise masks.
     """
 
     first_stage: int = 0
     match_ahead: bool = False
+    mask_terms: tuple[str, ...] = ("mask", "dice")
 
     def forward(
-        self, outputs: Any, targets: list[Any], *, return_matches: bool = False
+        self,
+        outputs: Any,
+        targets: list[Any],
+        *,
+        return_matches: bool = False,
+        matches: list[Matches] | None = None,
     ) -> dict[str, Tensor] | tuple[dict[str, Tensor], list[Matches]]:
         """Match and compute the weighted losses of every supervised stage.
 
@@ -83,14 +93,22 @@ class SetCriterion(nn.Module, metaclass=abc.ABCMeta):
             outputs: the model's outputs (``ModelOutputs`` or a family's subclass of it).
             targets: B ``Target`` dicts.
             return_matches: also return the matches.
+            matches: None, or the assignment to use instead of matching: a list over [stage 0, .., stage S]
+                of B pairs (pred_idx, tgt_idx) int64, as ``return_matches`` gives them (the entries of the
+                stages before ``first_stage`` are ignored).
 
         Returns:
             The losses ``loss_<name>_s<i>``, float scalars already multiplied by their weights, stage by stage
             in the order of each stage's terms. With ``return_matches``, also the matches: a list over
             [stage 0, stage 1, .., stage S] of B pairs (pred_idx, tgt_idx) int64 (no pairs for the stages before
             ``first_stage``).
+
+        Raises:
+            ValueError: ``matches`` does not have one entry of B pairs per stage.
         """
         raw_stages, tgts, device = self._prepare(outputs, targets)
+        if matches is not None:
+            self._check_given_matches(matches, self.first_stage + len(raw_stages), len(tgts))
         losses: dict[str, Tensor] = {}
         stages: list[Stage] = []
         all_matches: list[Matches] = []
@@ -98,17 +116,17 @@ class SetCriterion(nn.Module, metaclass=abc.ABCMeta):
         for i, raw in enumerate(raw_stages, start=self.first_stage):
             stage = self._stage_inputs(i, raw)
             previous = (stages[-1], all_matches[-1]) if stages else (None, None)
-            matches = self._match(i, stage, *previous, tgts)
+            stage_matches = self._match(i, stage, *previous, tgts) if matches is None else matches[i]
             if num_pos is None:
-                num_pos = self.normaliser(self._positive_count(tgts, matches), device)
+                num_pos = self.normaliser(self._positive_count(tgts, stage_matches), device)
             if not self.match_ahead:
-                self._store(losses, i, self._stage_losses(i, stage, tgts, matches, num_pos))
+                self._store(losses, i, self._stage_losses(i, stage, tgts, stage_matches, num_pos))
             stages.append(stage)
-            all_matches.append(matches)
+            all_matches.append(stage_matches)
         if self.match_ahead and num_pos is not None:
             stages = self._matched(stages, tgts, all_matches)
-            for i, (stage, matches) in enumerate(zip(stages, all_matches, strict=True), start=self.first_stage):
-                self._store(losses, i, self._stage_losses(i, stage, tgts, matches, num_pos))
+            for i, (stage, stage_matches) in enumerate(zip(stages, all_matches, strict=True), start=self.first_stage):
+                self._store(losses, i, self._stage_losses(i, stage, tgts, stage_matches, num_pos))
         if not return_matches:
             return losses
         # Stages before the first supervised one get no pairs, so that entry i is stage i.
@@ -128,6 +146,15 @@ class SetCriterion(nn.Module, metaclass=abc.ABCMeta):
             float32 scalar >= 1, no gradient.
         """
         return mean_over_workers(torch.tensor(float(count), device=device)).clamp(min=1.0)
+
+    @staticmethod
+    def _check_given_matches(matches: list[Matches], num_stages: int, batch: int) -> None:
+        if len(matches) != num_stages or any(len(stage) != batch for stage in matches):
+            found = [len(stage) for stage in matches]
+            raise ValueError(
+                f"matches must hold {num_stages} stages of {batch} (pred_idx, tgt_idx) pairs each, as "
+                f"return_matches=True gives them; got pair counts {found}"
+            )
 
     @staticmethod
     def _store(losses: dict[str, Tensor], stage_index: int, terms: dict[str, Tensor]) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
 import json
 import os
 import statistics
@@ -60,3 +62,46 @@ def test_tiniest_protocol_writes_paired_intervals(tmp_path: Path) -> None:
             assert d["verdict"] in ("above 0", "below 0", "includes 0")
     assert "Paired differences" in (out / "low_data.md").read_text()
     assert (out / "low_data.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def low_data():
+    spec = importlib.util.spec_from_file_location("low_data", REPO / "benchmarks" / "low_data.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["low_data"] = module  # its dataclasses look their module up there
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        del sys.modules["low_data"]
+
+
+def test_control_and_iuq_variants_are_compared_in_pairs(low_data) -> None:
+    variants = ["sp", "sp_selftrain", "sp_continued", "sp_iuq", "sp_iuq_consistency"]
+    args = argparse.Namespace(fractions=[0.1], variants=variants)
+    per_run = {"sp": [1.0, 2.0], "sp_selftrain": [3.0, 5.0], "sp_continued": [2.0, 2.0], "sp_iuq": [1.0, 1.0],
+               "sp_iuq_consistency": [0.0, 2.0]}  # fmt: skip
+    table = {f"{v}@0.1": {"AP_per_run": runs, "AUC_per_run": runs} for v, runs in per_run.items()}
+    found = {(c["high"], c["low"]): c["AP"]["mean"] for c in low_data.comparisons(table, args)}
+    # Each extra variant against sp, then the self-training round against its control and the two IUQ forms.
+    assert found == {("sp_selftrain", "sp"): 2.5, ("sp_continued", "sp"): 0.5, ("sp_iuq", "sp"): -0.5,
+                     ("sp_iuq_consistency", "sp"): -0.5, ("sp_selftrain", "sp_continued"): 2.0,
+                     ("sp_iuq", "sp_iuq_consistency"): 0.0}  # fmt: skip
+    # Without the control in --variants its pair is left out.
+    args.variants = ["sp", "sp_selftrain"]
+    assert [(c["high"], c["low"]) for c in low_data.comparisons(table, args)] == [("sp_selftrain", "sp")]
+
+
+def test_variant_settings(low_data, tmp_path: Path) -> None:
+    args = argparse.Namespace(epochs=2, eval_every=1, finetune_override=[])
+
+    def overrides(variant: str) -> list[str]:
+        return low_data.finetune_overrides(args, variant, tmp_path / "split.json", tmp_path, 0, tmp_path / "b.pth")
+
+    iuq = ["iuq.inter_scene_weight=0.3", "iuq.equivariance_mask_weight=0.3", "iuq.equivariance_feature_weight=0.3"]
+    assert overrides("sp_iuq")[-4:] == [*iuq, "iuq.equivariance_target=ground_truth"]
+    assert overrides("sp_iuq_consistency")[-4:] == [*iuq, "iuq.equivariance_target=consistency"]
+    assert not any(o.startswith("iuq.") for o in overrides("sp_continued") + overrides("sp"))
+    # Both IUQ forms fine-tune from plain SP; the control has a pre-training of its own, as self-training has.
+    assert low_data.PRETRAINING_OF["sp_iuq"] == low_data.PRETRAINING_OF["sp_iuq_consistency"] == "sp"
+    assert low_data.PRETRAINING_OF["sp_continued"] == "sp_continued"

@@ -23,10 +23,15 @@ from sp_ray.objectives.instance_unique import (
     Transform,
     apply_transform,
     feature_equivariance_loss,
+    ground_truth_equivariance_loss,
+    instance_balanced_weights,
     inter_scene_loss,
-    mask_equivariance_loss,
+    mask_consistency_loss,
     sample_transform,
+    transform_targets,
 )
+from sp_ray.objectives.knet_criterion import KNetCriterion
+from sp_ray.objectives.matcher import HungarianMatcher
 from sp_ray.train.loop import fit
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -48,8 +53,9 @@ def test_memory_keeps_the_newest_images_pooled_and_detached() -> None:
     memory.push(first * 2, [1, 2])
     memory.push(torch.randn(2, 5, 8, 8), [3, 4])
     assert len(memory) == 3
-    feats, ids = memory.read(device=torch.device("cpu"))
+    feats, ids, weights = memory.read(device=torch.device("cpu"))
     assert ids == [2, 3, 4] and feats.shape == (3, 5, 2, 2)
+    assert torch.equal(weights, torch.full((3, 2, 2), 0.25))  # no weights pushed: every pixel 1/r^2
     torch.testing.assert_close(feats[0], F.adaptive_avg_pool2d(first[1] * 2, 2).detach())
     assert not feats.requires_grad and feats.grad_fn is None
     for step in range(10):
@@ -58,6 +64,8 @@ def test_memory_keeps_the_newest_images_pooled_and_detached() -> None:
     assert memory.read(device=torch.device("cpu"))[1] == [17, 18, 19]
     with pytest.raises(ValueError, match="image ids"):
         memory.push(torch.randn(2, 5, 8, 8), [1])
+    with pytest.raises(ValueError, match="pixel_weights"):
+        memory.push(torch.randn(2, 5, 8, 8), [1, 2], torch.ones(2, 3, 3))
     with pytest.raises(ValueError, match="capacity"):
         FeatureMemory(capacity=0, resolution=2)
 
@@ -84,6 +92,39 @@ def test_inter_scene_loss_by_hand() -> None:
     assert none.item() == 0.0 and none.requires_grad
     silent = inter_scene_loss(torch.full((2, 3, 2, 4, 4), -BIG), torch.ones(2, 2, dtype=torch.bool))
     assert silent.item() == pytest.approx(0.0, abs=1e-12)
+    # Pixel weights: one query, one entry, two pixels with logits 0 and 2, weighted 1/4 and 3/4.
+    row = torch.tensor([0.0, 2.0]).reshape(1, 1, 1, 1, 2)
+    assert inter_scene_loss(row, torch.tensor([[True]])).item() == pytest.approx((FL0 + FL2) / 2, abs=1e-5)
+    weighted = inter_scene_loss(row, torch.tensor([[True]]), torch.tensor([[[0.25, 0.75]]]))
+    assert weighted.item() == pytest.approx(0.25 * FL0 + 0.75 * FL2, abs=1e-5)
+
+
+def test_instance_balanced_weights_by_hand() -> None:
+    # One instance covering the top-left quarter of an 8x8 image, features 2x2, memory 2x2: the instance's
+    # cell gets 1/2, the three background cells 1/2 together.
+    masks = torch.zeros(1, 8, 8, dtype=torch.bool)
+    masks[0, :4, :4] = True
+    expected = torch.tensor([[1 / 2, 1 / 6], [1 / 6, 1 / 6]])
+    torch.testing.assert_close(instance_balanced_weights(masks, (2, 2), 2), expected)
+    # Two instances (top-left cell, bottom-right cell) and two background cells: 1/3 per region.
+    two = torch.zeros(2, 8, 8, dtype=torch.bool)
+    two[0, :4, :4] = True
+    two[1, 4:, 4:] = True
+    expected = torch.tensor([[1 / 3, 1 / 6], [1 / 6, 1 / 3]])
+    torch.testing.assert_close(instance_balanced_weights(two, (2, 2), 2), expected)
+    # An image covered by one instance has no background region; an image without instances weighs uniformly.
+    torch.testing.assert_close(instance_balanced_weights(torch.ones(1, 8, 8, dtype=torch.bool), (2, 2), 2),
+                               torch.full((2, 2), 0.25))
+    torch.testing.assert_close(instance_balanced_weights(torch.zeros(0, 8, 8, dtype=torch.bool), (2, 2), 2),
+                               torch.full((2, 2), 0.25))
+    # Half a cell covered: the cell's instance share is 1/2, its background share 1/2.
+    half = torch.zeros(1, 8, 8, dtype=torch.bool)
+    half[0, :4, :2] = True
+    weights = instance_balanced_weights(half, (2, 2), 2)
+    # instance: all of it in cell (0, 0); background areas 0.5, 1, 1, 1 (of 3.5) -> 0.5 * (1 + 0.5 / 3.5).
+    assert weights[0, 0].item() == pytest.approx(0.5 + 0.5 * 0.5 / 3.5, abs=1e-6)
+    assert weights[1, 1].item() == pytest.approx(0.5 / 3.5, abs=1e-6)
+    assert weights.sum().item() == pytest.approx(1.0, abs=1e-6)
 
 
 def _tiny_knet_config(*extra: str):
@@ -157,7 +198,7 @@ def test_memory_fills_after_the_loss_and_never_leaks_gradients_across_steps() ->
         # a second time") or keep it alive; the memory holds detached leaves only.
         sum(losses.values()).backward()
         optimizer.step()
-        feats, memory_ids = model.objective.memory.read(device=torch.device("cpu"))
+        feats, memory_ids, _ = model.objective.memory.read(device=torch.device("cpu"))
         assert memory_ids == [1, 2, 3, 4, 5, 6][max(0, 2 * step + 2 - 3) : 2 * step + 2]
         assert not feats.requires_grad and feats.grad_fn is None
     assert values[0] == 0.0 and values[1] > 0 and values[2] > 0
@@ -236,13 +277,13 @@ class _NoLosses(nn.Module):
 
 def _equivariance(model: nn.Module, images: torch.Tensor, transform: str) -> dict:
     objective = IUQObjective(
-        criterion=_NoLosses(), equivariance_mask_weight=1.0, equivariance_feature_weight=1.0,
-        transform=transform, rescale_range=(0.5, 0.5),
+        criterion=_NoLosses(), equivariance_mask_weight=1.0, equivariance_target="consistency",
+        equivariance_feature_weight=1.0, transform=transform, rescale_range=(0.5, 0.5),
     )  # fmt: skip
     return objective(model, images, [{"image_id": b} for b in range(images.shape[0])])
 
 
-def test_equivariance_losses_are_zero_for_an_equivariant_model() -> None:
+def test_consistency_form_is_zero_for_an_equivariant_model() -> None:
     images = torch.rand(2, 3, 64, 96, generator=torch.Generator().manual_seed(0)) * 255
     losses = _equivariance(_ToyModel(), images, "flip")
     assert losses["loss_equi_mask"].item() == pytest.approx(0.0, abs=1e-6)
@@ -255,7 +296,7 @@ def test_equivariance_losses_are_zero_for_an_equivariant_model() -> None:
         assert losses["loss_equi_feat"].item() == pytest.approx(0.0, abs=1e-6), transform
 
 
-def test_equivariance_losses_see_a_position_dependent_model() -> None:
+def test_consistency_form_sees_a_position_dependent_model() -> None:
     images = torch.rand(2, 3, 64, 96, generator=torch.Generator().manual_seed(0)) * 255
     losses = _equivariance(_ToyModel(ramp=True), images, "flip")
     assert losses["loss_equi_mask"].item() > 1e-3 and losses["loss_equi_feat"].item() > 1e-3
@@ -267,10 +308,136 @@ def test_equivariance_terms_by_hand() -> None:
     flip = Transform(flip=True, size=(32, 32))
     transformed = torch.zeros(1, 1, 1, 2)
     original = torch.tensor([BIG, -BIG]).view(1, 1, 1, 2)
-    assert mask_equivariance_loss(transformed, original, flip).item() == pytest.approx(0.2, abs=1e-6)
+    assert mask_consistency_loss(transformed, original, flip).item() == pytest.approx(0.2, abs=1e-6)
     # Features: orthogonal vectors at the only pixel: 1 - cos = 1; equal ones: 0; the mean over two levels.
     a, b = torch.tensor([1.0, 0.0]).view(1, 2, 1, 1), torch.tensor([0.0, 1.0]).view(1, 2, 1, 1)
     assert feature_equivariance_loss([a, a], [b, a * 3], flip).item() == pytest.approx(0.5, abs=1e-6)
+
+
+def _knet_criterion() -> KNetCriterion:
+    return KNetCriterion(num_classes=1, matcher=HungarianMatcher())  # BCE 1, dice 4 at stage 0 and the last
+
+
+def _block_target(height: int, width: int, rows: slice, cols: slice) -> dict:
+    masks = torch.zeros(1, height, width, dtype=torch.bool)
+    masks[0, rows, cols] = True
+    box = [cols.start, rows.start, cols.stop, rows.stop]
+    return {"labels": torch.tensor([0]), "masks": masks, "boxes": torch.tensor([box], dtype=torch.float32),
+            "image_id": 1, "orig_size": (height, width), "image_size": (height, width)}  # fmt: skip
+
+
+def _stride8_outputs(masks: torch.Tensor) -> dict:
+    """K-Net outputs of one stage after the initial masks, both = ``masks`` [B, N, h, w] logits at stride 8."""
+    return {"init_masks": masks, "aux_outputs": [], "pred_logits": torch.zeros(*masks.shape[:2], 1),
+            "pred_masks": masks}  # fmt: skip
+
+
+def test_ground_truth_form_by_hand_and_against_the_consistency_form() -> None:
+    # A 64x64 image, one instance in rows 0:32, cols 0:16; T = flip, so T(GT) is rows 0:32, cols 48:64.
+    flip = Transform(flip=True, size=(64, 64))
+    [moved] = transform_targets([_block_target(64, 64, slice(0, 32), slice(0, 16))], flip)
+    expected = torch.zeros(64, 64, dtype=torch.bool)
+    expected[:32, 48:] = True
+    assert torch.equal(moved["masks"][0], expected) and moved["boxes"].tolist() == [[48.0, 0.0, 64.0, 32.0]]
+    # Query 1 is matched to the instance at both stages (the original view's matching).
+    matches = [[(torch.tensor([1]), torch.tensor([0]))]] * 2
+    exact = torch.full((1, 2, 8, 8), -BIG)
+    exact[0, 1, :4, 6:] = BIG  # T(GT) on the stride-8 grid
+    loss = ground_truth_equivariance_loss(_knet_criterion(), _stride8_outputs(exact), [moved], matches)
+    assert loss.item() == pytest.approx(0.0, abs=1e-3)
+    # Empty masks: at the loss stride 4 (16x16) the target covers 32 of 256 pixels; BCE = 30 * 32 / 256 = 3.75
+    # and dice = 1 per stage, so (1 * 3.75 + 4 * 1) at stage 0 and again at stage 1.
+    empty = torch.full((1, 2, 8, 8), -BIG)
+    loss = ground_truth_equivariance_loss(_knet_criterion(), _stride8_outputs(empty), [moved], matches)
+    assert loss.item() == pytest.approx(2 * (3.75 + 4.0), rel=1e-4)
+    # The untransformed ground truth is no better than empty: its mask misses T(GT) entirely.
+    unflipped = torch.full((1, 2, 8, 8), -BIG)
+    unflipped[0, 1, :4, :2] = BIG
+    loss = ground_truth_equivariance_loss(_knet_criterion(), _stride8_outputs(unflipped), [moved], matches)
+    assert loss.item() > 2 * (3.75 + 4.0)
+    # The consistency form scores two empty views 0: the bug of comparing predictions with predictions.
+    assert mask_consistency_loss(empty, empty, flip).item() == 0.0
+
+
+def test_transform_targets_rescale_and_flip() -> None:
+    target = _block_target(64, 64, slice(0, 32), slice(0, 16))
+    target["image_size"] = (60, 50)
+    [half] = transform_targets([target], Transform(flip=False, size=(32, 32)))
+    assert half["masks"].shape == (1, 32, 32) and half["masks"].dtype == torch.bool
+    assert half["masks"][0].nonzero().amin(0).tolist() == [0, 0] and half["masks"][0].sum().item() == 16 * 8
+    assert half["boxes"].tolist() == [[0.0, 0.0, 8.0, 16.0]] and half["image_size"] == (30, 25)
+    [both] = transform_targets([target], Transform(flip=True, size=(32, 32)))
+    assert torch.equal(both["masks"], half["masks"].flip(-1)) and both["boxes"].tolist() == [[24.0, 0.0, 32.0, 16.0]]
+    assert both["labels"].tolist() == [0] and both["image_id"] == 1
+    assert target["masks"].shape == (1, 64, 64)  # the input is not modified
+    [none] = transform_targets([{**target, "labels": torch.zeros(0), "masks": torch.zeros(0, 64, 64, dtype=torch.bool),
+                                 "boxes": torch.zeros(0, 4)}], Transform(flip=True, size=(32, 32)))  # fmt: skip
+    assert none["masks"].shape == (0, 32, 32) and none["boxes"].shape == (0, 4)
+
+
+class _Recording(_ToyModel):
+    """The toy model (not equivariant: with the ramp), keeping the outputs of each call with their mask gradients."""
+
+    def __init__(self) -> None:
+        super().__init__(ramp=True)
+        self.calls: list[dict] = []
+
+    def forward_from_features(self, features: _ToyFeatures, kernel_offsets=None) -> dict:
+        outputs = super().forward_from_features(features)
+        outputs["pred_masks"].retain_grad()
+        self.calls.append(outputs)
+        return outputs
+
+
+def test_ground_truth_form_trains_through_the_transformed_view_only() -> None:
+    images = torch.rand(2, 3, 64, 96, generator=torch.Generator().manual_seed(0)) * 255
+    targets = [_block_target(64, 96, slice(8, 40), slice(0, 24)), _block_target(64, 96, slice(0, 16), slice(40, 96))]
+    # The second image has no instance: it is supervised by nothing and must not break the term.
+    targets[1] = {**targets[1], "labels": torch.zeros(0, dtype=torch.int64),
+                  "masks": torch.zeros(0, 64, 96, dtype=torch.bool), "boxes": torch.zeros(0, 4)}  # fmt: skip
+    for form, original_gets_gradient in (("ground_truth", False), ("consistency", True)):
+        model = _Recording()
+        objective = IUQObjective(criterion=_knet_criterion(), equivariance_mask_weight=1.0, equivariance_target=form)
+        losses = objective(model, images, targets)
+        assert losses["loss_equi_mask"].item() > 0.01, form
+        losses["loss_equi_mask"].backward()
+        original, transformed = model.calls
+        assert (original["pred_masks"].grad is not None) == original_gets_gradient, form
+        assert transformed["pred_masks"].grad.abs().sum().item() > 0, form
+        assert model.kernels.grad.abs().sum().item() > 0, form
+    with pytest.raises(ValueError, match="SetCriterion"):
+        IUQObjective(criterion=_NoLosses(), equivariance_mask_weight=1.0)
+
+
+def test_ground_truth_form_falls_when_a_tiny_knet_is_trained() -> None:
+    torch.manual_seed(0)
+    model = _trainable(_tiny_knet_config("iuq.equivariance_mask_weight=1.0"))
+    assert model.objective.equivariance_target == "ground_truth"
+    images, targets = _images_and_targets([1, 2], seed=3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    history = []
+    for _ in range(10):
+        losses = model(images, targets)
+        optimizer.zero_grad()
+        sum(losses.values()).backward()
+        optimizer.step()
+        history.append(losses["loss_equi_mask"].item())
+    assert history[-1] < 0.7 * history[0]
+
+
+def test_memory_stores_instance_balanced_weights_of_the_targets() -> None:
+    torch.manual_seed(0)
+    images = torch.rand(1, 3, 64, 64) * 255
+    target = _block_target(64, 64, slice(0, 32), slice(0, 32))  # the top-left quarter
+    for balance, instance_cell, background_cell in (("instance", 0.5 / 16, 0.5 / 48), ("pixel", 1 / 64, 1 / 64)):
+        model = _trainable(_tiny_knet_config("iuq.inter_scene_weight=1.0", "iuq.memory_resolution=8",
+                                             f"iuq.inter_scene_balance={balance}"))  # fmt: skip
+        model(images, [target])
+        _, ids, weights = model.objective.memory.read(device=torch.device("cpu"))
+        # x_feats are at stride 8 (8x8), the memory grid too: the instance is exactly the top-left 4x4 cells.
+        assert ids == [1] and weights.shape == (1, 8, 8)
+        torch.testing.assert_close(weights[0, :4, :4], torch.full((4, 4), instance_cell))
+        torch.testing.assert_close(weights[0, 4:], torch.full((4, 8), background_cell))
 
 
 def test_sample_transform_keeps_inputs_valid() -> None:
@@ -316,8 +483,12 @@ def test_every_family_trains_with_the_iuq_losses(family: str) -> None:
     assert list(model.model.state_dict()) == list(plain.state_dict()) and not model.objective.state_dict()
     for ids, seed in (([1, 2], 0), ([3, 4], 1)):
         images, targets = _images_and_targets(ids, seed)
+        if ids == [3, 4]:  # an image without instances in the batch
+            targets[1] = {**targets[1], "labels": torch.zeros(0, dtype=torch.int64),
+                          "masks": torch.zeros(0, 64, 64, dtype=torch.bool), "boxes": torch.zeros(0, 4)}  # fmt: skip
         losses = model(images, targets)
         assert "loss_equi_mask" in losses and all(torch.isfinite(v) for v in losses.values())
+        assert losses["loss_equi_mask"].item() > 0  # the ground-truth form: untrained masks are far from T(GT)
         sum(losses.values()).backward()
     assert ("loss_inter_scene" in losses) == ("iuq.inter_scene_weight=0.3" in extra)
     assert ("loss_equi_feat" in losses) == ("iuq.equivariance_feature_weight=1.0" in extra)
@@ -336,6 +507,8 @@ def test_every_family_trains_with_the_iuq_losses(family: str) -> None:
         (["model.name=queryinst", "iuq.inter_scene_weight=1"], "per-pixel mask features"),
         (["iuq.inter_scene_weight=-1"], "iuq.inter_scene_weight"),
         (["iuq.equivariance_mask_weight=1", "iuq.equivariance_transform=rotate"], "iuq.equivariance_transform"),
+        (["iuq.equivariance_mask_weight=1", "iuq.equivariance_target=predictions"], "iuq.equivariance_target"),
+        (["iuq.inter_scene_weight=1", "iuq.inter_scene_balance=image"], "iuq.inter_scene_balance"),
         (["iuq.equivariance_mask_weight=1", "iuq.rescale_range=[1.0, 0.5]"], "iuq.rescale_range"),
         (["iuq.inter_scene_weight=1", "iuq.memory_size=0"], "iuq.memory_size"),
         (["iuq.inter_scene_weight=1", "pretrain.enabled=true"], "fine-tuning options"),

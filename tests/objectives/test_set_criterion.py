@@ -140,6 +140,20 @@ def test_set_criterion_from_stage_one_gives_an_empty_stage_zero_and_matches_ahea
     assert criterion.log == ["match1", "match2", "matched", "losses1", "losses2"]
 
 
+def test_set_criterion_with_given_matches_never_matches() -> None:
+    stage = torch.tensor([[1.0, 2.0, 3.0]])
+    criterion = _ToyCriterion([_pairs([0]), _pairs([0])], first_stage=1, match_ahead=True)
+    # [stage 0 (unsupervised, ignored), stage 1, stage 2], as return_matches gives them.
+    given = [_pairs([]), _pairs([2]), _pairs([1, 2])]
+    losses, got = criterion([stage, stage], [[0, 0]], return_matches=True, matches=given)
+    assert criterion.log == ["matched", "losses1", "losses2"]  # no match call
+    # The normaliser is stage 1's pair count: 1.
+    assert [losses["loss_sum_s1"].item(), losses["loss_sum_s2"].item()] == [3.0, 5.0]
+    assert got[1:] == given[1:]
+    with pytest.raises(ValueError, match="3 stages of 1"):
+        criterion([stage, stage], [[0, 0]], matches=given[1:])
+
+
 def _two_workers(rank: int, init_file: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
