@@ -189,6 +189,10 @@ class DataConfig:
     short_size: int = 800  # short side target of the keep-ratio resize
     flip_prob: float = 0.5
     train_scale_range: list[float] = field(default_factory=lambda: [1.0, 1.0])  # multi-scale jitter of both sizes
+    # mmdet's Rotate(level) when training: +-level/10 x 30 degrees about the centre, with rotate_prob; 0 = off.
+    # The reference's K-Net COCO fine-tuning uses level 3 (9 degrees).
+    rotate_level: float = 0.0
+    rotate_prob: float = 0.5  # mmdet Rotate's default prob
     size_divisor: int = 32
     num_workers: int = 2  # DataLoader worker processes per training process
     # Images with more pixels (H x W) are skipped and counted by every reader (datasets, evaluate,
@@ -862,6 +866,8 @@ _FIT_RANGES: dict[str, _Bound] = {
     "data.short_size": _AT_LEAST_ONE,
     "data.size_divisor": _AT_LEAST_ONE,
     "data.flip_prob": _PROBABILITY,
+    "data.rotate_level": (0, 10, True),
+    "data.rotate_prob": _PROBABILITY,
     "eval.topk": _AT_LEAST_ONE,
     "eval.batch_size": _AT_LEAST_ONE,
     "eval.mask_threshold": _PROBABILITY,

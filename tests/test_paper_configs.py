@@ -46,3 +46,12 @@ def test_paper_config_builds_and_runs_one_forward(path: Path) -> None:
         assert outputs["pred_class_logits"].shape == (1, queries, classes + 1)
     assert outputs["pred_masks"].shape == (1, queries, HEIGHT // stride, WIDTH // stride)
     assert torch.isfinite(outputs["pred_logits"]).all() and torch.isfinite(outputs["pred_masks"]).all()
+
+
+def test_knet_coco_fine_tuning_rotates_as_the_reference_and_pre_training_does_not() -> None:
+    # METHODS.md 1.5: the reference's K-Net COCO fine-tuning has Rotate(level=3) (mmdet's default prob 0.5);
+    # its pre-training pipeline (1.4) has none, and the pre-training config inherits the fine-tuning one.
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    finetune = load_config(configs / "knet_r50_coco_finetune.yaml").data
+    assert (finetune.rotate_level, finetune.rotate_prob, finetune.flip_prob) == (3, 0.5, 0.5)
+    assert load_config(configs / "knet_r50_sp_pretrain.yaml").data.rotate_level == 0

@@ -293,7 +293,8 @@ def fit(
         cfg.data.train_annotations, cfg.data.train_images,
         transforms=build_transforms(
             train=True, max_size=cfg.data.max_size, short_size=cfg.data.short_size, flip_prob=cfg.data.flip_prob,
-            scale_range=tuple(cfg.data.train_scale_range),
+            scale_range=tuple(cfg.data.train_scale_range), rotate_level=cfg.data.rotate_level,
+            rotate_prob=cfg.data.rotate_prob,
         ),
         # Pre-training: each pseudo mask carries its saliency query (target "queries") for L_ker.
         extra_per_annotation=load_saliency_queries(cfg) if cfg.pretrain.enabled else None,
