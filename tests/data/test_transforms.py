@@ -272,9 +272,8 @@ def test_rotation_is_train_only_and_follows_the_seed() -> None:
     def run(seed: int, workers: int) -> list[Tensor]:
         torch.manual_seed(seed)  # what fit's seed_everything does before each epoch
         items = [_square_item(value=v) for v in range(16)]
-        loader = DataLoader(
-            _Mapped(items, train), batch_size=1, num_workers=workers, collate_fn=functools.partial(collate, size_divisor=4)
-        )
+        batches = functools.partial(collate, size_divisor=4)
+        loader = DataLoader(_Mapped(items, train), batch_size=1, num_workers=workers, collate_fn=batches)
         return [targets[0]["masks"] for _, targets in loader]
 
     first = run(3, workers=0)
