@@ -189,6 +189,10 @@ class DataConfig:
     short_size: int = 800  # short side target of the keep-ratio resize
     flip_prob: float = 0.5
     train_scale_range: list[float] = field(default_factory=lambda: [1.0, 1.0])  # multi-scale jitter of both sizes
+    # mmdet's Rotate(level) when training: +-level/10 x 30 degrees about the centre, with rotate_prob; 0 = off.
+    # The reference's K-Net COCO fine-tuning uses level 3 (9 degrees).
+    rotate_level: float = 0.0
+    rotate_prob: float = 0.5  # mmdet Rotate's default prob
     size_divisor: int = 32
     num_workers: int = 2  # DataLoader worker processes per training process
     # Images with more pixels (H x W) are skipped and counted by every reader (datasets, evaluate,
@@ -352,8 +356,11 @@ class SelfTrainConfig:
 class ClipConfig:
     """Language-vision prompts (UPLVP, ``propose.proposer: clip``): pseudo masks from an open_clip ViT.
 
-    Dense MaskCLIP features of the image are compared with the text embeddings of class-free object
-    words (``sp_ray.pretrain.clip_proposals``). Only local files are read: nothing is ever downloaded.
+    Dense MaskCLIP features of the image are compared with the text embeddings of a vocabulary
+    (``sp_ray.pretrain.clip_proposals``): class-free object words (``vocabulary: objects``, one category
+    "object") or the class names of the target dataset (``vocabulary: classes``, UPLVP's COCO-80 usage:
+    every pseudo mask carries the class it is closest to, for class-aware pre-training). Only local files
+    are read: nothing is ever downloaded.
     """
 
     model: str = "ViT-B-32"  # an open_clip built-in ViT config name, or a local JSON file in that format
@@ -362,7 +369,15 @@ class ClipConfig:
     # "produce": masks from the word activation maps. "rescore": the saliency proposals (propose.*) are kept
     # where CLIP finds an object word in them, scored by that similarity.
     mode: str = "produce"
+    # "objects": the text prompts are clip.words and every mask is category 1 "object" (class-free, SP's
+    # objectness). "classes": they are the target dataset's class names (clip.categories or clip.class_names)
+    # and each mask gets the class whose text embedding its pooled CLIP feature is closest to (UPLVP).
+    vocabulary: str = "objects"
     words: list[str] = field(default_factory=lambda: ["object", "thing", "item", "shape", "figure", "entity"])
+    # vocabulary classes: a COCO json of the target dataset (e.g. instances_val2017.json) whose "categories"
+    # (ids and names) become the vocabulary and the categories of annotations.json ...
+    categories: str | None = None
+    class_names: list[str] = field(default_factory=list)  # ... or the names themselves, category ids 1..C in order
     # A pixel (produce) or mask (rescore) counts only where some object word beats every background word.
     background_words: list[str] = field(
         default_factory=lambda: ["background", "sky", "wall", "floor", "ground", "road", "grass", "water"]
@@ -868,6 +883,8 @@ _FIT_RANGES: dict[str, _Bound] = {
     "data.short_size": _AT_LEAST_ONE,
     "data.size_divisor": _AT_LEAST_ONE,
     "data.flip_prob": _PROBABILITY,
+    "data.rotate_level": (0, 10, True),
+    "data.rotate_prob": _PROBABILITY,
     "eval.topk": _AT_LEAST_ONE,
     "eval.batch_size": _AT_LEAST_ONE,
     "eval.mask_threshold": _PROBABILITY,

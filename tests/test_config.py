@@ -153,6 +153,8 @@ def test_cli_reports_config_errors(capsys):
     ("ssl.crop_scale_min=0", "ssl", r"ssl\.crop_scale_min is 0\.0: it must be in \(0, 1\]"),
     ("model.depth=19", "ssl", r"model\.depth is 19: ResNet depths are 18, 34, 50"),
     ("loss.mask_loss=weakest", "finetune", r"loss\.mask_loss is 'weakest': it must be one of full, weak"),
+    ("data.rotate_level=11", "finetune", r"data\.rotate_level is 11(\.0)?: it must be in \[0, 10\]"),
+    ("data.rotate_prob=1.5", "pretrain", r"data\.rotate_prob is 1\.5: it must be in \[0, 1\]"),
 ])
 def test_value_checks_name_the_key_and_the_range(override, task, match):
     with pytest.raises(ConfigError, match=match):

@@ -85,6 +85,7 @@ def test_table2_finetune_config_has_the_classes_schedule_and_coco_model(family: 
     assert cfg.loss == coco.loss
     assert (cfg.train.epochs, cfg.train.lr_steps, cfg.train.batch_size) == FINETUNE_SCHEDULES[family, dataset]
     assert (cfg.train.lr, cfg.train.weight_decay) == (coco.train.lr, coco.train.weight_decay)
+    assert cfg.data.rotate_level == 0  # METHODS.md records Rotate for the K-Net COCO recipe only
     if dataset == "cityscapes":  # (2048, 800-1024): short side 1024 x [0.78125, 1] = 800..1024, long side 2048
         assert (cfg.data.max_size, cfg.data.short_size, cfg.data.train_scale_range) == (2048, 1024, [0.78125, 1.0])
         assert cfg.data.train_images.endswith("leftImg8bit/train") and cfg.data.val_images.endswith("leftImg8bit/val")
@@ -106,3 +107,13 @@ def test_table2_sp_pretrain_config_is_the_coco_recipe_on_the_dataset_images(fami
     assert cfg.data.train_images == finetune.data.train_images
     assert (cfg.train.epochs, cfg.train.lr_steps, cfg.train.lr, cfg.train.grad_clip) == (
         12, [8, 11], recipe.train.lr, recipe.train.grad_clip)
+    assert cfg.data.rotate_level == 0
+
+
+def test_knet_coco_fine_tuning_rotates_as_the_reference_and_pre_training_does_not() -> None:
+    # METHODS.md 1.5: the reference's K-Net COCO fine-tuning has Rotate(level=3) (mmdet's default prob 0.5);
+    # its pre-training pipeline (1.4) has none, and the pre-training config inherits the fine-tuning one.
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    finetune = load_config(configs / "knet_r50_coco_finetune.yaml").data
+    assert (finetune.rotate_level, finetune.rotate_prob, finetune.flip_prob) == (3, 0.5, 0.5)
+    assert load_config(configs / "knet_r50_sp_pretrain.yaml").data.rotate_level == 0

@@ -36,7 +36,7 @@ DEGENERATE_SEGMENTATION = "empty or degenerate segmentation"
 MALFORMED_SEGMENTATION = "malformed segmentation (RLE size or counts do not fit the image)"
 BAD_BOX = "box outside the image or non-positive width/height"
 UNKNOWN_CATEGORY = "unknown category id"
-EMPTY_AFTER_TRANSFORM = "instance empty after resize"
+EMPTY_AFTER_TRANSFORM = "instance empty after transforms"  # a resize or a rotation emptied its mask
 
 _MAX_EXAMPLES = 3
 _RLE_ALPHABET = re.compile(r"[0-o]*")  # the 64 characters chr(48)..chr(111) of COCO's compressed RLE
@@ -170,7 +170,7 @@ class CocoInstanceDataset(Dataset):
         cat_id_to_label: COCO category id -> label.
         image_ids: COCO image ids of the kept images, ascending; item i is ``image_ids[i]``.
         coco: the pycocotools ``COCO`` index of the whole json.
-        skipped: Counter of skip reasons (``"instance empty after resize"`` is counted per
+        skipped: Counter of skip reasons (``"instance empty after transforms"`` is counted per
             ``__getitem__`` call, images that fail to decode once, in the process that reads them).
         skipped_images: the image reasons of ``skipped``, Counter.
         skipped_annotations: the annotation reasons of ``skipped``, Counter.

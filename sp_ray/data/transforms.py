@@ -1,4 +1,4 @@
-"""Resize / flip transforms on (image, target) pairs, the inference resize rule, and batch collation."""
+"""Resize / flip / rotate transforms on (image, target) pairs, the inference resize rule, and batch collation."""
 
 from __future__ import annotations
 
@@ -10,11 +10,12 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision import tv_tensors
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
 
 from export.geometry import resize_for_inference
 from sp_ray.types import Target
 
-__all__ = ["RandomScaleResize", "build_transforms", "collate", "mask_boxes", "resize_for_inference"]
+__all__ = ["RandomRotate", "RandomScaleResize", "build_transforms", "collate", "mask_boxes", "resize_for_inference"]
 
 
 class RefreshSizeAndBoxes:
@@ -61,6 +62,69 @@ class RandomScaleResize:
         return resize(image, target)
 
 
+MAX_ROTATE_LEVEL = 10  # mmdet's _MAX_LEVEL of its AutoAugment-style transforms
+MAX_ROTATE_ANGLE = 30.0  # degrees at level 10 (mmdet Rotate's max_rotate_angle)
+ROTATE_IMAGE_FILL = 128  # the value of the pixels a rotation brings in (mmdet Rotate's img_fill_val)
+
+
+class RandomRotate:
+    """mmdet 2.x ``Rotate(level)``: with probability ``prob``, rotate image and masks about the image centre.
+
+    The angle is ``level / 10 * max_angle`` degrees (level 3: 9 degrees), its sign drawn with probability 0.5
+    each; scale 1, the canvas keeps its size (corners leave it). The image is sampled bilinearly and the area
+    the rotation brings in is ``image_fill`` (128, mid grey) in every channel; masks are sampled with nearest
+    neighbour and filled with False, and boxes are re-derived from the rotated masks (tight extents, as
+    everywhere in the data pipeline, rather than mmdet's box of the rotated box corners). An instance rotated
+    out of the canvas keeps an empty mask here; `CocoInstanceDataset` drops it and counts it under
+    ``empty after transforms``. Both draws come from torch's global RNG, like `RandomScaleResize`, so they
+    follow the training loop's per-epoch seeding and the DataLoader's per-worker seeds.
+
+    Args:
+        level: magnitude in [0, 10]; 0 never rotates.
+        prob: probability of rotating an item, in [0, 1] (mmdet's default 0.5).
+        max_angle: the angle of level 10, in degrees.
+        image_fill: value of the pixels outside the rotated image, in 0..255.
+    """
+
+    def __init__(
+        self,
+        *,
+        level: float,
+        prob: float = 0.5,
+        max_angle: float = MAX_ROTATE_ANGLE,
+        image_fill: float = ROTATE_IMAGE_FILL,
+    ) -> None:
+        if not 0 <= level <= MAX_ROTATE_LEVEL:
+            raise ValueError(f"rotate level must be in [0, {MAX_ROTATE_LEVEL}], got {level}")
+        if not 0.0 <= prob <= 1.0:
+            raise ValueError(f"rotate probability must be in [0, 1], got {prob}")
+        if not 0 <= image_fill <= 255:
+            raise ValueError(f"rotate image fill must be in [0, 255], got {image_fill}")
+        self.angle = level / MAX_ROTATE_LEVEL * max_angle
+        self.prob = prob
+        self.image_fill = float(image_fill)
+
+    def draw_angle(self) -> float | None:
+        """The signed angle in degrees (counter-clockwise positive) of the next item, or None: not rotated."""
+        if self.angle == 0 or float(torch.rand(())) >= self.prob:
+            return None
+        return -self.angle if float(torch.rand(())) < 0.5 else self.angle
+
+    def __call__(self, image: Tensor, target: Target) -> tuple[Tensor, Target]:
+        angle = self.draw_angle()
+        if angle is None:
+            return image, target
+        rotated = TF.rotate(
+            image, angle, interpolation=v2.InterpolationMode.BILINEAR, fill=[self.image_fill] * int(image.shape[-3])
+        )
+        masks = TF.rotate(target["masks"], angle, interpolation=v2.InterpolationMode.NEAREST, fill=[0.0])
+        height, width = int(rotated.shape[-2]), int(rotated.shape[-1])
+        boxes = tv_tensors.BoundingBoxes(
+            mask_boxes(masks.as_subclass(Tensor)), format="XYXY", canvas_size=(height, width)
+        )
+        return rotated, Target(**{**target, "masks": masks, "boxes": boxes})
+
+
 def build_transforms(
     *,
     train: bool,
@@ -68,8 +132,10 @@ def build_transforms(
     short_size: int,
     flip_prob: float = 0.5,
     scale_range: tuple[float, float] = (1.0, 1.0),
+    rotate_level: float = 0.0,
+    rotate_prob: float = 0.5,
 ) -> v2.Compose:
-    """Transforms for `CocoInstanceDataset` items: keep-ratio resize, horizontal flip when training.
+    """Transforms for `CocoInstanceDataset` items: keep-ratio resize, horizontal flip and rotation when training.
 
     Masks (``tv_tensors.Mask``) are resized with nearest neighbour and stay bool; boxes
     (``tv_tensors.BoundingBoxes``) go through v2 with the image and are then re-derived from the
@@ -82,6 +148,10 @@ def build_transforms(
         flip_prob: flip probability, in [0, 1].
         scale_range: when training, both sizes are multiplied by a random factor in this range
             (``RandomScaleResize``); (1, 1) keeps the fixed resize.
+        rotate_level: when training and > 0, mmdet's ``Rotate(level)`` after the flip (`RandomRotate`:
+            +-level x 3 degrees, with probability ``rotate_prob``); the reference's K-Net COCO fine-tuning
+            uses level 3.
+        rotate_prob: probability of that rotation, in [0, 1].
 
     Returns:
         a callable ``(image, target) -> (image, target)``; the output size is
@@ -97,6 +167,8 @@ def build_transforms(
     steps: list[Any] = [resize]
     if train and flip_prob > 0:
         steps.append(v2.RandomHorizontalFlip(p=flip_prob))
+    if train and rotate_level > 0:
+        steps.append(RandomRotate(level=rotate_level, prob=rotate_prob))
     steps.append(RefreshSizeAndBoxes())
     return v2.Compose(steps)
 

@@ -1,13 +1,25 @@
-"""Language-vision prompts (UPLVP, Li et al. 2024): pseudo masks from a CLIP model and class-free object words.
+"""Language-vision prompts (UPLVP, Li et al. 2024): pseudo masks from a CLIP model and a text vocabulary.
 
 UPLVP replaces SP's saliency masks with masks that a language-vision model draws from text. The paper's
 proposal script is not public (METHODS.md 2), so this module builds them from an open_clip ViT the way
-MaskCLIP (Zhou et al., ECCV 2022) reads dense features out of CLIP:
+MaskCLIP (Zhou et al., ECCV 2022) reads dense features out of CLIP.
+
+The vocabulary (``clip.vocabulary``) is one of:
+
+- ``objects`` (the default): class-free object words (``clip.words``); every mask is category 1 "object",
+  as SP's saliency masks are, for class-agnostic pre-training (one class).
+- ``classes``: the class names of the target dataset (``clip.categories``, a COCO json, or
+  ``clip.class_names``), which is what UPLVP does with COCO's 80 names: its pseudo masks are category-aware.
+  Each mask gets the category whose text embedding is closest to its pooled CLIP feature (step 4), and
+  annotations.json holds the dataset's categories with their ids, so K-Net pre-trains with num_classes = C
+  and its class head fits fine-tuning on that dataset.
+
+The steps:
 
 1. Dense features. The last attention layer's query-key mixing is dropped: each patch token goes through
    that layer's value and output projections, the residual and the MLP, then ``ln_post`` and the visual
    projection, so every patch keeps its own place and lands in the joint image-text space. X: [D, h, w].
-2. Word embeddings. Each object word (and background word) is written into every template, encoded by the
+2. Word embeddings. Each vocabulary word (and background word) is written into every template, encoded by the
    text tower, L2-normalised and averaged over templates (CLIP's prompt ensemble). T: [V, D].
 3. ``produce``: the activation map of word v is A_v = cos(X, T_v), min-max normalised over the image as
    FreeSOLO's Free Mask normalises its correlation maps; a cell is foreground where the normalised map
@@ -18,6 +30,8 @@ MaskCLIP (Zhou et al., ECCV 2022) reads dense features out of CLIP:
    ``rescore``: CLIP judges the saliency proposals instead: the normalised dense features are averaged
    inside each mask, and the mask is kept, scored by the best word cosine, if that reaches
    ``min_similarity`` and beats every background word.
+4. Class of a mask (vocabulary ``classes``): c_l = argmax_v cos(e_l, T_v) over the class names, e_l the mask's
+   prompt below; the background words take no part.
 
 The prompt of a mask (a row of ``prompts.npy``) is the L2-normalised mean of the normalised dense features
 inside it, a D-dim vector of the joint space. It is not the word embedding: with a handful of class-free
@@ -50,10 +64,11 @@ from scipy import ndimage
 from torch import Tensor, nn
 
 from sp_ray.config import ClipConfig, ConfigError, ProposeConfig
-from sp_ray.pretrain.proposers import Proposals, Ready, c5_channels
+from sp_ray.pretrain.proposers import OBJECT_CATEGORY, Proposals, Ready, c5_channels
 from sp_ray.pretrain.saliency import input_size, nms_top_k_masks
 
 MODES = ("produce", "rescore")
+VOCABULARIES = ("objects", "classes")
 # The keys of an open_clip config that make the library reach for the Hugging Face hub or timm.
 _HUB_KEYS = {"vision_cfg": ("timm_model_name",), "text_cfg": ("hf_model_name", "hf_tokenizer_name")}
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
@@ -141,6 +156,21 @@ def check_clip_config(cfg: ClipConfig) -> None:
     problems = []
     if cfg.mode not in MODES:
         problems.append(f"clip.mode must be one of {MODES}, got {cfg.mode!r}")
+    if cfg.vocabulary not in VOCABULARIES:
+        problems.append(f"clip.vocabulary must be one of {VOCABULARIES}, got {cfg.vocabulary!r}")
+    elif cfg.vocabulary == "classes" and (cfg.categories is None) == (not cfg.class_names):
+        problems.append(
+            "clip.vocabulary=classes takes the target dataset's class names from exactly one of clip.categories "
+            "(a COCO json, e.g. data/coco/annotations/instances_val2017.json) or clip.class_names; "
+            f"got categories={cfg.categories!r} and class_names={cfg.class_names}"
+        )
+    elif cfg.vocabulary == "objects" and (cfg.categories is not None or cfg.class_names):
+        problems.append(
+            "clip.categories / clip.class_names are used only with clip.vocabulary=classes; set it, or clear them "
+            "for the class-free object words"
+        )
+    if cfg.class_names:
+        problems.extend(_name_problems(cfg.class_names, "clip.class_names"))
     if not cfg.words or not all(isinstance(word, str) and word.strip() for word in cfg.words):
         problems.append(f"clip.words must be a non-empty list of words, got {cfg.words}")
     if not all(isinstance(word, str) and word.strip() for word in cfg.background_words):
@@ -169,6 +199,82 @@ def check_clip_config(cfg: ClipConfig) -> None:
         problems.append(f"clip.min_similarity is a cosine, so in [-1, 1], got {cfg.min_similarity}")
     if problems:
         raise ConfigError("; ".join(problems))
+
+
+def _name_problems(names: Sequence[Any], where: str) -> list[str]:
+    if not all(isinstance(name, str) and name.strip() for name in names):
+        return [f"{where} must be non-empty strings, got {list(names)}"]
+    repeated = sorted({name for name in names if list(names).count(name) > 1})
+    return [f"{where} names {repeated} more than once; each class needs its own name"] if repeated else []
+
+
+def vocabulary_categories(cfg: ClipConfig) -> list[dict[str, Any]]:
+    """The COCO categories of the pseudo masks: ``[{"id": 1, "name": "object"}]`` for the object words, the
+    target dataset's categories for ``clip.vocabulary: classes``.
+
+    Args:
+        cfg: the ``clip`` section (checked by `check_clip_config`).
+
+    Returns:
+        [{"id", "name"}], ascending by id (the order in which a dataset numbers its labels): the
+        ``categories`` of ``clip.categories``'s json, or ids 1..C for ``clip.class_names`` in their order.
+
+    Raises:
+        FileNotFoundError: ``clip.categories`` does not exist.
+        ConfigError: it is not a json with a non-empty ``categories`` list of unique integer ids and names.
+    """
+    if cfg.vocabulary != "classes":
+        return [dict(OBJECT_CATEGORY)]
+    if cfg.class_names:
+        return [{"id": index, "name": name} for index, name in enumerate(cfg.class_names, start=1)]
+    path = Path(str(cfg.categories))
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"clip.categories={cfg.categories}: no such file; give the COCO json of the target dataset (its "
+            "'categories' are the class vocabulary)"
+        )
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"clip.categories={cfg.categories} is not valid JSON ({err})") from err
+    categories = data.get("categories") if isinstance(data, dict) else None
+    if not isinstance(categories, list) or not categories or not all(
+        isinstance(c, dict) and isinstance(c.get("id"), int) and not isinstance(c.get("id"), bool) for c in categories
+    ):
+        raise ConfigError(
+            f"clip.categories={cfg.categories} needs a non-empty 'categories' list of {{'id': int, 'name': str}} "
+            "entries (a COCO instances json)"
+        )
+    problems = _name_problems([c.get("name") for c in categories], f"the categories of {cfg.categories}")
+    ids = [c["id"] for c in categories]
+    if len(set(ids)) != len(ids):
+        problems.append(f"the categories of {cfg.categories} repeat ids: {sorted(ids)}")
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return [{"id": c["id"], "name": c["name"]} for c in sorted(categories, key=lambda c: c["id"])]
+
+
+def vocabulary_words(cfg: ClipConfig, categories: Sequence[dict[str, Any]]) -> list[str]:
+    """The words written into the templates: ``clip.words``, or the class names of ``categories``."""
+    return [str(c["name"]) for c in categories] if cfg.vocabulary == "classes" else list(cfg.words)
+
+
+def closest_categories(queries: Tensor, class_embeddings: Tensor, category_ids: Sequence[int]) -> Tensor:
+    """The category of each mask (module docstring, step 4): the class whose text embedding is closest.
+
+    Args:
+        queries: float [L, D], the masks' pooled CLIP features e_l.
+        class_embeddings: float [C, D], the text embeddings of the C class names.
+        category_ids: the C COCO category ids, in the order of ``class_embeddings``.
+
+    Returns:
+        int64 [L] COCO category ids, c_l = category_ids[argmax_v cos(e_l, T_v)], on ``queries``' device.
+    """
+    ids = torch.tensor(list(category_ids), dtype=torch.int64, device=queries.device)
+    if queries.shape[0] == 0:
+        return ids[:0]
+    similarity = F.normalize(queries.float(), dim=1) @ F.normalize(class_embeddings.float(), dim=1).T  # (L, C)
+    return ids[similarity.argmax(1)]
 
 
 def clip_model_config(name: str) -> dict[str, Any]:
@@ -256,10 +362,11 @@ def check_clip_setup(cfg: ClipConfig) -> dict[str, Any]:
 
     Raises:
         ImportError: open_clip is not installed.
-        ConfigError: see `check_clip_config` and `clip_model_config`.
-        FileNotFoundError: ``clip.weights`` or a JSON ``clip.model`` does not exist.
+        ConfigError: see `check_clip_config`, `vocabulary_categories` and `clip_model_config`.
+        FileNotFoundError: ``clip.weights``, a JSON ``clip.model`` or ``clip.categories`` does not exist.
     """
     check_clip_config(cfg)
+    vocabulary_categories(cfg)  # a clip.categories json that does not load fails here, not in every actor
     try:
         import open_clip  # noqa: F401
     except ImportError as err:
@@ -333,9 +440,14 @@ def text_embeddings(
     """
     if not words:
         raise ValueError("text_embeddings needs at least one word")
-    prompts = [template.format(word) for word in words for template in templates]
+    prompts = prompt_texts(words, templates)
     encoded = model.encode_text(tokenizer(prompts).to(device), normalize=True).float()  # (V*T, D)
     return F.normalize(encoded.reshape(len(words), len(templates), -1).mean(1), dim=1)
+
+
+def prompt_texts(words: Sequence[str], templates: Sequence[str]) -> list[str]:
+    """The text prompts of a vocabulary: every word in every template, word-major ([V * T] strings)."""
+    return [template.format(word) for word in words for template in templates]
 
 
 def produce_proposals(
@@ -493,6 +605,8 @@ class ClipProposer:
 
     Holds the dense image encoder on ``device`` and the word embeddings, computed once (the text tower is
     then dropped). A batch of images is stretched to ``clip.image_size`` squares and run as one forward.
+    With ``clip.vocabulary: classes`` the words are the target dataset's class names and every proposal
+    carries its closest class (``Proposals.category_ids``).
 
     Args:
         cfg: the ``clip`` section.
@@ -505,6 +619,8 @@ class ClipProposer:
 
     Attributes:
         backbone: the `ClipDenseEncoder`; its ``out_channels`` give the prompt width D.
+        words: the V vocabulary words in the templates (``clip.words`` or the class names).
+        categories: the COCO categories of the proposals (`vocabulary_categories`).
         word_embeddings: float [V, D]. background_embeddings: float [U, D].
 
     Raises:
@@ -529,9 +645,11 @@ class ClipProposer:
             )
         if cfg.mode == "rescore" and saliency is None:
             raise ValueError("clip.mode=rescore needs the saliency proposals to rescore (saliency=...)")
+        self._categories = vocabulary_categories(cfg)
+        self.words = vocabulary_words(cfg, self._categories)
         model.to(device)
         with torch.inference_mode():
-            self.word_embeddings = text_embeddings(model, tokenizer, cfg.words, cfg.templates, device=device)
+            self.word_embeddings = text_embeddings(model, tokenizer, self.words, cfg.templates, device=device)
             self.background_embeddings = (
                 text_embeddings(model, tokenizer, cfg.background_words, cfg.templates, device=device)
                 if cfg.background_words
@@ -547,6 +665,10 @@ class ClipProposer:
     def prompt_width(self) -> int:
         return c5_channels(self.backbone)
 
+    @property
+    def categories(self) -> list[dict[str, Any]]:
+        return self._categories
+
     def check_size(self, height: int, width: int) -> None:
         if self.size_rule is not None:
             input_size(height, width, self.size_rule)
@@ -560,7 +682,8 @@ class ClipProposer:
 
         Returns:
             One ``Proposals`` per image: masks bool [L, H0, W0], scores [L], boxes [L, 4] xyxy, queries
-            float [L, D] (pooled CLIP features), on the CPU.
+            float [L, D] (pooled CLIP features), and with the class vocabulary category_ids int64 [L], on
+            the CPU.
         """
         if not ready:
             return []
@@ -596,16 +719,31 @@ class ClipProposer:
                 )
                 for row, proposals in enumerate(self.saliency(ready))
             ]
+        ids = [category["id"] for category in self._categories]
         return [
-            Proposals(masks=p.masks.cpu(), scores=p.scores.cpu(), boxes=p.boxes.cpu(), queries=p.queries.cpu())
+            Proposals(
+                masks=p.masks.cpu(), scores=p.scores.cpu(), boxes=p.boxes.cpu(), queries=p.queries.cpu(),
+                category_ids=(
+                    closest_categories(p.queries, self.word_embeddings, ids).cpu()
+                    if cfg.vocabulary == "classes" else None
+                ),
+            )
             for p in found
         ]
 
 
 def clip_identity(cfg: ClipConfig, *, seed: int = 0) -> dict[str, Any]:
     """What CLIP proposals depend on besides the images, for ``propose``'s shard fingerprints: the ``clip``
-    settings, the weights file's size and mtime, a local JSON config's content, and the seed of a random init."""
-    identity: dict[str, Any] = {"clip": dataclasses.asdict(cfg), "seed": seed if cfg.weights is None else None}
+    settings, the weights file's size and mtime, a local JSON config's content, the seed of a random init, and
+    the categories of the class vocabulary (the content of ``clip.categories``). The object words' vocabulary
+    leaves its keys out, so shards proposed before the vocabulary option keep their fingerprints."""
+    settings = dataclasses.asdict(cfg)
+    if cfg.vocabulary == "objects" and cfg.categories is None and not cfg.class_names:
+        for key in ("vocabulary", "categories", "class_names"):
+            settings.pop(key)
+    identity: dict[str, Any] = {"clip": settings, "seed": seed if cfg.weights is None else None}
+    if cfg.vocabulary == "classes":
+        identity["categories"] = vocabulary_categories(cfg)
     if cfg.weights is not None and Path(cfg.weights).is_file():
         stat = Path(cfg.weights).stat()
         identity["weights_stamp"] = [stat.st_size, stat.st_mtime_ns]

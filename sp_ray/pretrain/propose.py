@@ -12,9 +12,11 @@ The proposers:
   place of the frozen backbone: its confident predictions become the pseudo masks, in the same format. The
   checkpoint directory must then be visible to every node.
 - ``propose.proposer: clip`` (language-vision prompts, UPLVP, ``sp_ray.pretrain.clip_proposals``): a CLIP model
-  from a local weights file draws the pseudo masks from class-free object words (``clip.mode: produce``) or
-  keeps the saliency proposals that it recognises as objects (``clip.mode: rescore``), in the same format; the
-  prompts are then CLIP-space vectors of the ``clip.model``'s embedding width.
+  from a local weights file draws the pseudo masks from a vocabulary (``clip.mode: produce``) or keeps the
+  saliency proposals that it recognises (``clip.mode: rescore``), in the same format; the prompts are then
+  CLIP-space vectors of the ``clip.model``'s embedding width. The vocabulary is class-free object words
+  (``clip.vocabulary: objects``, one category) or the target dataset's class names (``classes``: every mask
+  with its class, the dataset's categories in annotations.json, for class-aware pre-training).
 """
 
 from __future__ import annotations

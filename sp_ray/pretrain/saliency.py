@@ -26,7 +26,7 @@ from sp_ray.config import Config, ProposeConfig
 from sp_ray.data.transforms import resize_for_inference
 from sp_ray.models.backbone import build_resnet
 from sp_ray.models.common import IMAGENET_MEAN, IMAGENET_STD, SIZE_DIVISOR
-from sp_ray.pretrain.proposers import Proposals, Ready, c5_channels
+from sp_ray.pretrain.proposers import OBJECT_CATEGORY, Proposals, Ready, c5_channels
 
 # Soft masks upsampled to the image at once are capped at this many floats (256 MiB), so that a
 # 20-mask batch of a multi-megapixel photo does not allocate gigabytes.
@@ -353,6 +353,10 @@ class SaliencyProposer:
     @property
     def prompt_width(self) -> int:
         return c5_channels(self.backbone)
+
+    @property
+    def categories(self) -> list[dict[str, Any]]:
+        return [OBJECT_CATEGORY]  # class-free pseudo masks
 
     def check_size(self, height: int, width: int) -> None:
         input_size(height, width, self.cfg)

@@ -37,7 +37,7 @@ from sp_ray.data.transforms import resize_for_inference
 from sp_ray.models import build_model
 from sp_ray.models.common import SIZE_DIVISOR
 from sp_ray.models.postprocess import paste_crops, paste_mask_logits
-from sp_ray.pretrain.proposers import Proposals, Ready, c5_channels
+from sp_ray.pretrain.proposers import OBJECT_CATEGORY, Proposals, Ready, c5_channels
 from sp_ray.pretrain.saliency import matrix_nms
 
 
@@ -188,6 +188,10 @@ class CheckpointProposer:
     @property
     def prompt_width(self) -> int:
         return c5_channels(self.backbone)
+
+    @property
+    def categories(self) -> list[dict[str, Any]]:
+        return [OBJECT_CATEGORY]  # class-free pseudo masks
 
     def check_size(self, height: int, width: int) -> None:
         """Images are checked against the resize that the model's evaluation applies."""

@@ -6,10 +6,10 @@ decodes the shard's images one batch ahead of it (`propose_images`) and writes t
 ``OUT/shards/NNNNN.json`` (images, annotations, failures) and ``NNNNN.npy`` (the prompt vector of each
 annotation). A shard whose part files exist with the same `fingerprint` (what the proposals depend on, and
 the image list) is not recomputed, so a rerun after an interruption continues where it stopped. The parts
-are then merged (`merge_shards`) into ``OUT/annotations.json`` (COCO, one category "object", RLE masks, a
-``score`` per annotation) and ``OUT/prompts.npy`` (float32 [n, C], row i the prompt of annotation id i + 1).
-The actors write the parts themselves, so on a cluster of several nodes OUT must be storage that every node
-sees (e.g. NFS).
+are then merged (`merge_shards`) into ``OUT/annotations.json`` (COCO, the proposer's categories: one,
+"object", but for CLIP's class vocabulary; RLE masks, a ``score`` per annotation) and ``OUT/prompts.npy``
+(float32 [n, C], row i the prompt of annotation id i + 1). The actors write the parts themselves, so on a
+cluster of several nodes OUT must be storage that every node sees (e.g. NFS).
 
 Nothing here knows which proposer runs: the actors build theirs with the factory they are given.
 """
@@ -24,7 +24,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +36,13 @@ from export.geometry import MAX_IMAGE_PIXELS
 from sp_ray.config import ProposeConfig
 from sp_ray.data.coco import SIZE_MISMATCH
 from sp_ray.data.images import UNREADABLE, UnusableImageError, load_image_rgb
-from sp_ray.pretrain.proposers import Proposals, Proposer
+from sp_ray.pretrain.proposers import OBJECT_CATEGORY, Proposals, Proposer
 
 log = logging.getLogger(__name__)
 
 UNDECODABLE = UNREADABLE  # the reason every image reader counts (sp_ray.data.images); TOO_LARGE too
 TOO_ELONGATED = "too elongated for the keep-ratio resize"
-CATEGORY = {"id": 1, "name": "object"}
+CATEGORY = OBJECT_CATEGORY  # the category of class-free proposals
 _MAX_EXAMPLES = 3
 
 
@@ -56,12 +56,14 @@ class ShardResult:
         annotations: COCO annotations without ``id``, grouped by image in ``images`` order, best first.
         prompts: float32 [n, C], row i the query vector S_l of ``annotations[i]``.
         failed: {"file_name", "reason", "detail"} of each image that was skipped.
+        categories: the proposer's COCO categories, which the annotations' ``category_id`` refer to.
     """
 
     images: list[dict[str, Any]]
     annotations: list[dict[str, Any]]
     prompts: np.ndarray
     failed: list[dict[str, str]]
+    categories: list[dict[str, Any]] = field(default_factory=lambda: [dict(CATEGORY)])
 
 
 def propose_images(
@@ -83,7 +85,8 @@ def propose_images(
         max_image_pixels: larger images are skipped (``data.max_image_pixels``).
 
     Returns:
-        The shard's images, annotations (category 1, RLE, bbox of the mask, area, iscrowd 0, score),
+        The shard's images, annotations (the proposals' category, 1 when class-free; RLE, bbox of the mask,
+        area, iscrowd 0, score),
         prompts and failures (missing or undecodable files and images above the pixel limit, by the
         rule of every reader, `sp_ray.data.images.UnusableImageError`; json height/width that differ
         from the file; images too elongated for the proposer's resize).
@@ -119,7 +122,8 @@ def propose_images(
                 prompts.append(proposals.queries.cpu().numpy().astype(np.float32))
     channels = proposer.prompt_width
     stacked = np.concatenate(prompts) if prompts else np.zeros((0, channels), dtype=np.float32)
-    return ShardResult(images=images, annotations=annotations, prompts=stacked, failed=failed)
+    categories = [dict(category) for category in proposer.categories]
+    return ShardResult(images=images, annotations=annotations, prompts=stacked, failed=failed, categories=categories)
 
 
 def _decode(
@@ -148,17 +152,23 @@ def _coco_annotations(image_id: int, proposals: Proposals) -> list[dict[str, Any
     rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
     areas = mask_utils.area(rles)
     boxes = mask_utils.toBbox(rles)  # (L, 4) xywh, the tight box of each mask
+    if proposals.category_ids is None:
+        category_ids = [CATEGORY["id"]] * len(rles)
+    else:
+        category_ids = [int(v) for v in proposals.category_ids.tolist()]
     return [
         {
             "image_id": image_id,
-            "category_id": CATEGORY["id"],
+            "category_id": category_id,
             "segmentation": {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")},
             "area": int(area),
             "bbox": [float(v) for v in box],
             "iscrowd": 0,
             "score": float(score),
         }
-        for rle, area, box, score in zip(rles, areas, boxes, proposals.scores.tolist(), strict=True)
+        for rle, area, box, score, category_id in zip(
+            rles, areas, boxes, proposals.scores.tolist(), category_ids, strict=True
+        )
     ]
 
 
@@ -225,6 +235,7 @@ def write_shard(shard_dir: Path, index: int, result: ShardResult, *, fingerprint
         "images": result.images,
         "annotations": result.annotations,
         "failed": result.failed,
+        "categories": result.categories,
     }
     _write_json(shard_dir / f"{index:05d}.json", record)
 
@@ -302,7 +313,8 @@ def merge_shards(out: Path, fingerprints: list[str]) -> dict[str, Any]:
     """Merge the part files of shards 0..len(fingerprints)-1 into annotations.json and prompts.npy.
 
     Annotation ids are 1..n in shard order; ``prompts.npy`` is written through a memory map, so the
-    prompts of a large set never sit in memory at once.
+    prompts of a large set never sit in memory at once. The categories are the shards' (all shards of a run
+    have the same proposer); parts written before shards recorded them are class-free ("object").
 
     Args:
         out: the propose output folder.
@@ -321,10 +333,19 @@ def merge_shards(out: Path, fingerprints: list[str]) -> dict[str, Any]:
     failed: list[dict[str, str]] = []
     counts: list[int] = []
     channels = 0
+    categories: list[dict[str, Any]] | None = None
     for index, fingerprint in enumerate(fingerprints):
         if not shard_done(shard_dir, index, fingerprint):
             raise ValueError(f"{shard_dir}: shard {index:05d} is missing or stale; rerun sp-ray propose")
         record = json.loads((shard_dir / f"{index:05d}.json").read_text())
+        own = record.get("categories", [CATEGORY])
+        if categories is None:
+            categories = own
+        elif own != categories:
+            raise ValueError(
+                f"{shard_dir}: shard {index:05d} has other categories than shard 00000 ({len(own)} against "
+                f"{len(categories)}); delete {shard_dir} and rerun sp-ray propose"
+            )
         images.extend(record["images"])
         annotations.extend(record["annotations"])
         failed.extend(record["failed"])
@@ -357,7 +378,7 @@ def merge_shards(out: Path, fingerprints: list[str]) -> dict[str, Any]:
             "info": {"description": "sp-ray saliency mask proposals (SP / FreeSOLO Free Mask)"},
             "images": images,
             "annotations": annotations,
-            "categories": [CATEGORY],
+            "categories": categories if categories is not None else [CATEGORY],
         },
     )
     with_proposals = {ann["image_id"] for ann in annotations}

@@ -180,7 +180,8 @@ def training_dataset(cfg: Config) -> CocoInstanceDataset:
         cfg.data.train_annotations, cfg.data.train_images,
         transforms=build_transforms(
             train=True, max_size=cfg.data.max_size, short_size=cfg.data.short_size, flip_prob=cfg.data.flip_prob,
-            scale_range=tuple(cfg.data.train_scale_range),
+            scale_range=tuple(cfg.data.train_scale_range), rotate_level=cfg.data.rotate_level,
+            rotate_prob=cfg.data.rotate_prob,
         ),
         extra_per_annotation=load_saliency_queries(cfg) if cfg.pretrain.enabled else None,
     )
@@ -201,6 +202,19 @@ def resolve_num_classes(cfg: Config, dataset: CocoInstanceDataset) -> Config:
             "categories; set model.num_classes=0 to take it from the data"
         )
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=found))
+
+
+def _warn_on_other_class_names(init: str | Path, trained: list[str] | None, data: list[str]) -> None:
+    """A class head of the same size loads by shape; say so when it was trained on other class names (a class-aware
+    pre-training on another vocabulary, or the same names in another order), since label i then means another class."""
+    if trained is None or len(trained) != len(data) or list(trained) == list(data):
+        return
+    label = next(index for index, (old, new) in enumerate(zip(trained, data, strict=True)) if old != new)
+    log.warning(
+        "init from %s: its class head (%d classes) is loaded, but was trained on other class names: label %d was "
+        "%r and is %r here; it is right only if both datasets number the same classes alike",
+        init, len(data), label, trained[label], data[label],
+    )
 
 
 def build_train_loader(cfg: Config, dataset: CocoInstanceDataset, *, rank: int = 0, world_size: int = 1) -> DataLoader:
@@ -325,6 +339,7 @@ def fit(
                                       with_objective=cfg.pretrain.enabled and init_ckpt.config.pretrain.enabled)
         if rank == 0:
             log.info("init from %s: %s", init, report.summary())
+            _warn_on_other_class_names(init, init_ckpt.meta.get("class_names"), train_set.class_names)
     if world_size > 1 and cfg.train.sync_bn:
         trainable = nn.SyncBatchNorm.convert_sync_batchnorm(trainable)
     trainable.to(device)

@@ -252,7 +252,7 @@ def test_instances_emptied_by_resize_are_dropped_and_counted(tmp_path: Path, no_
     assert target["masks"].shape == (1, 10, 10) and isinstance(target["masks"], tv_tensors.Mask)
     assert target["boxes"].tolist() == [[2.0, 2.0, 8.0, 8.0]]
     assert isinstance(target["boxes"], tv_tensors.BoundingBoxes)
-    assert dataset.skipped == Counter({"instance empty after resize": 1})
+    assert dataset.skipped == Counter({"instance empty after transforms": 1})
 
 
 def _mode_case(mode: str) -> tuple[Image.Image, np.ndarray]:
@@ -367,3 +367,22 @@ def test_link_images_links_the_images_of_a_json_and_keeps_existing_links(tmp_pat
     assert sorted(str(p.relative_to(folder)) for p in folder.rglob("*.png")) == ["a.png", "sub/b.png"]
     assert (folder / "sub" / "b.png").resolve() == (tmp_path / "images" / "sub" / "b.png").resolve()
     assert link_images(gt, tmp_path / "images", folder) == folder  # again: the links exist, nothing fails
+
+
+def test_instances_rotated_out_of_the_image_are_dropped_and_counted(tmp_path: Path, no_skip_warning) -> None:
+    _write_png(tmp_path / "a.png", height=40, width=40)
+    corner = _box_mask(0, 2, 0, 2, 40, 40)  # a 2x2 corner: 30 degrees about the centre take it off the canvas
+    square = _box_mask(12, 28, 12, 28, 40, 40)
+    annotations = [_ann(1, _uncompressed_rle(corner)), _ann(2, _uncompressed_rle(square))]
+    path = _write_json(tmp_path / "a.json", [_image(1, "a.png", 40, 40)], annotations)
+    transforms = build_transforms(
+        train=True, max_size=40, short_size=40, flip_prob=0.0, rotate_level=10, rotate_prob=1.0
+    )
+    dataset = CocoInstanceDataset(path, tmp_path, transforms=transforms)
+    torch.manual_seed(0)
+    image, target = dataset[0]
+    assert target["labels"].tolist() == [0] and target["masks"].shape == (1, 40, 40)
+    assert dataset.skipped == Counter({"instance empty after transforms": 1})
+    box = target["boxes"].tolist()[0]
+    assert box != [12.0, 12.0, 28.0, 28.0] and box[2] - box[0] > 16  # the square turned: its box grew
+    assert int(image[:, 0, 0].float().mean()) == 128

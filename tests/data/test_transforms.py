@@ -203,3 +203,94 @@ def test_random_scale_resize_varies_size_and_keeps_masks_aligned():
     assert len(sizes) > 4
     fixed = build_transforms(train=False, max_size=160, short_size=100, scale_range=(0.5, 1.5))
     assert tuple(fixed(image, target)[0].shape[-2:]) == (100, 160)
+
+
+# --- rotation (mmdet's Rotate, the reference's K-Net COCO fine-tuning augmentation) ------------------------
+
+
+def _square_item(size: int = 100, side: int = 40, value: int = 7) -> tuple[tv_tensors.Image, Target]:
+    """A uniform ``value`` image with one centred square instance of ``side`` pixels."""
+    start = (size - side) // 2
+    masks = torch.zeros(1, size, size, dtype=torch.bool)
+    masks[0, start : start + side, start : start + side] = True
+    target = Target(
+        labels=torch.tensor([0]),
+        masks=tv_tensors.Mask(masks),
+        boxes=tv_tensors.BoundingBoxes(mask_boxes(masks), format="XYXY", canvas_size=(size, size)),
+        image_id=1,
+        orig_size=(size, size),
+        image_size=(size, size),
+    )
+    return tv_tensors.Image(torch.full((3, size, size), value, dtype=torch.uint8)), target
+
+
+def test_a_centred_square_rotated_45_degrees_is_a_diamond_with_the_grey_fill_in_the_corners() -> None:
+    from sp_ray.data.transforms import RandomRotate
+
+    image, target = _square_item()
+    rotate = RandomRotate(level=10, prob=1.0, max_angle=45.0)
+    torch.manual_seed(0)
+    rotated_image, rotated = rotate(image, target)
+    mask = rotated["masks"].as_subclass(Tensor)[0]
+    # By hand: a 40-pixel square rotated 45 degrees about the image centre (50, 50) is a diamond of
+    # diagonal 40 * sqrt(2) = 56.6 px and the same area, 1600 px; pixel centres inside it span columns
+    # and rows 22..77, so the tight box is [22, 22, 78, 78].
+    assert rotated["boxes"].as_subclass(Tensor).tolist() == [[22.0, 22.0, 78.0, 78.0]]
+    assert abs(int(mask.sum()) - 1600) <= 40
+    assert not mask[30, 30] and mask[50, 22] and mask[22, 50]  # the square's corner is cut, the diamond's tips are in
+    assert rotated["masks"].dtype == torch.bool and isinstance(rotated["masks"], tv_tensors.Mask)
+    # The area the rotation brings in is mmdet's img_fill_val 128; the middle keeps the image's value.
+    assert rotated_image.dtype == torch.uint8 and rotated_image[:, 0, 0].tolist() == [128, 128, 128]
+    assert rotated_image[:, 50, 50].tolist() == [7, 7, 7] and rotated_image.shape == image.shape
+
+
+def test_rotate_level_gives_the_mmdet_angle_with_a_random_sign_and_prob_decides() -> None:
+    from sp_ray.data.transforms import RandomRotate
+
+    torch.manual_seed(0)
+    always = [RandomRotate(level=3, prob=1.0).draw_angle() for _ in range(40)]
+    assert set(always) == {9.0, -9.0}  # level 3 of 10 x 30 degrees, both signs
+    assert 10 <= sum(angle > 0 for angle in always) <= 30
+    assert {RandomRotate(level=3, prob=0.0).draw_angle() for _ in range(40)} == {None}
+    half = [RandomRotate(level=3, prob=0.5).draw_angle() for _ in range(200)]
+    assert 70 <= sum(angle is not None for angle in half) <= 130
+    image, target = _square_item()
+    never = build_transforms(train=True, max_size=100, short_size=100, flip_prob=0.0, rotate_level=3, rotate_prob=0.0)
+    out_image, out = never(image, target)
+    assert torch.equal(out_image, image) and torch.equal(out["masks"], target["masks"])
+    for level, prob in ((11, 0.5), (-1, 0.5), (3, 1.5)):
+        with pytest.raises(ValueError, match="rotate"):
+            RandomRotate(level=level, prob=prob)
+
+
+def test_rotation_is_train_only_and_follows_the_seed() -> None:
+    image, target = _square_item()
+    evaluation = build_transforms(train=False, max_size=100, short_size=100, rotate_level=10, rotate_prob=1.0)
+    assert torch.equal(evaluation(image, target)[0], image)
+    train = build_transforms(train=True, max_size=100, short_size=100, flip_prob=0.0, rotate_level=10, rotate_prob=0.5)
+
+    def run(seed: int, workers: int) -> list[Tensor]:
+        torch.manual_seed(seed)  # what fit's seed_everything does before each epoch
+        items = [_square_item(value=v) for v in range(16)]
+        batches = functools.partial(collate, size_divisor=4)
+        loader = DataLoader(_Mapped(items, train), batch_size=1, num_workers=workers, collate_fn=batches)
+        return [targets[0]["masks"] for _, targets in loader]
+
+    first = run(3, workers=0)
+    assert all(torch.equal(a, b) for a, b in zip(first, run(3, workers=0), strict=True))
+    with_workers = run(3, workers=2)
+    assert all(torch.equal(a, b) for a, b in zip(with_workers, run(3, workers=2), strict=True))
+    rotated = {bool(not torch.equal(m, _square_item()[1]["masks"].as_subclass(Tensor))) for m in first + with_workers}
+    assert rotated == {True, False}  # prob 0.5: some items turn, some do not
+    assert not all(torch.equal(a, b) for a, b in zip(first, run(4, workers=0), strict=True))
+
+
+class _Mapped(torch.utils.data.Dataset):
+    def __init__(self, items, transform) -> None:
+        self.items, self.transform = items, transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int):
+        return self.transform(*self.items[index])

@@ -477,3 +477,143 @@ def test_cli_propose_with_clip_through_ray(tiny_json: Path, tmp_path: Path, loca
         warnings.simplefilter("ignore", DatasetSkipWarning)
         assert main(args) == 0
     assert json.loads(capsys.readouterr().out)["shards_reused"] == 2
+
+
+# --- the class vocabulary (UPLVP: the target dataset's class names) -------------------------------------------
+
+
+def _categories_json(folder: Path) -> Path:
+    """A COCO json of a target dataset: two categories with COCO-style sparse ids, out of id order."""
+    path = folder / "instances_target.json"
+    categories = [{"id": 9, "name": "pizza", "supercategory": "food"}, {"id": 5, "name": "kite"}]
+    path.write_text(json.dumps({"images": [], "annotations": [], "categories": categories}))
+    return path
+
+
+def test_class_vocabulary_prompts_are_the_class_names(tiny_json: Path, tmp_path: Path, monkeypatch) -> None:
+    seen: list[list[str]] = []
+    load = clip_proposals.load_clip_model
+
+    def recording(cfg, *, seed=0):
+        model, tokenizer = load(cfg, seed=seed)
+
+        def tokenize(texts):
+            seen.append(list(texts))
+            return tokenizer(texts)
+
+        return model, tokenize
+
+    monkeypatch.setattr(clip_proposals, "load_clip_model", recording)
+    templates = ["a photo of a {}.", "a {} in the scene."]
+    cfg = _clip_cfg(tiny_json, vocabulary="classes", categories=str(_categories_json(tmp_path)), templates=templates)
+    proposer = ClipProposer(cfg, device=torch.device("cpu"))
+    # The dataset's categories in id order (how a dataset numbers its labels), each name in every template.
+    assert proposer.categories == [{"id": 5, "name": "kite"}, {"id": 9, "name": "pizza"}]
+    assert proposer.words == ["kite", "pizza"]
+    assert seen == [["a photo of a kite.", "a kite in the scene.", "a photo of a pizza.", "a pizza in the scene."]]
+    assert proposer.word_embeddings.shape == (2, EMBED)
+
+    seen.clear()
+    listed = ClipProposer(
+        _clip_cfg(tiny_json, vocabulary="classes", class_names=["traffic light", "person"], templates=templates[:1]),
+        device=torch.device("cpu"),
+    )
+    assert listed.categories == [{"id": 1, "name": "traffic light"}, {"id": 2, "name": "person"}]
+    assert seen == [["a photo of a traffic light.", "a photo of a person."]]
+    # The default stays the class-free object words and the one category "object".
+    seen.clear()
+    objects = ClipProposer(_clip_cfg(tiny_json, words=["object", "thing"], templates=templates[:1]),
+                           device=torch.device("cpu"))
+    assert objects.categories == [{"id": 1, "name": "object"}] and objects.words == ["object", "thing"]
+    assert seen == [["a photo of a object.", "a photo of a thing."]]
+
+
+def test_each_mask_gets_the_class_closest_to_its_pooled_feature() -> None:
+    queries = torch.tensor([[1.0, 0.0], [0.0, 2.0], [0.6, 0.8], [0.8, 0.6]])
+    classes = torch.tensor([[0.0, 1.0], [3.0, 0.0]])  # class 5 along y, class 9 along x (norms do not matter)
+    found = clip_proposals.closest_categories(queries, classes, [5, 9])
+    assert found.dtype == torch.int64 and found.tolist() == [9, 5, 5, 9]
+    assert clip_proposals.closest_categories(torch.zeros(0, 2), classes, [5, 9]).tolist() == []
+
+
+def test_bad_class_vocabularies_are_named(tiny_json: Path, tmp_path: Path) -> None:
+    for change, match in (
+        ({"vocabulary": "words"}, r"clip\.vocabulary must be one of"),
+        ({"vocabulary": "classes"}, r"exactly one of clip\.categories .* or clip\.class_names"),
+        ({"vocabulary": "classes", "class_names": ["a"], "categories": "x.json"}, r"exactly one of clip\.categories"),
+        ({"class_names": ["dog"]}, r"used only with clip\.vocabulary=classes"),
+        ({"vocabulary": "classes", "class_names": ["dog", "cat", "dog"]}, r"clip\.class_names names \['dog'\] more"),
+        ({"vocabulary": "classes", "class_names": ["dog", " "]}, r"clip\.class_names must be non-empty strings"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            check_clip_config(_clip_cfg(tiny_json, **change))
+    missing = _clip_cfg(tiny_json, vocabulary="classes", categories=str(tmp_path / "gone.json"))
+    with pytest.raises(FileNotFoundError, match=r"clip\.categories=.*gone\.json: no such file"):
+        clip_proposals.check_clip_setup(missing)
+    no_categories = tmp_path / "images_only.json"
+    no_categories.write_text(json.dumps({"images": []}))
+    with pytest.raises(ConfigError, match=r"needs a non-empty 'categories' list"):
+        clip_proposals.vocabulary_categories(_clip_cfg(tiny_json, vocabulary="classes", categories=str(no_categories)))
+    twice = tmp_path / "twice.json"
+    twice.write_text(json.dumps({"categories": [{"id": 1, "name": "a"}, {"id": 1, "name": "b"}]}))
+    with pytest.raises(ConfigError, match=r"repeat ids"):
+        clip_proposals.vocabulary_categories(_clip_cfg(tiny_json, vocabulary="classes", categories=str(twice)))
+
+
+def test_class_vocabulary_writes_the_dataset_categories_and_pretraining_reads_the_labels(
+    tiny_json: Path, tmp_path: Path, monkeypatch
+) -> None:
+    folder = _write_images(tmp_path / "images")
+    target_json = _categories_json(tmp_path)
+    cfg = _propose_config(
+        tiny_json, "clip.vocabulary=classes", f"clip.categories={target_json}", "clip.background_words=[background]"
+    )
+    model, _ = load_clip_model(cfg.clip, seed=cfg.train.seed)
+    encoder = ClipDenseEncoder(model.visual).eval()
+    red = _region_vector(_features(encoder, _square_image(), cfg.clip), _square_cells())
+    blue = _region_vector(_features(encoder, _blue_image(), cfg.clip), torch.ones(8, 8, dtype=torch.bool))
+    # "pizza" is the red square's CLIP feature, "kite" its opposite (it loses to the background everywhere),
+    # the background word the blue field's: the square image gets the square, as a pizza.
+    monkeypatch.setattr(
+        clip_proposals, "text_embeddings", lambda model, tokenizer, words, templates, device: (
+            torch.stack([-red, red]) if words == ["kite", "pizza"] else blue[None]
+        )
+    )
+    items = [
+        {"id": image_id, "file_name": name, "path": str(folder / name), "height": None, "width": None}
+        for image_id, name in zip((7, 8), ("a_square.png", "b_blue.png"), strict=True)
+    ]
+    out = tmp_path / "pseudo"
+    actor = ShardActor(functools.partial(build_proposer, cfg, None), str(out / "shards"), use_gpu=False,
+                       cfg=cfg.propose, max_image_pixels=cfg.data.max_image_pixels)
+    actor({"shard": np.array([0]), "items": np.array([json.dumps(items)]), "fingerprint": np.array(["fp"])})
+    merge_shards(out, ["fp"])
+
+    data = json.loads((out / "annotations.json").read_text())
+    assert data["categories"] == [{"id": 5, "name": "kite"}, {"id": 9, "name": "pizza"}]
+    assert len(data["annotations"]) >= 1
+    assert {ann["category_id"] for ann in data["annotations"]} == {9}
+    best = mask_utils.decode(data["annotations"][0]["segmentation"]).astype(bool)
+    assert _iou(best, _square_truth()) > 0.9
+    # Pre-training's dataset numbers the classes as the target dataset does: kite 0, pizza 1.
+    dataset = CocoInstanceDataset(
+        out / "annotations.json", folder, transforms=build_transforms(train=False, max_size=WIDTH, short_size=HEIGHT),
+        extra_per_annotation=np.load(out / "prompts.npy"),
+    )
+    assert dataset.class_names == ["kite", "pizza"]
+    _, target = dataset[dataset.image_ids.index(7)]
+    assert set(target["labels"].tolist()) == {1} and target["queries"].shape[0] == target["labels"].shape[0]
+
+
+def test_the_vocabulary_is_part_of_the_shard_fingerprint(tiny_json: Path, tmp_path: Path) -> None:
+    objects = proposal_identity(_propose_config(tiny_json))
+    # The default vocabulary leaves its keys out of the identity: earlier shards keep their fingerprints.
+    assert not {"vocabulary", "categories", "class_names"} & set(objects["clip"]["clip"])
+    target_json = _categories_json(tmp_path)
+    classes = proposal_identity(_propose_config(tiny_json, "clip.vocabulary=classes", f"clip.categories={target_json}"))
+    assert classes != objects
+    assert classes["clip"]["categories"] == [{"id": 5, "name": "kite"}, {"id": 9, "name": "pizza"}]
+    # The same file with another category is another run.
+    target_json.write_text(json.dumps({"categories": [{"id": 5, "name": "kite"}, {"id": 9, "name": "donut"}]}))
+    renamed = proposal_identity(_propose_config(tiny_json, "clip.vocabulary=classes", f"clip.categories={target_json}"))
+    assert renamed != classes

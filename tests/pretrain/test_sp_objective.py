@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -26,20 +27,24 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 QUERY_CHANNELS = 24
 
 
-def write_pseudo_masks(data: dict[str, Path], out: Path, *, seed: int = 0) -> dict[str, Path]:
+def write_pseudo_masks(
+    data: dict[str, Path], out: Path, *, seed: int = 0, class_aware: bool = False
+) -> dict[str, Path]:
     """Pseudo masks as `sp-ray propose` writes them: the synthetic GT as one class and unit queries.
 
     Like real saliency queries (C5 features), the queries depend on what the mask shows: one random
-    vector per shape class plus noise.
+    vector per shape class plus noise. ``class_aware``: the masks keep the synthetic dataset's categories,
+    as CLIP's class vocabulary (``clip.vocabulary: classes``, UPLVP) writes them.
     """
     coco = json.loads(Path(data["train"]).read_text())
     annotations = []
     for index, ann in enumerate(coco["annotations"], start=1):
-        annotations.append({**ann, "id": index, "category_id": 1, "score": 1.0})
+        category = ann["category_id"] if class_aware else 1
+        annotations.append({**ann, "id": index, "category_id": category, "score": 1.0})
     pseudo = {
         "images": coco["images"],
         "annotations": annotations,
-        "categories": [{"id": 1, "name": "object"}],
+        "categories": coco["categories"] if class_aware else [{"id": 1, "name": "object"}],
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "annotations.json").write_text(json.dumps(pseudo))
@@ -248,3 +253,56 @@ def test_resume_restores_the_model_and_the_learned_projection(pseudo, tmp_path):
         for name in state_a:
             torch.testing.assert_close(state_a[name], state_b[name], rtol=1e-4, atol=1e-5, msg=name)
     assert any(not torch.equal(first[name], b.objective_state[name]) for name in first)  # it trained on
+
+
+def test_class_aware_pseudo_masks_pretrain_with_one_class_per_category_and_fine_tune(tmp_path):
+    """UPLVP's pre-training: pseudo masks that carry the dataset's classes train K-Net with num_classes = C (not
+    1); fine-tuning on the same classes then loads the class head too, on other classes re-initialises it."""
+    data = write_synthetic_dataset(tmp_path / "synthetic", num_images=8, image_size=64, seed=5)
+    classes = len(json.loads(Path(data["train"]).read_text())["categories"])
+    assert classes == 4
+    pseudo = write_pseudo_masks(data, tmp_path / "pseudo", class_aware=True)
+    # num_classes 0 takes the count from the data; one step of all 6 images, the backbone frozen as in the paper.
+    cfg = tiny_pretrain_config(
+        pseudo, "model.num_classes=0", "train.epochs=1", "train.batch_size=6", "data.num_workers=0",
+        "model.frozen_stages=4",
+    )
+    torch.manual_seed(0)
+    fit(cfg, tmp_path / "work", objective=build_sp_objective)
+    ckpt = load_checkpoint(tmp_path / "work" / "final")
+    assert ckpt.config.pretrain.enabled and ckpt.config.model.num_classes == classes
+    assert ckpt.model_state["stages.0.fc_cls.weight"].shape[0] == classes
+    assert ckpt.meta["class_names"] == ["disk", "square", "triangle", "ring"]
+    lines = [json.loads(line) for line in (tmp_path / "work" / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 1 and np.isfinite(lines[0]["loss"])
+
+    # The classification loss reads the class labels: the same masks as one class score differently.
+    model = _sp_trainable(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=classes)))
+    images, targets = _batch(pseudo, None)
+    assert any(int(t["labels"].max()) > 0 for t in targets)
+    torch.manual_seed(0)
+    labelled = model(images.float(), targets)
+    torch.manual_seed(0)
+    one_class = model(images.float(), [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets])
+    assert all(torch.isfinite(v) for v in labelled.values())
+    assert not torch.isclose(labelled["loss_cls_s1"], one_class["loss_cls_s1"])
+
+    same = build_model(tiny_pretrain_config(pseudo, f"model.num_classes={classes}", "pretrain.enabled=false"))
+    report = init_from_checkpoint(same, None, ckpt)
+    class_head = {k for k in same.state_dict() if ".fc_cls." in k}
+    assert class_head and class_head <= set(report.loaded) and report.reinitialised == []
+    other = build_model(tiny_pretrain_config(pseudo, "model.num_classes=80", "pretrain.enabled=false"))
+    other_head = {k for k in other.state_dict() if ".fc_cls." in k}
+    assert set(init_from_checkpoint(other, None, ckpt).reinitialised) == other_head
+
+
+def test_a_loaded_class_head_of_other_class_names_is_logged(caplog):
+    from sp_ray.train.loop import _warn_on_other_class_names
+
+    with caplog.at_level("WARNING", logger="sp_ray"):
+        _warn_on_other_class_names("ckpt", ["kite", "pizza"], ["kite", "pizza"])  # same classes: silent
+        _warn_on_other_class_names("ckpt", ["object"], ["person", "car"])  # re-initialised head: silent
+        assert caplog.records == []
+        _warn_on_other_class_names("ckpt", ["kite", "pizza"], ["kite", "donut"])
+    assert len(caplog.records) == 1
+    assert "label 1 was 'pizza' and is 'donut' here" in caplog.records[0].getMessage()
