@@ -15,25 +15,20 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+from results_files import commit, uncommitted_changes, write_results
+
 from sp_ray.demo.settings import VARIANT_TITLES, DemoLayout, DemoSettings, demo_runs, exported_runs
 from sp_ray.machine import cpu_facts
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _read(path: Path) -> Any:
     if not path.is_file():
         sys.exit(f"demo_results.py: {path} does not exist: run the whole demo first (make demo)")
     return json.loads(path.read_text())
-
-
-def _git(*args: str) -> str:
-    return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True).stdout.strip()
 
 
 def collect(demo: Path) -> dict[str, Any]:
@@ -51,8 +46,8 @@ def collect(demo: Path) -> dict[str, Any]:
     knet = exported_runs(settings)[0]
     steps = _read(layout.steps)
     return {
-        "demo": str(layout.root), "commit": _git("rev-parse", "--short", "HEAD"),
-        "uncommitted_changes": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "demo": str(layout.root), "commit": commit(),
+        "uncommitted_changes": uncommitted_changes(),
         "machine": cpu_facts(), "steps": steps,
         "steps_seconds_total": sum(entry["seconds"] for entry in steps.values()),
         "runs": runs, "pseudo_masks": _read(layout.pseudo_summary),
@@ -91,11 +86,7 @@ def main() -> None:
     result = collect(Path(args.demo))
     table = markdown(result)
     print(table, end="")
-    stem = Path(args.results)
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(table)
-    print(f"written: {stem.with_suffix('.json')}, {stem.with_suffix('.md')}")
+    write_results([args.results], result, table)
 
 
 if __name__ == "__main__":

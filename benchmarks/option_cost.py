@@ -31,7 +31,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from results_files import commit, uncommitted_changes, write_results
 
 from sp_ray.config import load_config
 from sp_ray.data.coco import read_coco_json
@@ -146,11 +146,6 @@ def markdown(rows: list[dict[str, Any]], header: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def commit() -> str:
-    found = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    return found.stdout.strip() or "unknown"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=30, help="timed rounds, one step of every contender each")
@@ -187,18 +182,13 @@ def main() -> None:
     header = {"image_size": args.image_size, "batch_size": batch_size, "threads": args.threads,
               "rounds": args.rounds, "warmup": args.warmup, "machine": cpu_facts(), "torch": torch.__version__,
               "python": platform.python_version(), "commit": commit(),
+              "uncommitted_changes": uncommitted_changes(),
               "load_average": list(os.getloadavg())}
     table = markdown(rows, header)
     print(table, end="")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     result = {**header, "args": vars(args), "rows": rows,
               "per_step_s": {c.name: c.seconds for c in contenders}}
-    for stem in [out, *([Path(args.results)] if args.results else [])]:
-        stem.parent.mkdir(parents=True, exist_ok=True)
-        stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-        stem.with_suffix(".md").write_text(table)
-        print(f"written: {stem.with_suffix('.json')}, {stem.with_suffix('.md')}")
+    write_results([args.out, args.results], result, table)
 
 
 if __name__ == "__main__":

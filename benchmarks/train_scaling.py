@@ -19,7 +19,6 @@ import logging
 import os
 import platform
 import statistics
-import subprocess
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import ray
 import torch
+from results_files import commit, uncommitted_changes, write_results
 
 from sp_ray.config import load_config
 from sp_ray.data.synthetic import write_synthetic_dataset
@@ -105,13 +105,12 @@ def main() -> None:
                      "ratio_to_plain": median / plain, "epochs_measured": len(values)})
     ray1 = rows[1]["images_per_second_median"]
     overhead_ms = (args.batch_size / ray1 - args.batch_size / plain) * 1000.0
-    commit = subprocess.run(["git", "-C", str(CONFIG.parents[2]), "rev-parse", "--short", "HEAD"],
-                            capture_output=True, text=True).stdout.strip()
+    at = commit()
     machine = cpu_facts()
     lines = [f"Tiny K-Net, {args.image_size} px, batch {args.batch_size} per worker, {args.cpus} CPU threads in all; "
              f"{args.rounds} interleaved rounds of {args.epochs}-epoch trainings, each training's first epoch "
              f"dropped; {machine['cpu']} ({machine['cores']} cores; {' '.join(machine['isa'])}), torch "
-             f"{torch.__version__}, Ray {ray.__version__}, Python {platform.python_version()}, commit {commit}.", "",
+             f"{torch.__version__}, Ray {ray.__version__}, Python {platform.python_version()}, commit {at}.", "",
              "| run | images/s (median) | images/s (slowest 5% of epochs) | x plain |", "|---|---:|---:|---:|"]
     lines += [f"| {row['run']} | {row['images_per_second_median']:.1f} | {row['images_per_second_p95_slowest']:.1f} "
               f"| {row['ratio_to_plain']:.2f} |" for row in rows]
@@ -119,13 +118,9 @@ def main() -> None:
     table = "\n".join(lines) + "\n"
     print(table, end="")
     result = {"args": vars(args), "machine": machine, "torch": torch.__version__, "ray": ray.__version__,
-              "commit": commit, "load_average": list(os.getloadavg()), "rows": rows,
-              "ray_overhead_ms_per_step": overhead_ms, "per_epoch": runs}
-    for stem in [Path(args.out), *([Path(args.results)] if args.results else [])]:
-        stem.parent.mkdir(parents=True, exist_ok=True)
-        stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-        stem.with_suffix(".md").write_text(table)
-        print(f"written: {stem.with_suffix('.json')}, {stem.with_suffix('.md')}")
+              "commit": at, "uncommitted_changes": uncommitted_changes(), "load_average": list(os.getloadavg()),
+              "rows": rows, "ray_overhead_ms_per_step": overhead_ms, "per_epoch": runs}
+    write_results([args.out, args.results], result, table)
 
 
 if __name__ == "__main__":
