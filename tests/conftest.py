@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import shutil
 import struct
 import zlib
 from collections.abc import Callable
@@ -21,6 +22,40 @@ from sp_ray.train.loop import fit
 REPO = Path(__file__).resolve().parents[1]
 KNET_TINY = REPO / "configs" / "demo" / "knet_tiny_synthetic.yaml"
 IMAGE_SIZE = 64
+
+
+# CI machines have a few GB of disk free and the suite's trainings write about 17 GB of checkpoints, so what a
+# module wrote is deleted once the module is done (kept when one of its tests failed, to look at). Passing tests'
+# ``tmp_path`` folders go at once (``tmp_path_retention_policy = "failed"`` in pyproject.toml); session fixtures'
+# folders live until the session ends and are made with ``session_dir``.
+_SESSION_DIRS: set[Path] = set()
+
+
+@pytest.fixture(scope="session")
+def session_dir(tmp_path_factory) -> Callable[[str], Path]:
+    """``session_dir(name)``: a fresh folder under the basetemp that outlives the module that first asked for it."""
+
+    def make(name: str) -> Path:
+        path = tmp_path_factory.mktemp(name)
+        _SESSION_DIRS.add(path)
+        return path
+
+    return make
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _free_module_disk(request, tmp_path_factory):
+    base = tmp_path_factory.getbasetemp()
+    before = set(base.iterdir())
+    failed_before = request.session.testsfailed
+    yield
+    if request.session.testsfailed != failed_before:
+        return
+    for path in set(base.iterdir()) - before - _SESSION_DIRS:
+        if path.is_symlink():  # pytest's ``<name>current`` links
+            path.unlink(missing_ok=True)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 @dataclass(frozen=True)
@@ -112,15 +147,15 @@ def write_bad_image() -> Callable[[Path, str], Path]:
 
 # A tiny K-Net over-fitted on synthetic data, exported: the export and predict tests share it (trained once).
 @pytest.fixture(scope="session")
-def synthetic(tmp_path_factory) -> dict[str, Path]:
+def synthetic(session_dir) -> dict[str, Path]:
     """10 synthetic 64 x 64 images: ``images`` folder, ``train`` json (7 images), ``val`` json (3)."""
     return write_synthetic_dataset(
-        tmp_path_factory.mktemp("synthetic"), num_images=10, image_size=IMAGE_SIZE, seed=0, val_fraction=0.25
+        session_dir("synthetic"), num_images=10, image_size=IMAGE_SIZE, seed=0, val_fraction=0.25
     )
 
 
 @pytest.fixture(scope="session")
-def trained_knet(tmp_path_factory, synthetic) -> Path:
+def trained_knet(session_dir, synthetic) -> Path:
     """Final checkpoint of a tiny K-Net trained 40 epochs on the train images (evaluated on them too).
 
     Over-fitting a handful of images gives segm / bbox AP of about 20 / 25 on them, so AP comparisons
@@ -137,13 +172,13 @@ def trained_knet(tmp_path_factory, synthetic) -> Path:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return fit(cfg, tmp_path_factory.mktemp("knet_run"))
+        return fit(cfg, session_dir("knet_run"))
     finally:
         torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
-def knet_export(tmp_path_factory, trained_knet, synthetic):
+def knet_export(session_dir, trained_knet, synthetic):
     """``export_checkpoint`` of the trained K-Net: fp32, dynamic size and batch, parity on the val images."""
     from export.exporter.onnx_export import export_checkpoint
 
@@ -151,7 +186,7 @@ def knet_export(tmp_path_factory, trained_knet, synthetic):
     torch.set_num_threads(1)
     try:
         return export_checkpoint(
-            trained_knet, tmp_path_factory.mktemp("onnx") / "knet.onnx", input_size=None, batch_size=None,
+            trained_knet, session_dir("onnx") / "knet.onnx", input_size=None, batch_size=None,
             parity_images=synthetic["images"], parity_count=4,
         )
     finally:

@@ -22,7 +22,7 @@ TOPK = 6
 
 
 @pytest.fixture(scope="session")
-def served_model(tmp_path_factory) -> Path:
+def served_model(session_dir) -> Path:
     """A random tiny K-Net (ResNet-18, 8 kernels, 64 px resize), exported with a dynamic batch and size.
 
     ``eval.score_threshold`` 0 keeps all ``TOPK`` detections by default, so every answer has instances.
@@ -40,7 +40,7 @@ def served_model(tmp_path_factory) -> Path:
         info = model_info(cfg, class_names=CLASS_NAMES, cat_ids=CAT_IDS, input_size=None, batch_size=None,
                           source="tests/serve random K-Net")
         sample = np.random.default_rng(0).integers(0, 256, (2, 3, 64, 64), np.uint8)
-        return export_model(model.eval(), info, tmp_path_factory.mktemp("serve_model") / "knet.onnx", sample=sample)
+        return export_model(model.eval(), info, session_dir("serve_model") / "knet.onnx", sample=sample)
     finally:
         torch.set_num_threads(threads)
 
