@@ -235,6 +235,11 @@ class TrainConfig:
     checkpoints_to_keep: int = 2  # reported checkpoints kept by Ray (best by val segm AP when evaluated)
     max_failures: int = 3  # worker failures survived by restarting from the last reported checkpoint
     inject_failure_at_step: int = -1  # testing only: worker rank 1 (or 0 if alone) raises once at this step
+    # Experiment tracking, from rank 0 (README "Experiment tracking"; sp_ray.train.tracking).
+    tensorboard: bool = True  # TensorBoard event files under WORK_DIR/tensorboard
+    mlflow_tracking_uri: str = ""  # an MLflow run here (file:DIR, sqlite:///FILE.db, http://HOST:5000); "" = none
+    mlflow_experiment: str = ""  # its experiment; "" = "sp-ray"
+    wandb_project: str = ""  # a W&B run in this project (needs the wandb package); "" = none
 
 
 @dataclass
@@ -618,7 +623,8 @@ PATH_KEYS = (
 
 def absolute_paths(cfg: Config, base: str | Path | None = None) -> Config:
     """``cfg`` with every relative path of ``PATH_KEYS`` made absolute against ``base`` (default: the current
-    directory); empty, None and URI (``s3://...``) values are left as they are."""
+    directory); empty, None and URI (``s3://...``) values are left as they are. A relative local MLflow store
+    (``train.mlflow_tracking_uri`` ``file:DIR`` or ``DIR``) becomes ``file:/ABSOLUTE/DIR``."""
     base = Path(base or Path.cwd()).absolute()
     sections: dict[str, dict[str, Any]] = {}
     for dotted in PATH_KEYS:
@@ -626,9 +632,26 @@ def absolute_paths(cfg: Config, base: str | Path | None = None) -> Config:
         value = getattr(getattr(cfg, section), key)
         if value and "://" not in value and not Path(value).is_absolute():
             sections.setdefault(section, {})[key] = str(base / value)
+    uri = absolute_tracking_uri(cfg.train.mlflow_tracking_uri, base)
+    if uri != cfg.train.mlflow_tracking_uri:
+        sections.setdefault("train", {})["mlflow_tracking_uri"] = uri
     return dataclasses.replace(
         cfg, **{name: dataclasses.replace(getattr(cfg, name), **keys) for name, keys in sections.items()}
     )
+
+
+def absolute_tracking_uri(uri: str, base: str | Path | None = None) -> str:
+    """An MLflow tracking URI with a relative local store (``file:DIR``, a bare ``DIR``, ``sqlite:///FILE``)
+    made absolute against ``base`` (default: the current directory), as Ray workers and Tune trials run in
+    other directories; any other URI (``http://``, ``databricks``, absolute paths, "") as it is."""
+    base = Path(base or Path.cwd()).absolute()
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{base / uri[len('sqlite:///'):]}"
+    if uri != "databricks" and (uri.startswith("file:") or ":" not in uri):
+        local = uri.removeprefix("file:")
+        if local and not local.startswith("/"):
+            return f"file:{base / local}"
+    return uri
 
 
 def dump_config(cfg: Config) -> str:

@@ -34,6 +34,7 @@ from sp_ray.device import select_device
 from sp_ray.errors import NonFiniteLossError, UserError
 from sp_ray.train.loop import keep_metrics_through, seed_everything
 from sp_ray.train.session import LocalSession, current_session
+from sp_ray.train.tracking import open_tracker
 
 if TYPE_CHECKING:
     from sp_ray.train.preflight import TrainingPlan
@@ -235,51 +236,56 @@ def train_densecl(
              len(loader.dataset), world_size, cfg.ssl.batch_size, len(loader), lr)
 
     metrics: dict[str, Any] = {}
-    for epoch in range(start_epoch, cfg.ssl.epochs):
-        # Augmentations are a function of (seed, epoch, rank), so a resumed run repeats the views
-        # the uninterrupted one would have drawn, and workers do not share crops.
-        seed_everything((cfg.train.seed * 1000 + epoch) * 1000 + rank)
-        if isinstance(loader.sampler, DistributedSampler):
-            loader.sampler.set_epoch(epoch)
-        sums = {"loss": 0.0, "loss_global": 0.0, "loss_dense": 0.0}
-        start = time.perf_counter()
-        for it, views in enumerate(loader):
-            values = ssl_train_step(
-                train_model, views.to(device, non_blocking=True), optimizer, scheduler, amp=cfg.train.amp
-            )
-            for name in sums:
-                sums[name] += values[name]
-            step += 1
-            session.on_step(step)
-            if rank == 0 and cfg.train.log_interval and (it + 1) % cfg.train.log_interval == 0:
-                log.info("ssl epoch %d/%d iter %d/%d loss %.4f (global %.4f, dense %.4f) lr %.3e",
-                         epoch + 1, cfg.ssl.epochs, it + 1, len(loader), values["loss"],
-                         values["loss_global"], values["loss_dense"], optimizer.param_groups[0]["lr"])
-        seconds = time.perf_counter() - start
-        images_seen = len(loader) * cfg.ssl.batch_size * world_size
-        metrics = {"epoch": epoch + 1, "step": step, **{k: v / max(1, len(loader)) for k, v in sums.items()},
-                   "images_per_second": images_seen / max(seconds, 1e-9),
-                   "lr": optimizer.param_groups[0]["lr"]}
-        checkpoint = None
-        if rank == 0:
-            log.info("ssl epoch %d/%d done: loss %.4f (global %.4f, dense %.4f), %.1f images/s",
-                     epoch + 1, cfg.ssl.epochs, metrics["loss"], metrics["loss_global"], metrics["loss_dense"],
-                     metrics["images_per_second"])
-            with open(work_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(metrics) + "\n")
-            last = epoch + 1 == cfg.ssl.epochs
-            if last or (cfg.train.checkpoint_interval and (epoch + 1) % cfg.train.checkpoint_interval == 0):
-                checkpoint = save_checkpoint(
-                    work_dir / "last", model=model, config=cfg, meta={"kind": "densecl", **metrics},
-                    training_state={"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                    "epoch": epoch + 1, "step": step},
+    with open_tracker(cfg, work_dir, rank=rank, start_step=step, continued=source is not None) as tracker:
+        for epoch in range(start_epoch, cfg.ssl.epochs):
+            # Augmentations are a function of (seed, epoch, rank), so a resumed run repeats the views
+            # the uninterrupted one would have drawn, and workers do not share crops.
+            seed_everything((cfg.train.seed * 1000 + epoch) * 1000 + rank)
+            if isinstance(loader.sampler, DistributedSampler):
+                loader.sampler.set_epoch(epoch)
+            sums = {"loss": 0.0, "loss_global": 0.0, "loss_dense": 0.0}
+            start = time.perf_counter()
+            for it, views in enumerate(loader):
+                values = ssl_train_step(
+                    train_model, views.to(device, non_blocking=True), optimizer, scheduler, amp=cfg.train.amp
                 )
-        session.report(metrics, checkpoint)
+                for name in sums:
+                    sums[name] += values[name]
+                step += 1
+                tracker.log_step(step, values, optimizer.param_groups[0]["lr"])
+                session.on_step(step)
+                if rank == 0 and cfg.train.log_interval and (it + 1) % cfg.train.log_interval == 0:
+                    log.info("ssl epoch %d/%d iter %d/%d loss %.4f (global %.4f, dense %.4f) lr %.3e",
+                             epoch + 1, cfg.ssl.epochs, it + 1, len(loader), values["loss"],
+                             values["loss_global"], values["loss_dense"], optimizer.param_groups[0]["lr"])
+            seconds = time.perf_counter() - start
+            images_seen = len(loader) * cfg.ssl.batch_size * world_size
+            metrics = {"epoch": epoch + 1, "step": step, **{k: v / max(1, len(loader)) for k, v in sums.items()},
+                       "images_per_second": images_seen / max(seconds, 1e-9),
+                       "lr": optimizer.param_groups[0]["lr"]}
+            checkpoint = None
+            if rank == 0:
+                log.info("ssl epoch %d/%d done: loss %.4f (global %.4f, dense %.4f), %.1f images/s",
+                         epoch + 1, cfg.ssl.epochs, metrics["loss"], metrics["loss_global"], metrics["loss_dense"],
+                         metrics["images_per_second"])
+                with open(work_dir / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(metrics) + "\n")
+                tracker.log_epoch(metrics)
+                last = epoch + 1 == cfg.ssl.epochs
+                if last or (cfg.train.checkpoint_interval and (epoch + 1) % cfg.train.checkpoint_interval == 0):
+                    checkpoint = save_checkpoint(
+                        work_dir / "last", model=model, config=cfg, meta={"kind": "densecl", **metrics},
+                        training_state={"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                        "epoch": epoch + 1, "step": step},
+                    )
+            session.report(metrics, checkpoint)
 
-    if rank == 0 and start_epoch < cfg.ssl.epochs:
-        save_checkpoint(final, model=model, config=cfg, meta={"kind": "densecl", **metrics})
-        _write_backbone(model, final / BACKBONE_FILE)
-        log.info("DenseCL backbone written to %s (use it as model.backbone_weights)", final / BACKBONE_FILE)
+        if rank == 0 and start_epoch < cfg.ssl.epochs:
+            save_checkpoint(final, model=model, config=cfg, meta={"kind": "densecl", **metrics})
+            _write_backbone(model, final / BACKBONE_FILE)
+            log.info("DenseCL backbone written to %s (use it as model.backbone_weights)", final / BACKBONE_FILE)
+        if rank == 0 and final.is_dir():
+            tracker.log_final(final)
     session.finish(model)
     if world_size > 1:
         dist.barrier()

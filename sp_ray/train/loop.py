@@ -36,6 +36,7 @@ from sp_ray.objectives import Trainable, build_objective
 from sp_ray.pretrain.sp_objective import load_saliency_queries
 from sp_ray.train.optim import build_optimizer, build_scheduler
 from sp_ray.train.session import LocalSession
+from sp_ray.train.tracking import open_tracker
 from sp_ray.types import Target
 
 log = logging.getLogger("sp_ray")
@@ -143,8 +144,12 @@ def train_one_epoch(
     epoch: int,
     cfg: Config,
     on_step: Callable[[int], None] | None = None,
+    track: Callable[[int, dict[str, float], float], None] | None = None,
 ) -> EpochStats:
-    """Run one pass over ``loader``; logs a line every ``train.log_interval`` iterations."""
+    """Run one pass over ``loader``; logs a line every ``train.log_interval`` iterations.
+
+    ``on_step(iteration)`` and ``track(iteration, loss values, lr)`` are called after every step (iterations
+    count from 0 in the epoch)."""
     sums: dict[str, float] = defaultdict(float)
     seen = 0
     start = time.perf_counter()
@@ -156,6 +161,8 @@ def train_one_epoch(
         for name, value in values.items():
             sums[name] += value
         seen += images.shape[0]
+        if track is not None:
+            track(it, values, optimizer.param_groups[0]["lr"])
         if on_step is not None:
             on_step(it)
         if cfg.train.log_interval and (it + 1) % cfg.train.log_interval == 0:
@@ -375,52 +382,61 @@ def fit(
 
     meta_base = {"class_names": train_set.class_names, "cat_ids": train_set.cat_ids}
     failed_evaluation: str | None = None
-    for epoch in range(start_epoch, cfg.train.epochs):
-        # Seeding per epoch (and rank) makes data order and augmentation a function of (seed, epoch,
-        # rank), so a resumed run sees exactly the batches the uninterrupted run would have seen.
-        seed_everything(cfg.train.seed * 1000 + epoch + 7919 * rank)
-        if isinstance(loader.sampler, DistributedSampler):
-            loader.sampler.set_epoch(epoch)
-        stats = train_one_epoch(
-            wrapped, loader, optimizer, scheduler, device=device, epoch=epoch, cfg=cfg,
-            on_step=lambda it, first=step: session.on_step(first + it + 1),
-        )
-        step += len(loader)
-        names = sorted(stats.losses)
-        totals = session.all_reduce_sum([stats.images, stats.seconds, *(stats.losses[n] for n in names)])
-        seconds = max(totals[1] / world_size, 1e-9)
-        mean_losses = {n: v / world_size for n, v in zip(names, totals[2:], strict=True)}
-        metrics: dict[str, Any] = {
-            "epoch": epoch + 1, "step": step, **mean_losses, "images_per_second": totals[0] / seconds,
-            "lr": optimizer.param_groups[0]["lr"], "images": int(totals[0]), "time": time.time(),
-        }
-        last = epoch + 1 == cfg.train.epochs
-        checkpoint = None
-        if rank == 0:
-            written: list[Path] = []
-            if last or (cfg.train.checkpoint_interval and (epoch + 1) % cfg.train.checkpoint_interval == 0):
-                checkpoint = save_checkpoint(
-                    work_dir / "last", model=plain.model, objective=plain.objective, config=cfg,
-                    meta={**meta_base, **metrics},
-                    training_state={"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                    "epoch": epoch + 1, "step": step},
-                )
-                written.append(checkpoint)
-            if last:
-                written.append(save_checkpoint(final, model=plain.model, objective=plain.objective, config=cfg,
-                                               meta={**meta_base, **metrics}))
-            if cfg.data.val_annotations and (
-                last or (cfg.train.eval_interval and (epoch + 1) % cfg.train.eval_interval == 0)
-            ):
-                ap, failed_evaluation = _validate(plain.model, cfg, device, epoch=epoch + 1, written=written)
-                metrics.update(ap)
-                for path in written:
-                    update_meta(path, ap)
-            log.info("epoch %d/%d done: loss %.4f, %.1f img/s", epoch + 1, cfg.train.epochs,
-                     metrics.get("loss", float("nan")), metrics["images_per_second"])
-            with open(work_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(metrics) + "\n")
-        session.report(metrics, checkpoint)
+    with open_tracker(cfg, work_dir, rank=rank, start_step=step, continued=source is not None,
+                      evaluated=bool(cfg.data.val_annotations)) as tracker:
+        for epoch in range(start_epoch, cfg.train.epochs):
+            # Seeding per epoch (and rank) makes data order and augmentation a function of (seed, epoch,
+            # rank), so a resumed run sees exactly the batches the uninterrupted run would have seen.
+            seed_everything(cfg.train.seed * 1000 + epoch + 7919 * rank)
+            if isinstance(loader.sampler, DistributedSampler):
+                loader.sampler.set_epoch(epoch)
+            stats = train_one_epoch(
+                wrapped, loader, optimizer, scheduler, device=device, epoch=epoch, cfg=cfg,
+                on_step=lambda it, first=step: session.on_step(first + it + 1),
+                track=lambda it, values, lr, first=step: tracker.log_step(first + it + 1, values, lr),
+            )
+            step += len(loader)
+            names = sorted(stats.losses)
+            totals = session.all_reduce_sum([stats.images, stats.seconds, *(stats.losses[n] for n in names)])
+            seconds = max(totals[1] / world_size, 1e-9)
+            mean_losses = {n: v / world_size for n, v in zip(names, totals[2:], strict=True)}
+            metrics: dict[str, Any] = {
+                "epoch": epoch + 1, "step": step, **mean_losses, "images_per_second": totals[0] / seconds,
+                "lr": optimizer.param_groups[0]["lr"], "images": int(totals[0]), "time": time.time(),
+            }
+            last = epoch + 1 == cfg.train.epochs
+            checkpoint = None
+            if rank == 0:
+                written: list[Path] = []
+                if last or (cfg.train.checkpoint_interval and (epoch + 1) % cfg.train.checkpoint_interval == 0):
+                    checkpoint = save_checkpoint(
+                        work_dir / "last", model=plain.model, objective=plain.objective, config=cfg,
+                        meta={**meta_base, **metrics},
+                        training_state={"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                        "epoch": epoch + 1, "step": step},
+                    )
+                    written.append(checkpoint)
+                if last:
+                    written.append(save_checkpoint(final, model=plain.model, objective=plain.objective, config=cfg,
+                                                   meta={**meta_base, **metrics}))
+                ap: dict[str, float] = {}
+                if cfg.data.val_annotations and (
+                    last or (cfg.train.eval_interval and (epoch + 1) % cfg.train.eval_interval == 0)
+                ):
+                    ap, failed_evaluation, results = _validate(plain.model, cfg, device, epoch=epoch + 1,
+                                                               written=written)
+                    metrics.update(ap)
+                    tracker.log_predictions(step, results)
+                    for path in written:
+                        update_meta(path, ap)
+                log.info("epoch %d/%d done: loss %.4f, %.1f img/s", epoch + 1, cfg.train.epochs,
+                         metrics.get("loss", float("nan")), metrics["images_per_second"])
+                with open(work_dir / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(metrics) + "\n")
+                tracker.log_epoch(metrics, evaluated=tuple(ap))
+            session.report(metrics, checkpoint)
+        if rank == 0 and final.is_dir():
+            tracker.log_final(final)
     session.finish(plain)
     if failed_evaluation is not None and start_epoch < cfg.train.epochs:
         raise EvaluationError(failed_evaluation)
@@ -429,14 +445,15 @@ def fit(
 
 def _validate(
     model: nn.Module, cfg: Config, device: torch.device, *, epoch: int, written: list[Path]
-) -> tuple[dict[str, float], str | None]:
-    """COCO AP on ``data.val_*`` as flat metrics (``segm_AP``, ...), or ({}, the error) when evaluation fails.
+) -> tuple[dict[str, float], str | None, list[dict[str, Any]]]:
+    """COCO AP on ``data.val_*`` as flat metrics (``segm_AP``, ...), None and the COCO results (for the
+    prediction overlays of ``sp_ray.train.tracking``); or ({}, the error, []) when evaluation fails.
 
     Any exception of the evaluation is caught: the model is already saved in ``written`` (or is still
     training), and retrying the training would not make the validation data evaluable.
     """
     try:
-        ap, _ = evaluate_model(
+        ap, results = evaluate_model(
             model, cfg, annotations=cfg.data.val_annotations, images=cfg.data.val_images, device=device,
         )
     except Exception as err:  # whatever fails in evaluation must not fail the training
@@ -446,6 +463,6 @@ def _validate(
         message = (f"the evaluation of epoch {epoch} on {cfg.data.val_annotations} failed "
                    f"({type(err).__name__}: {err}); {saved}")
         log.error("%s", message, exc_info=True)
-        return {}, message
+        return {}, message, []
     log.info("epoch %d validation\n%s", epoch, format_metrics(ap))
-    return {f"{t}_{k}": v for t, values in ap.items() for k, v in values.items()}, None
+    return {f"{t}_{k}": v for t, values in ap.items() for k, v in values.items()}, None, results

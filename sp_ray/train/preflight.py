@@ -23,6 +23,7 @@ from torch import nn
 from sp_ray.checkpoint import init_from_checkpoint, load_checkpoint
 from sp_ray.config import Config, check_config_values
 from sp_ray.errors import UserError
+from sp_ray.train.tracking import check_tracking
 
 log = logging.getLogger("sp_ray")
 
@@ -282,6 +283,7 @@ def check_training(
     if task not in ("finetune", "pretrain", "ssl"):
         raise ValueError(f"task must be 'finetune', 'pretrain' or 'ssl', got {task!r}")
     check_config_values(cfg, task=task)
+    check_tracking(cfg)  # a tracking key whose package is missing fails here, not in the worker after minutes
     if task != "ssl":
         from sp_ray.models import model_family
 

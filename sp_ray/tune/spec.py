@@ -16,7 +16,9 @@ from pathlib import Path
 
 import yaml
 
-from sp_ray.config import ConfigError, load_yaml_dataclass
+from sp_ray.config import ConfigError, absolute_tracking_uri, load_yaml_dataclass
+from sp_ray.errors import UserError
+from sp_ray.train.tracking import require_package
 
 SEARCHERS = ("basic",)
 SCHEDULERS = ("asha", "fifo")
@@ -68,6 +70,15 @@ class ResourcesConfig:
 
 
 @dataclass
+class TrackingConfig:
+    # Every trial an MLflow run (Tune's MLflowLoggerCallback, on the driver): its sample as params, each epoch's
+    # metrics. file:DIR, sqlite:///FILE.db or a server; "" = none. A trial's work dir has its TensorBoard files.
+    mlflow_tracking_uri: str = ""
+    mlflow_experiment: str = ""  # "" = the sweep's name
+    wandb_project: str = ""  # every trial a W&B run (Tune's WandbLoggerCallback; needs wandb); "" = none
+
+
+@dataclass
 class SweepConfig:
     name: str = ""  # the Tune experiment: STORAGE/NAME holds trials, splits and results
     storage_path: str = ""  # local dir or shared mount every node sees; "" = work_dirs/tune
@@ -80,6 +91,7 @@ class SweepConfig:
     search: SearchConfig = field(default_factory=SearchConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     @property
     def experiment_dir(self) -> Path:
@@ -124,6 +136,9 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
         finetune_config=str((here / sweep.finetune_config).resolve()),
         pretrain_config=str((here / sweep.pretrain_config).resolve()) if sweep.pretrain_config else "",
         data=dataclasses.replace(sweep.data, **data_paths),
+        tracking=dataclasses.replace(
+            sweep.tracking, mlflow_tracking_uri=absolute_tracking_uri(sweep.tracking.mlflow_tracking_uri)
+        ),
     )
 
 
@@ -173,5 +188,10 @@ def check_sweep(sweep: SweepConfig, *, source: str) -> None:
         problems.append(f"resources.gpus_per_worker must be >= 0, got {r.gpus_per_worker}")
     if r.max_concurrent_trials < 0:
         problems.append(f"resources.max_concurrent_trials must be >= 0 (0 = what fits), got {r.max_concurrent_trials}")
+    for package, key in (("mlflow", "mlflow_tracking_uri"), ("wandb", "wandb_project")):
+        try:
+            require_package(package, f"tracking.{key}", getattr(sweep.tracking, key))
+        except UserError as err:
+            problems.append(str(err))
     if problems:
         raise ConfigError(f"{source}: " + "; ".join(problems))

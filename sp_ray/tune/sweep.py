@@ -25,6 +25,7 @@ from sp_ray.config import ConfigError, config_to_dict, load_config
 from sp_ray.data.images import list_image_files
 from sp_ray.data.split import fraction_tag, split_fractions
 from sp_ray.train.ray_train import init_ray
+from sp_ray.train.tracking import allow_file_store
 from sp_ray.tune.cache import settings_key
 from sp_ray.tune.results import UNFINISHED, TrialRecord, collect_trials, write_results
 from sp_ray.tune.scheduler import FractionASHA
@@ -89,12 +90,31 @@ def run_sweep(sweep: SweepConfig, *, resume: bool = False) -> SweepOutcome:
         tuner = tune.Tuner(trainable, param_space=param_space(params, sweep.fractions),
                            tune_config=_tune_config(sweep, params, finetune_base),
                            run_config=tune.RunConfig(name=sweep.name, storage_path=sweep.storage_path,
-                                                     failure_config=tune.FailureConfig(max_failures=0)))
+                                                     failure_config=tune.FailureConfig(max_failures=0),
+                                                     callbacks=tracking_callbacks(sweep)))
     tuner.fit()
     records = collect_trials(experiment, params, sweep.search.metric)
     files = write_results(records, experiment / "results", params=params, metric=sweep.search.metric,
                           sweep_name=sweep.name)
     return SweepOutcome(experiment, records, files, complete=all(r.status != UNFINISHED for r in records))
+
+
+def tracking_callbacks(sweep: SweepConfig) -> list[Any]:
+    """Ray's logger callbacks of the sweep's ``tracking`` section: one MLflow / W&B run per trial, with the trial's
+    sample as params and every reported epoch as metrics (step: Tune's training iteration, the epoch)."""
+    callbacks: list[Any] = []
+    t = sweep.tracking
+    if t.mlflow_tracking_uri:
+        from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+        allow_file_store(t.mlflow_tracking_uri)
+        callbacks.append(MLflowLoggerCallback(tracking_uri=t.mlflow_tracking_uri,
+                                              experiment_name=t.mlflow_experiment or sweep.name))
+    if t.wandb_project:
+        from ray.air.integrations.wandb import WandbLoggerCallback
+
+        callbacks.append(WandbLoggerCallback(project=t.wandb_project, group=sweep.name))
+    return callbacks
 
 
 def _record_sweep(sweep: SweepConfig, path: Path, *, resume: bool) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 
 import ray.tune
 
-from sp_ray.config import Config, config_from_dict, config_to_dict, dump_config
+from sp_ray.config import Config, absolute_tracking_uri, config_from_dict, config_to_dict, dump_config
 from sp_ray.pretrain.propose import check_propose_config, proposal_identity, propose
 from sp_ray.pretrain.sp_objective import check_pretrain_config
 from sp_ray.train.ray_train import run_training
@@ -38,7 +38,8 @@ FINETUNE_CONFIG = "finetune.yaml"
 # Settings that change how a stage runs, not what it computes; left out of the cache keys.
 RUNTIME_KEYS = {
     "train": ("log_interval", "storage_path", "checkpoints_to_keep", "max_failures", "resources_per_worker",
-              "placement_strategy", "checkpoint_interval", "eval_interval", "inject_failure_at_step"),
+              "placement_strategy", "checkpoint_interval", "eval_interval", "inject_failure_at_step",
+              "tensorboard", "mlflow_tracking_uri", "mlflow_experiment", "wandb_project"),
     "data": ("num_workers",),
     "propose": ("batch_size", "shard_size", "num_actors", "cpus_per_actor"),
 }
@@ -198,6 +199,7 @@ def with_paths(cfg: Config, cwd: str | Path) -> Config:
         value = data[section][key]
         if value and not Path(value).is_absolute():
             data[section][key] = str(Path(cwd) / value)
+    data["train"]["mlflow_tracking_uri"] = absolute_tracking_uri(data["train"]["mlflow_tracking_uri"], cwd)
     return config_from_dict(data, source="trial paths")
 
 

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import ray
+from mlflow.tracking import MlflowClient
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from sp_ray.checkpoint import load_checkpoint
 from sp_ray.config import dump_config, load_config
@@ -140,9 +142,11 @@ def test_two_workers_train_in_step(local_ray, tiny_data, tmp_path):
     assert lines[-1]["step"] == 4
 
 
-def test_worker_failure_resumes_from_last_checkpoint(local_ray, tiny_data, tmp_path):
+def test_worker_failure_resumes_from_last_checkpoint(local_ray, tiny_data, tmp_path, monkeypatch):
+    # With tracking: the relative MLflow store is made absolute on the driver (workers run elsewhere).
+    monkeypatch.chdir(tmp_path)
     cfg = tiny_config(tiny_data, "train.epochs=4", "train.num_workers=2", "train.inject_failure_at_step=7",
-                      "train.max_failures=1", "train.checkpoint_interval=2")
+                      "train.max_failures=1", "train.checkpoint_interval=2", "train.mlflow_tracking_uri=file:mlruns")
     final = run_training(cfg, tmp_path)
     assert (tmp_path / ".injected_failure_done").exists()
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -152,6 +156,19 @@ def test_worker_failure_resumes_from_last_checkpoint(local_ray, tiny_data, tmp_p
     assert [m["epoch"] for m in lines] == [1, 2, 3, 4]
     assert [m["step"] for m in lines] == [2, 4, 6, 8]
     assert load_checkpoint(final).meta["step"] == 8
+    # Rank 0's event files: the restarted run hides the steps it redoes (5-7), so every step is there once.
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 9))
+    assert [e.step for e in events.Scalars("epoch/loss")] == [2, 4, 6, 8]
+    # One MLflow run over both attempts: every epoch in its history, epoch 3 logged by each attempt.
+    client = MlflowClient(tracking_uri=f"file:{tmp_path / 'mlruns'}")
+    [run] = client.search_runs([client.get_experiment_by_name("sp-ray").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["train.num_workers"] == "2"
+    history = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss")]
+    assert sorted({step for step, _ in history}) == [1, 2, 3, 4]
+    assert [value for step, value in history if step == 4] == [pytest.approx(lines[-1]["loss"])]
+    assert "final/model.pt" in {a.path for a in client.list_artifacts(run.info.run_id, "final")}
 
 
 def test_gpu_request_without_gpus_is_an_error(local_ray, tiny_data, tmp_path):

@@ -13,7 +13,9 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
+from mlflow.tracking import MlflowClient
 from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from sp_ray.config import ConfigError, config_to_dict, load_config
 from sp_ray.data.synthetic import write_synthetic_dataset
@@ -301,9 +303,23 @@ def trial_record(outcome, trial_id: str) -> dict:
 def test_two_fractions_by_two_settings(local_ray, tiny_data, cache, tmp_path):
     path = write_sweep(tmp_path / "grid.yaml", tiny_data, cache=cache,
                        finetune={"train.epochs": 2, "train.lr": {"grid": [5e-4, 1e-3]}},
-                       scheduler={"name": "asha", "grace_period": 1, "reduction_factor": 2})
+                       scheduler={"name": "asha", "grace_period": 1, "reduction_factor": 2},
+                       tracking={"mlflow_tracking_uri": f"file:{tmp_path / 'mlruns'}"})
     outcome = run_sweep(load_sweep(path))
     assert outcome.complete and len(outcome.records) == 4
+    # Each trial: an MLflow run of its sample and its epochs (Tune's MLflowLoggerCallback), TensorBoard files
+    # of its fine-tuning with the val AP of each epoch it ran.
+    client = MlflowClient(tracking_uri=f"file:{tmp_path / 'mlruns'}")
+    runs = client.search_runs([client.get_experiment_by_name("grid").experiment_id])
+    assert len(runs) == 4 and {r.info.status for r in runs} == {"FINISHED"}
+    for record in outcome.records:
+        [run] = [r for r in runs if record.trial_id in r.info.run_name]
+        assert float(run.data.params["finetune/train.lr"]) == record.params["finetune/train.lr"]
+        epochs = [m.step for m in client.get_metric_history(run.info.run_id, "segm_AP")]
+        assert epochs and epochs == list(range(1, len(epochs) + 1))
+        events = EventAccumulator(str(outcome.experiment_dir / record.trial_id / "finetune" / "tensorboard"))
+        events.Reload()
+        assert len(events.Scalars("val/segm_AP")) == len(epochs)
     assert all(r.status in (DONE, STOPPED) and r.best is not None for r in outcome.records)
     assert sorted((r.fraction, r.params["finetune/train.lr"]) for r in outcome.records) == [
         (0.5, 5e-4), (0.5, 1e-3), (1.0, 5e-4), (1.0, 1e-3)]
