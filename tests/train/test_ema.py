@@ -102,6 +102,13 @@ def test_final_and_evaluation_hold_the_average(tiny_data, tmp_path, one_thread, 
     # last/ keeps the trained weights themselves, which differ from their average.
     differs = [n for n, t in last.model_state.items() if t.is_floating_point() and not torch.equal(t, average[n])]
     assert differs
+    # The export is of final/, the average, and its metadata says so.
+    from export.exporter.onnx_export import export_checkpoint
+
+    exported = export_checkpoint(tmp_path / "final", tmp_path / "model.onnx", input_size=(64, 64), batch_size=1,
+                                 parity_images=tiny_data["images"], parity_count=1)
+    assert exported.parity.passed
+    assert exported.info.source.endswith("EMA weights of decay 0.5 after 4 steps)")
 
 
 def test_resume_restores_the_average(tiny_data, tmp_path, one_thread):
