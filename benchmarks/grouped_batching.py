@@ -141,12 +141,16 @@ def main() -> None:
     parser.add_argument("--out", default="runs/bench/grouped_batching", help="writes OUT.json and OUT.md")
     parser.add_argument("--results", default=None, help="also copy them to this stem (benchmarks/results/...)")
     args = parser.parse_args()
+    short = round(args.image_size * 3 / 4)
+    if args.image_size % 32 or short % 32:
+        # Batches are padded to multiples of data.size_divisor (32): other sides pad every batch, grouped or not.
+        parser.error(f"--image-size {args.image_size}: both sides ({args.image_size} and {short}) must be multiples "
+                     "of 32 (data.size_divisor), e.g. 128 or 256")
     torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory() as tmp:
         paths = write_synthetic_dataset(Path(tmp) / "data", num_images=args.num_images, image_size=args.image_size,
                                         seed=args.seed, aspect_ratios=ASPECT_RATIOS)
-        short = round(args.image_size * 3 / 4)
         overrides = [f"data.train_annotations={paths['train']}", f"data.train_images={paths['images']}",
                      f"data.max_size={args.image_size}", f"data.short_size={short}", "data.num_workers=0",
                      f"train.batch_size={args.batch_size}"]
