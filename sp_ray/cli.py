@@ -1,6 +1,6 @@
 """The ``sp-ray`` command line: each subcommand parses its arguments and calls one library function.
 
-    sp-ray data synthetic --out DIR [--num-images N] [--image-size S] [--seed K]
+    sp-ray data synthetic --out DIR [--num-images N] [--image-size S] [--seed K] [--aspect-ratios W/H ...]
     sp-ray data split --annotations A.json --fractions 0.01 0.05 0.1 --seed 0 --out DIR
     sp-ray data convert --format cityscapes|ctw1500 --split SPLIT --out A.json [--root DIR]
                         [--source auto|instance-ids|polygons] [--images DIR] [--labels DIR]
@@ -128,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--num-images", type=int, default=400)
     syn.add_argument("--image-size", type=int, default=160)
     syn.add_argument("--seed", type=int, default=0)
+    syn.add_argument("--aspect-ratios", type=float, nargs="+", default=[], metavar="W/H",
+                     help="width / height of the images, each drawn from these (e.g. 1.333 0.75: landscape and "
+                          "portrait; long side --image-size); default: square")
     split = command(data_sub, "split", help="nested labeled fractions of a COCO json")
     split.add_argument("--annotations", required=True)
     split.add_argument("--fractions", type=float, nargs="+", required=True)
@@ -334,6 +337,7 @@ def cmd_data(args: argparse.Namespace) -> None:
 
         paths = write_synthetic_dataset(
             args.out, num_images=args.num_images, image_size=args.image_size, seed=args.seed,
+            aspect_ratios=args.aspect_ratios,
         )
         print(json.dumps({k: str(v) for k, v in paths.items()}, indent=2))
     elif args.data_command == "convert":

@@ -194,6 +194,10 @@ class DataConfig:
     rotate_level: float = 0.0
     rotate_prob: float = 0.5  # mmdet Rotate's default prob
     size_divisor: int = 32
+    # Batches of one orientation (width >= height, or width < height, from the json), as detectron2 and mmdet
+    # batch: less padding. Each image once per epoch; a group's last batch may be smaller
+    # (sp_ray.data.grouped_batching). false: a shuffle of all images and full batches only.
+    group_by_aspect_ratio: bool = True
     num_workers: int = 2  # DataLoader worker processes per training process
     # Images with more pixels (H x W) are skipped and counted by every reader (datasets, evaluate,
     # propose); PIL's decompression-bomb threshold, export.geometry.MAX_IMAGE_PIXELS (about 9459 x 9459).
@@ -240,6 +244,16 @@ class TrainConfig:
     mlflow_tracking_uri: str = ""  # an MLflow run here (file:DIR, sqlite:///FILE.db, http://HOST:5000); "" = none
     mlflow_experiment: str = ""  # its experiment; "" = "sp-ray"
     wandb_project: str = ""  # a W&B run in this project (needs the wandb package); "" = none
+    # Exponential moving average of the weights (detectron2's model_ema, mmdet's EMA hook): after every step
+    # ema = decay x ema + (1 - decay) x weights; 0 = off. When on, validation and WORK_DIR/final (what evaluate
+    # and export read) use the EMA weights; WORK_DIR/last keeps both. Typical: 0.9998 (0.999 for short runs).
+    ema_decay: float = 0.0
+    # DDP's find_unused_parameters: needed when a step leaves some trained parameter without a gradient (a
+    # branch the forward pass does not take); costs a graph traversal per step. Ray's prepare_model passes it.
+    find_unused_parameters: bool = False
+    # How rank 0's checkpoint reaches train.storage_path: "sync" (training waits for the copy) or "async" (a
+    # background thread copies a snapshot while the next epoch trains; for remote storage such as s3://).
+    checkpoint_upload: str = "sync"
 
 
 @dataclass
@@ -902,6 +916,7 @@ _FIT_RANGES: dict[str, _Bound] = {
     "train.warmup_ratio": (0, 1, False),
     "train.eval_interval": _NON_NEGATIVE,
     "train.base_batch_size": _NON_NEGATIVE,
+    "train.ema_decay": (0, 1, True),
     "data.max_size": _AT_LEAST_ONE,
     "data.short_size": _AT_LEAST_ONE,
     "data.size_divisor": _AT_LEAST_ONE,
@@ -942,6 +957,7 @@ _SSL_RANGES: dict[str, _Bound] = {
 _CHOICES: dict[str, tuple[str, ...]] = {
     "train.placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
     "train.lr_schedule": ("step", "cosine"),
+    "train.checkpoint_upload": ("sync", "async"),
     "loss.mask_loss": ("full", "weak"),
 }
 _DEPTHS = (18, 34, 50)
@@ -1017,3 +1033,8 @@ def check_config_values(cfg: Config, *, task: str) -> None:
             )
         if any(epoch < 0 for epoch in cfg.train.lr_steps):
             raise ConfigError(f"train.lr_steps is {cfg.train.lr_steps!r}: epochs must be >= 0")
+        if cfg.train.ema_decay >= 1:
+            raise ConfigError(
+                f"train.ema_decay is {cfg.train.ema_decay!r}: it must be in [0, 1) (0 = no EMA; 1 would never "
+                "update the average), e.g. train.ema_decay=0.9998"
+            )

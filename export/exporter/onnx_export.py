@@ -487,7 +487,10 @@ def export_checkpoint(
     model = build_model(cfg)
     model.load_state_dict(ckpt.model_state)
     model.eval()
-    source = f"{Path(checkpoint).resolve()} (sp-ray {__version__}, torch {torch.__version__})"
+    # A model trained with train.ema_decay is exported as its checkpoint holds it: the weight average.
+    ema = ckpt.meta.get("ema")
+    weights = f", EMA weights of decay {ema['decay']:g} after {ema['updates']} steps" if isinstance(ema, dict) else ""
+    source = f"{Path(checkpoint).resolve()} (sp-ray {__version__}, torch {torch.__version__}{weights})"
     info = model_info(cfg, class_names=ckpt.meta["class_names"], cat_ids=ckpt.meta["cat_ids"],
                       input_size=input_size, batch_size=batch_size, source=source)
     images = sample_images(parity_images if parity_images is not None else cfg.data.val_images or None,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import colorsys
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,7 @@ def write_synthetic_dataset(
     image_size: int = 160,
     seed: int = 0,
     val_fraction: float = 0.2,
+    aspect_ratios: Sequence[float] = (),
 ) -> dict[str, Path]:
     """Write the synthetic shapes dataset as PNG images and COCO instance jsons.
 
@@ -58,9 +60,16 @@ def write_synthetic_dataset(
         out: output folder (``images/``, ``train.json``, ``val.json`` are written inside).
         num_images: total number of images, >= 2.
         image_size: side of the square images in pixels, >= 32 (at 160 all three COCO scale bins
-            occur; smaller images cap the shape area at a fraction of the image).
+            occur; smaller images cap the shape area at a fraction of the image); the long side of the
+            others.
         seed: seed of every random choice.
         val_fraction: share of the images (the last ones) that go to ``val.json``, in (0, 1).
+        aspect_ratios: width / height of the images, each image drawn uniformly from these (e.g. ``(4/3, 3/4)``
+            for COCO's usual landscape and portrait); empty: all square. An image of ratio r is the centre
+            crop of a square rendering to a long side of ``image_size`` and a short side of
+            ``image_size / max(r, 1/r)``; an instance keeps its cropped mask if that still holds 30% of its
+            visible pixels and at least 12. The choice of ratios has its own random stream: the square
+            images of a seed are the same whatever the list.
 
     Returns:
         {"images": image folder, "train": train json, "val": val json}.
@@ -71,19 +80,27 @@ def write_synthetic_dataset(
         raise ValueError(f"image_size must be >= 32 pixels, got {image_size}")
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    bad_ratios = [r for r in aspect_ratios if not (math.isfinite(r) and r > 0)]
+    if bad_ratios:
+        raise ValueError(f"aspect ratios (width / height) must be positive numbers, got {bad_ratios}")
     out = Path(out)
     image_dir = out / "images"
     image_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
+    ratio_rng = np.random.default_rng([seed, 1])  # apart from `rng`, which draws what every image holds
 
     images: list[dict[str, Any]] = []
     annotations: list[dict[str, Any]] = []
     for index in range(num_images):
         pixels, instances = _render_image(rng, image_size)
+        if aspect_ratios:
+            ratio = float(aspect_ratios[int(ratio_rng.integers(len(aspect_ratios)))])
+            pixels, instances = _centre_crop(pixels, instances, ratio)
+        height, width = pixels.shape[:2]
         image_id = index + 1
         file_name = f"{image_id:06d}.png"
         Image.fromarray(pixels).save(image_dir / file_name)
-        images.append({"id": image_id, "file_name": file_name, "height": image_size, "width": image_size})
+        images.append({"id": image_id, "file_name": file_name, "height": height, "width": width})
         for class_index, mask in instances:
             rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
             counts = rle["counts"].decode("ascii")
@@ -92,7 +109,7 @@ def write_synthetic_dataset(
                     "id": len(annotations) + 1,
                     "image_id": image_id,
                     "category_id": class_index + 1,
-                    "segmentation": {"size": [image_size, image_size], "counts": counts},
+                    "segmentation": {"size": [height, width], "counts": counts},
                     "area": int(mask.sum()),
                     "bbox": [float(value) for value in mask_utils.toBbox(rle)],
                     "iscrowd": 0,
@@ -121,6 +138,24 @@ def write_synthetic_dataset(
         }
         paths[split].write_text(json.dumps(content, separators=(",", ":")))
     return paths
+
+
+def _centre_crop(
+    pixels: np.ndarray, instances: list[tuple[int, np.ndarray]], ratio: float
+) -> tuple[np.ndarray, list[tuple[int, np.ndarray]]]:
+    """The centre crop of width / height ``ratio`` of a square image [S, S, 3] and of its instance masks; an
+    instance stays if its crop keeps 30% of its pixels and at least 12."""
+    size = pixels.shape[0]
+    short = max(1, round(size / max(ratio, 1.0 / ratio)))
+    height, width = (short, size) if ratio >= 1 else (size, short)
+    top, left = (size - height) // 2, (size - width) // 2
+    window = (slice(top, top + height), slice(left, left + width))
+    kept = []
+    for class_index, mask in instances:
+        cropped = mask[window]
+        if cropped.sum() >= max(_MIN_VISIBLE_PIXELS, _MIN_VISIBLE_FRACTION * mask.sum()):
+            kept.append((class_index, np.ascontiguousarray(cropped)))
+    return np.ascontiguousarray(pixels[window]), kept
 
 
 def _render_image(rng: np.random.Generator, size: int) -> tuple[np.ndarray, list[tuple[int, np.ndarray]]]:

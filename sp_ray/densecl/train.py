@@ -231,7 +231,8 @@ def train_densecl(
     # Buffers are synced once at construction, not at every forward: the queues receive the same
     # gathered keys on every worker, and broadcasting them would move 2 x queue_size x proj_dim
     # floats per step. BatchNorm statistics stay per worker, as in the official DenseCL runs.
-    train_model = session.wrap_model(model, sync_buffers=False)
+    train_model = session.wrap_model(model, sync_buffers=False,
+                                     find_unused_parameters=cfg.train.find_unused_parameters)
     log.info("DenseCL: %d images, %d workers x %d images per batch, %d iterations per epoch, lr %.4g",
              len(loader.dataset), world_size, cfg.ssl.batch_size, len(loader), lr)
 

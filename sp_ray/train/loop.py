@@ -27,6 +27,7 @@ from sp_ray.checkpoint import (
 )
 from sp_ray.config import Config
 from sp_ray.data.coco import CocoInstanceDataset
+from sp_ray.data.grouped_batching import AspectRatioBatchSampler, coco_orientation_groups
 from sp_ray.data.transforms import build_transforms, collate
 from sp_ray.device import select_device
 from sp_ray.errors import EvaluationError, NonFiniteLossError, UserError
@@ -34,6 +35,7 @@ from sp_ray.evaluation.coco_eval import evaluate_model, format_metrics
 from sp_ray.models import build_model
 from sp_ray.objectives import Trainable, build_objective
 from sp_ray.pretrain.sp_objective import load_saliency_queries
+from sp_ray.train.ema import ModelEma
 from sp_ray.train.optim import build_optimizer, build_scheduler
 from sp_ray.train.session import LocalSession
 from sp_ray.train.tracking import open_tracker
@@ -225,7 +227,26 @@ def _warn_on_other_class_names(init: str | Path, trained: list[str] | None, data
 
 
 def build_train_loader(cfg: Config, dataset: CocoInstanceDataset, *, rank: int = 0, world_size: int = 1) -> DataLoader:
-    """Shuffled batches of ``train.batch_size``; with several processes each gets its own shard."""
+    """Shuffled batches of ``train.batch_size``; with several processes each gets its own shard.
+
+    With ``data.group_by_aspect_ratio`` (the default) every batch holds images of one orientation, every
+    image is in one batch of one process per epoch and a group's last, smaller batch is kept
+    (``sp_ray.data.grouped_batching``); the loader's ``batch_sampler`` then takes ``set_epoch``. Without it,
+    a ``DistributedSampler`` per process (or a plain shuffle when alone) and full batches only.
+
+    Raises:
+        UserError: grouping, and fewer training images than ``train.num_workers``.
+    """
+    collate_fn = _Collate(cfg.data.size_divisor)
+    if cfg.data.group_by_aspect_ratio:
+        if len(dataset) < world_size:
+            raise UserError(
+                f"{cfg.data.train_annotations} has {len(dataset)} usable training images for {world_size} "
+                "training processes (train.num_workers); use fewer workers or more images"
+            )
+        batches = AspectRatioBatchSampler(coco_orientation_groups(dataset), cfg.train.batch_size,
+                                          num_replicas=world_size, rank=rank, seed=cfg.train.seed)
+        return DataLoader(dataset, batch_sampler=batches, num_workers=cfg.data.num_workers, collate_fn=collate_fn)
     sampler = None
     if world_size > 1:
         sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.train.seed)
@@ -235,9 +256,16 @@ def build_train_loader(cfg: Config, dataset: CocoInstanceDataset, *, rank: int =
         shuffle=sampler is None,
         sampler=sampler,
         num_workers=cfg.data.num_workers,
-        collate_fn=_Collate(cfg.data.size_divisor),
+        collate_fn=collate_fn,
         drop_last=len(dataset) > cfg.train.batch_size * world_size,
     )
+
+
+def set_loader_epoch(loader: DataLoader, epoch: int) -> None:
+    """Tell the loader's sampler (``DistributedSampler``) or batch sampler (grouped batches) the epoch."""
+    for sampler in (loader.sampler, loader.batch_sampler):
+        if isinstance(sampler, (DistributedSampler, AspectRatioBatchSampler)):
+            sampler.set_epoch(epoch)
 
 
 class _Collate:
@@ -355,6 +383,8 @@ def fit(
     scheduler = build_scheduler(optimizer, cfg.train, iters_per_epoch=len(loader))
     start_epoch, step = 0, 0
     final = work_dir / "final"
+    # Rank 0 alone evaluates and saves, so it alone keeps the average (DDP keeps every rank's weights equal).
+    ema = ModelEma(trainable, cfg.train.ema_decay) if rank == 0 and cfg.train.ema_decay > 0 else None
     with session.restored_checkpoint() as restored:
         source = restored or resume
         if source is not None:
@@ -368,17 +398,24 @@ def fit(
             optimizer.load_state_dict(ckpt.training_state["optimizer"])
             scheduler.load_state_dict(ckpt.training_state["scheduler"])
             start_epoch, step = ckpt.training_state["epoch"], ckpt.training_state["step"]
+            if ema is not None:
+                ema = restore_ema(ema, trainable, ckpt.training_state.get("ema"), source)
             if rank == 0:
                 log.info("resumed from %s at epoch %d, step %d", source, start_epoch, step)
                 if start_epoch >= cfg.train.epochs and not final.exists():
                     # Stopped between writing `last` and `final`: the schedule is done, publish its model.
-                    copy_as_final(source, final)
+                    if ema is None:
+                        copy_as_final(source, final)
+                    else:
+                        save_checkpoint(final, model=ema.module.model, objective=ema.module.objective, config=cfg,
+                                        meta={**ckpt.meta, **ema_meta(ema)})
     if start_epoch > cfg.train.epochs:
         raise UserError(f"train.epochs={cfg.train.epochs} is below the epoch of {source} ({start_epoch})")
     if rank == 0:
         keep_metrics_through(work_dir / "metrics.jsonl", start_epoch)
     plain = trainable
-    wrapped = session.wrap_model(trainable)  # DDP sees the Trainable: the objective's parameters are trained too
+    # DDP sees the Trainable: the objective's parameters are trained too.
+    wrapped = session.wrap_model(trainable, find_unused_parameters=cfg.train.find_unused_parameters)
 
     meta_base = {"class_names": train_set.class_names, "cat_ids": train_set.cat_ids}
     failed_evaluation: str | None = None
@@ -388,11 +425,15 @@ def fit(
             # Seeding per epoch (and rank) makes data order and augmentation a function of (seed, epoch,
             # rank), so a resumed run sees exactly the batches the uninterrupted run would have seen.
             seed_everything(cfg.train.seed * 1000 + epoch + 7919 * rank)
-            if isinstance(loader.sampler, DistributedSampler):
-                loader.sampler.set_epoch(epoch)
+            set_loader_epoch(loader, epoch)
+
+            def after_step(it: int, first: int = step) -> None:
+                if ema is not None:
+                    ema.update(plain)
+                session.on_step(first + it + 1)
+
             stats = train_one_epoch(
-                wrapped, loader, optimizer, scheduler, device=device, epoch=epoch, cfg=cfg,
-                on_step=lambda it, first=step: session.on_step(first + it + 1),
+                wrapped, loader, optimizer, scheduler, device=device, epoch=epoch, cfg=cfg, on_step=after_step,
                 track=lambda it, values, lr, first=step: tracker.log_step(first + it + 1, values, lr),
             )
             step += len(loader)
@@ -413,17 +454,20 @@ def fit(
                         work_dir / "last", model=plain.model, objective=plain.objective, config=cfg,
                         meta={**meta_base, **metrics},
                         training_state={"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                        "epoch": epoch + 1, "step": step},
+                                        "epoch": epoch + 1, "step": step,
+                                        **({"ema": ema.state_dict()} if ema is not None else {})},
                     )
                     written.append(checkpoint)
+                # What evaluation and `final` hold: the average when there is one.
+                published = plain if ema is None else ema.module
                 if last:
-                    written.append(save_checkpoint(final, model=plain.model, objective=plain.objective, config=cfg,
-                                                   meta={**meta_base, **metrics}))
+                    written.append(save_checkpoint(final, model=published.model, objective=published.objective,
+                                                   config=cfg, meta={**meta_base, **metrics, **ema_meta(ema)}))
                 ap: dict[str, float] = {}
                 if cfg.data.val_annotations and (
                     last or (cfg.train.eval_interval and (epoch + 1) % cfg.train.eval_interval == 0)
                 ):
-                    ap, failed_evaluation, results = _validate(plain.model, cfg, device, epoch=epoch + 1,
+                    ap, failed_evaluation, results = _validate(published.model, cfg, device, epoch=epoch + 1,
                                                                written=written)
                     metrics.update(ap)
                     tracker.log_predictions(step, results)
@@ -441,6 +485,26 @@ def fit(
     if failed_evaluation is not None and start_epoch < cfg.train.epochs:
         raise EvaluationError(failed_evaluation)
     return final
+
+
+def ema_meta(ema: ModelEma | None) -> dict[str, Any]:
+    """The meta.json entry of a model saved from the average: ``{"ema": {"decay": d, "updates": n}}`` ({} without)."""
+    return {} if ema is None else {"ema": {"decay": ema.decay, "updates": ema.updates}}
+
+
+def restore_ema(ema: ModelEma, trainable: nn.Module, saved: dict[str, Any] | None, source: str | Path) -> ModelEma:
+    """The average of a resumed run: the checkpoint's, or (a run started without ``train.ema_decay``) a new one
+    from the resumed weights."""
+    if saved is None:
+        log.warning("%s holds no weight average (its run had train.ema_decay=0): the average starts from its "
+                    "weights", source)
+        return ModelEma(trainable, ema.decay)
+    try:
+        ema.load_state_dict(saved)
+    except RuntimeError as err:
+        raise UserError(f"{source}: its weight average does not fit the model of this config: "
+                        f"{str(err).splitlines()[0]}") from None
+    return ema
 
 
 def _validate(

@@ -15,6 +15,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -39,6 +40,8 @@ from sp_ray.train.session import all_reduce_sum
 log = logging.getLogger("sp_ray")
 
 FAILURE_MARKER = ".injected_failure_done"
+# Under WORK_DIR: the snapshots of rank 0's checkpoints that an asynchronous upload copies (and then deletes).
+UPLOAD_DIR = ".upload"
 
 
 class InjectedFailure(RuntimeError):
@@ -55,21 +58,40 @@ class RaySession:
         self.cfg = cfg
         self.work_dir = work_dir
         self.device = torch.device("cuda", torch.cuda.current_device()) if cfg.train.use_gpu else torch.device("cpu")
+        if self.rank == 0 and (work_dir / UPLOAD_DIR).is_dir():
+            # Snapshots an earlier attempt's upload left behind when its worker failed (Ray restores from
+            # storage, never from these).
+            shutil.rmtree(work_dir / UPLOAD_DIR, ignore_errors=True)
 
-    def wrap_model(self, model: nn.Module, *, sync_buffers: bool = True) -> nn.Module:
+    def wrap_model(self, model: nn.Module, *, sync_buffers: bool = True, find_unused_parameters: bool = False,
+                   ) -> nn.Module:
+        # prepare_model hands parallel_strategy_kwargs to DistributedDataParallel (one worker: no wrapper).
         return ray.train.torch.prepare_model(
             model, move_to_device=False,
-            parallel_strategy_kwargs=None if sync_buffers else {"forward_sync_buffers": False},
+            parallel_strategy_kwargs={"find_unused_parameters": find_unused_parameters,
+                                      **({} if sync_buffers else {"forward_sync_buffers": False})},
         )
 
     def all_reduce_sum(self, values: list[float]) -> list[float]:
         return all_reduce_sum(values, self.device)
 
     def report(self, metrics: dict[str, Any], checkpoint: Path | None) -> None:
+        """``ray.train.report`` of the epoch's metrics and rank 0's checkpoint (``train.checkpoint_upload``).
+
+        "async": Ray copies the checkpoint to storage in a background thread while the next epoch trains, and
+        deletes the reported directory once copied. ``WORK_DIR/last`` is replaced by the next epoch and must
+        not be deleted, so a snapshot of it is reported instead (``snapshot_checkpoint``: hard links, no
+        copy). Ray waits for the last upload before the worker ends; a failed upload fails the worker.
+        """
+        name = f"checkpoint_epoch={metrics['epoch']:04d}"
+        if checkpoint is None or self.cfg.train.checkpoint_upload == "sync":
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint)) if checkpoint
+                             else None, checkpoint_dir_name=name if checkpoint else None)
+            return
+        snapshot = snapshot_checkpoint(checkpoint, self.work_dir / UPLOAD_DIR / name)
         ray.train.report(
-            metrics,
-            checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint)) if checkpoint else None,
-            checkpoint_dir_name=f"checkpoint_epoch={metrics['epoch']:04d}" if checkpoint else None,
+            metrics, checkpoint=ray.train.Checkpoint.from_directory(str(snapshot)), checkpoint_dir_name=name,
+            checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC, delete_local_checkpoint_after_upload=True,
         )
 
     @contextlib.contextmanager
@@ -100,6 +122,28 @@ class RaySession:
         folder = self.work_dir / "workers"
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"rank{self.rank}.json").write_text(json.dumps(record))
+
+
+def snapshot_checkpoint(checkpoint: Path, destination: Path) -> Path:
+    """A copy of the checkpoint directory made of hard links (a byte copy where links are refused), replacing
+    any earlier ``destination``.
+
+    Links suffice: a checkpoint's files are never written in place (``save_checkpoint`` writes a new
+    directory and renames it over the old one, ``update_meta`` replaces meta.json), so the snapshot keeps
+    the files of this epoch while ``checkpoint`` moves on.
+    """
+    if destination.exists():
+        shutil.rmtree(destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+
+    def link(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    shutil.copytree(checkpoint, destination, copy_function=link)
+    return destination
 
 
 def setup_worker(loop_config: dict[str, Any]) -> tuple[Config, Path]:

@@ -24,12 +24,15 @@ class LocalSession:
     rank = 0
     world_size = 1
 
-    def wrap_model(self, model: nn.Module, *, sync_buffers: bool = True) -> nn.Module:
+    def wrap_model(self, model: nn.Module, *, sync_buffers: bool = True, find_unused_parameters: bool = False,
+                   ) -> nn.Module:
         """The module the step runs (fit's ``Trainable``, DenseCL): DDP over the workers when there are several,
         else ``model`` itself.
 
         ``sync_buffers`` false: DDP does not broadcast rank 0's buffers at every forward (DenseCL, whose
-        queues receive the same gathered keys on every worker anyway)."""
+        queues receive the same gathered keys on every worker anyway). ``find_unused_parameters``: DDP's
+        option of that name (``train.find_unused_parameters``), for a step that leaves a trained parameter
+        without a gradient."""
         return model
 
     def all_reduce_sum(self, values: list[float]) -> list[float]:
@@ -59,11 +62,13 @@ class ProcessGroupSession(LocalSession):
         self.world_size = torch.distributed.get_world_size()
         self.device = device
 
-    def wrap_model(self, model: nn.Module, *, sync_buffers: bool = True) -> nn.Module:
+    def wrap_model(self, model: nn.Module, *, sync_buffers: bool = True, find_unused_parameters: bool = False,
+                   ) -> nn.Module:
         if self.world_size == 1:
             return model
         return DistributedDataParallel(
             model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            find_unused_parameters=find_unused_parameters,
             **({} if sync_buffers else {"forward_sync_buffers": False}),
         )
 

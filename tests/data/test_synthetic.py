@@ -113,8 +113,31 @@ def test_background_is_not_flat(dataset_dir: Path) -> None:
         ({"num_images": 1}, "num_images"),
         ({"image_size": 16}, "image_size"),
         ({"val_fraction": 1.0}, "val_fraction"),
+        ({"aspect_ratios": (1.5, 0.0)}, "aspect ratios"),
     ],
 )
 def test_bad_arguments_are_errors(tmp_path: Path, kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         write_synthetic_dataset(tmp_path, **kwargs)
+
+
+def test_aspect_ratios_give_landscape_and_portrait_images(tmp_path: Path) -> None:
+    paths = write_synthetic_dataset(tmp_path / "mixed", num_images=12, image_size=64, seed=1,
+                                    aspect_ratios=(4 / 3, 3 / 4))
+    images = [image for split in ("train", "val") for image in json.loads(paths[split].read_text())["images"]]
+    assert {(image["height"], image["width"]) for image in images} == {(48, 64), (64, 48)}
+    # Every image and annotation reads as the json says (sizes, RLE sizes), nothing is skipped.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DatasetSkipWarning)
+        dataset = CocoInstanceDataset(paths["train"], paths["images"])
+    for index in range(len(dataset)):
+        image, target = dataset[index]
+        assert tuple(image.shape[-2:]) == target["orig_size"] == tuple(target["masks"].shape[-2:])
+    assert sum(len(target["labels"]) for _, target in (dataset[i] for i in range(len(dataset)))) > 0
+    # The ratios have their own random stream: ratio 1 gives the square images of the seed, byte for byte.
+    square = write_synthetic_dataset(tmp_path / "square", num_images=4, image_size=64, seed=1)
+    ratio_one = write_synthetic_dataset(tmp_path / "one", num_images=4, image_size=64, seed=1, aspect_ratios=(1.0,))
+    for split in ("train", "val"):
+        assert square[split].read_bytes() == ratio_one[split].read_bytes()
+    for name in sorted(p.name for p in square["images"].iterdir()):
+        assert (square["images"] / name).read_bytes() == (ratio_one["images"] / name).read_bytes()
