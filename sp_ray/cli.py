@@ -56,6 +56,7 @@ from sp_ray.errors import UserError
 
 if TYPE_CHECKING:
     from export.providers import GpuSettings
+    from sp_ray.run.settings import RunSettings
 
 log = logging.getLogger("sp_ray")
 
@@ -746,18 +747,23 @@ def _run_invocation(args: argparse.Namespace) -> tuple[str, ...]:
     return (*parts, *args.overrides)
 
 
-def cmd_run(args: argparse.Namespace) -> None:
+def run_settings_of(args: argparse.Namespace) -> RunSettings:
+    """The `RunSettings` of parsed ``sp-ray run`` arguments."""
     from sp_ray.run.options import run_settings
 
     if args.num_workers is not None and args.num_workers < 1:
         raise UserError(f"--num-workers {args.num_workers}: it must be >= 1 (Ray Train workers)")
-    settings = run_settings(
+    return run_settings(
         annotations=args.annotations, images=args.images, val_annotations=args.val_annotations,
         val_images=args.val_images, unlabeled=args.unlabeled,
         fractions=(1.0,) if args.all_labels else tuple(args.fractions or (0.05, 0.1)), family=args.model,
         baseline=args.baseline, preset=args.preset, backbone_weights=args.backbone_weights,
         num_workers=args.num_workers, gpu=args.gpu, overrides=args.overrides, invocation=_run_invocation(args),
     )
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    settings = run_settings_of(args)
     from sp_ray.run import run_pipeline
 
     run_pipeline(Path(args.out), settings, force=args.force, redo=args.redo)

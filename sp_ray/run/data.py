@@ -55,7 +55,11 @@ def check_user_data(data: UserData) -> None:
     for folder in data.unlabeled:
         if not folder.is_dir():
             raise UserError(f"--unlabeled {folder} is not a folder; give folders of unlabeled images")
-        if not list_image_files(folder):
+        try:
+            found = list_image_files(folder)
+        except ValueError:
+            found = []
+        if not found:
             raise UserError(f"--unlabeled {folder} holds no image files; give folders of unlabeled images")
 
 

@@ -30,7 +30,7 @@ class Preset:
 
     name: str
     ssl: Path
-    propose: Path | None  # None: the dataclass defaults of ``propose`` (sp_ray/config.py)
+    propose: Path
     pretrain: Path
     finetune: Path
     baseline: Path
@@ -49,8 +49,9 @@ def preset(name: str, family: str) -> Preset:
     configs = REPO / "configs"
     if name == "tiny":
         demo = configs / "demo"
-        return Preset(name, demo / "densecl_tiny.yaml", None, demo / f"{family}_tiny_sp_pretrain.yaml",
-                      demo / f"{family}_tiny_synthetic.yaml", demo / "maskrcnn_tiny_synthetic.yaml")
+        return Preset(name, demo / "densecl_tiny.yaml", demo / "propose_tiny.yaml",
+                      demo / f"{family}_tiny_sp_pretrain.yaml", demo / f"{family}_tiny_synthetic.yaml",
+                      demo / "maskrcnn_tiny_synthetic.yaml")
     return Preset(name, configs / "densecl_r50.yaml", configs / "propose_r50.yaml",
                   configs / f"{family}_r50_sp_pretrain.yaml", configs / f"{family}_r50_coco_finetune.yaml",
                   configs / "maskrcnn_r50_coco_finetune.yaml")

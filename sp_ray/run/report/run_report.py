@@ -19,6 +19,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from sp_ray.config import load_config
+from sp_ray.data.coco import segmentation_rle
 from sp_ray.data.images import load_image_rgb
 from sp_ray.drawing.charts import Bar, Line, Panel, plot_bars, plot_panels
 from sp_ray.drawing.draw import draw_labels, instance_colors, overlay_masks, save_png, tile, upscale
@@ -97,9 +98,15 @@ class _Coco:
 
     def instances(self, file_name: str) -> tuple[np.ndarray, list[str], np.ndarray]:
         image = self.images[file_name]
-        anns = self.anns.get(image["id"], [])
-        masks = _decode([a["segmentation"] for a in anns], image["height"], image["width"])
-        return masks, [self.names[a["category_id"]] for a in anns], _mask_boxes(masks)
+        anns, rles = [], []
+        for ann in self.anns.get(image["id"], []):
+            try:  # RLE or polygons, as COCO allows; one the dataset skips as malformed is not drawn either
+                rles.append(segmentation_rle(ann["segmentation"], image["height"], image["width"]))
+            except ValueError:
+                continue
+            anns.append(ann)
+        masks = _decode(rles, image["height"], image["width"])
+        return masks, [self.names.get(a["category_id"], "?") for a in anns], _mask_boxes(masks)
 
 
 def draw_pseudo_masks(layout: Layout, count: int, path: Path) -> Path:
