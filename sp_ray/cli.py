@@ -334,8 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "fractions from SP and from the same backbone without SP (and Mask R-CNN), evaluation, ONNX "
                     "export with parity, onnxruntime, and OUT/report.html. Every step skips itself when done; the "
                     "resolved config of every step is written to OUT/configs/.",
-        epilog="Overrides: KEY=VALUE applies to every step's config that has the key (model.num_kernels: the "
-               "model family's, not Mask R-CNN's); STEP:KEY=VALUE to one, STEP one of "
+        epilog="Overrides: KEY=VALUE applies to every step's config that has the key (model.encoder_layers: "
+               "Mask2Former's, not Mask R-CNN's); STEP:KEY=VALUE to one, STEP one of "
                f"{', '.join(OVERRIDE_SCOPES)} (baseline: Mask R-CNN), e.g. finetune:train.epochs=12.",
     )
     rn.add_argument("--annotations", required=True, help="COCO instance json of the labeled images")

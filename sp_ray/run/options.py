@@ -19,7 +19,7 @@ def scoped_overrides(overrides: Sequence[str], configs: Preset, scopes: Sequence
     """Each override by the configs it applies to.
 
     ``STEP:KEY=VALUE`` applies to the config of STEP (one of `OVERRIDE_SCOPES`); ``KEY=VALUE`` to every config of
-    ``scopes`` whose schema takes it (``model.num_kernels`` to K-Net's, not to Mask R-CNN's).
+    ``scopes`` whose schema takes it (``model.encoder_layers`` to Mask2Former's, not to Mask R-CNN's).
 
     Raises:
         UserError: an unknown STEP, or an override no config takes (the message is the config's own error).
