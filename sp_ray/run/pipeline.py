@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -21,6 +22,7 @@ from sp_ray.run.commands import config_texts, export_size, reproduce_commands, r
 from sp_ray.run.runner import Step, StepRecord, count_lines, progress, run_steps, write_json
 from sp_ray.run.settings import (
     Layout,
+    Run,
     RunSettings,
     SyntheticData,
     exported_runs,
@@ -271,13 +273,12 @@ def build_steps(layout: Layout, settings: RunSettings, ray_session: LocalRay) ->
 
 
 def _read(path: Path) -> Any:
-    import json
-
     return json.loads(path.read_text())
 
 
 def _finetune_on_gpus(
-    layout: Layout, settings: RunSettings, runs: Sequence[Any], configs: dict[Any, Config], init: dict[Any, Any]
+    layout: Layout, settings: RunSettings, runs: Sequence[Run], configs: dict[Run, Config],
+    init: dict[Run, Path | None],
 ) -> None:
     """One run after the other, each in ``pretrain_workers`` Ray Train workers of one GPU each."""
     from sp_ray.train.ray_train import run_training
