@@ -810,6 +810,8 @@ def _resume_hint(argv: list[str], args: argparse.Namespace) -> str:
     """What to run to continue an interrupted command: the same command line with --resume."""
     from sp_ray.checkpoint import is_checkpoint
 
+    if args.command in ("run", "demo"):
+        return f"continue it with the same command ({shlex.join(['sp-ray', *argv])}): finished steps are skipped"
     if args.command not in RESUMABLE:
         return "nothing is resumable; run the command again"
     kept: list[str] = []
