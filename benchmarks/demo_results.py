@@ -21,8 +21,9 @@ from typing import Any
 
 from results_files import commit, uncommitted_changes, write_results
 
-from sp_ray.demo.settings import VARIANT_TITLES, DemoLayout, DemoSettings, demo_runs, exported_runs
+from sp_ray.demo.settings import DEMO
 from sp_ray.machine import cpu_facts
+from sp_ray.run.settings import Layout, exported_runs, fine_tuning_runs, variant_title
 
 
 def _read(path: Path) -> Any:
@@ -33,14 +34,15 @@ def _read(path: Path) -> Any:
 
 def collect(demo: Path) -> dict[str, Any]:
     """Everything the README's demo tables show, read from the demo folder ``demo``."""
-    layout = DemoLayout(demo.resolve())
-    settings = DemoSettings()
+    settings = DEMO
+    layout = Layout.of(demo, settings)
     runs = {}
-    for run in demo_runs(settings):
+    for run in fine_tuning_runs(settings):
         metrics = _read(layout.metrics(run))
         curve = [json.loads(line) for line in (layout.run(run) / "metrics.jsonl").read_text().splitlines()]
-        images = len(_read(layout.split(run.fraction))["images"])
-        runs[run.name] = {"variant": run.variant, "model": VARIANT_TITLES[run.variant], "fraction": run.fraction,
+        images = len(_read(layout.split(run.fraction, settings.split_seed))["images"])
+        runs[run.name] = {"variant": run.variant, "model": variant_title(run.variant, settings.family),
+                          "fraction": run.fraction,
                           "labeled_images": images, "epochs": curve[-1]["epoch"], "segm": metrics["segm"],
                           "bbox": metrics["bbox"], "curve": curve}
     knet = exported_runs(settings)[0]

@@ -178,10 +178,10 @@ def prepare(args: argparse.Namespace, out: Path, timings: dict[str, float]) -> d
     from sp_ray.config import load_config
     from sp_ray.data.split import split_fractions
     from sp_ray.data.synthetic import write_synthetic_dataset
-    from sp_ray.demo.commands import scaled_lr_steps
     from sp_ray.densecl.train import BACKBONE_FILE, train_densecl
     from sp_ray.evaluation.proposal_quality import pseudo_mask_recall
     from sp_ray.pretrain.propose import propose
+    from sp_ray.run.commands import scaled_lr_steps
     from sp_ray.train.ray_train import run_training
 
     data = out / "data"

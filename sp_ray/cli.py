@@ -26,6 +26,10 @@
                    [--shard-size S] [--score-threshold S] [--overlays] [--gpu [--trt-cache DIR] [--trt-fp16]]
                    [--resume] [--annotations A.json]
     sp-ray tune --config SWEEP.yaml [--resume] [KEY=VALUE ...]
+    sp-ray run --annotations A.json --images DIR [--val-annotations V.json [--val-images DIR]] [--unlabeled DIR ...]
+               [--fractions F ... | --all-labels] [--model knet|mask2former|queryinst] [--baseline maskrcnn]
+               [--preset tiny|r50] [--backbone-weights FILE] [--num-workers N] [--gpu] [--out DIR]
+               [--force | --redo STEP ...] [[STEP:]KEY=VALUE ...]
     sp-ray demo [--out runs/demo] [--force | --redo STEP ...] [--tiny]
     sp-ray serve --model M.onnx [--host 127.0.0.1] [--port 8000] [--replicas N] [--max-batch-size B]
                  [--batch-wait-timeout-s T] [--threads T] [--gpu [--trt-cache DIR] [--trt-fp16]] [--max-body-mb MB]
@@ -52,13 +56,19 @@ from sp_ray.errors import UserError
 
 if TYPE_CHECKING:
     from export.providers import GpuSettings
+    from sp_ray.run.settings import RunSettings
 
 log = logging.getLogger("sp_ray")
 
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-# The steps of `sp-ray demo`, in order (sp_ray.demo.pipeline.build_steps; listed here to keep the parser light).
-DEMO_STEPS = ("data", "splits", "ssl", "propose", "pretrain", "finetune", "evaluate", "kernels", "export", "onnx",
-              "throughput", "report")
+# The steps of `sp-ray run` and `sp-ray demo`, in order (sp_ray.run.pipeline.build_steps; listed here to keep the
+# parser light). With --backbone-weights, ssl is absent.
+PIPELINE_STEPS = ("data", "splits", "ssl", "propose", "pretrain", "finetune", "evaluate", "kernels", "export",
+                  "onnx", "throughput", "report")
+# The same names as sp_ray.run.settings (the parser does not import the pipeline).
+RUN_FAMILIES = ("knet", "mask2former", "queryinst")
+RUN_PRESETS = ("tiny", "r50")
+OVERRIDE_SCOPES = ("ssl", "propose", "pretrain", "finetune", "baseline")
 
 
 def _add_config_args(p: argparse.ArgumentParser, *, required: bool = True) -> None:
@@ -321,13 +331,50 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-image-pixels", type=int, default=None,
                     help="images of more pixels (H x W) get 413 before decoding (default: PIL's bomb limit, 89.5M)")
 
-    demo = command(sub, "demo", help="the whole pipeline on synthetic data, on a local Ray, with a report")
+    rn = command(
+        sub, "run", help="the whole pipeline on your COCO-format data, on a local Ray or RAY_ADDRESS, with a report",
+        description="DenseCL on the unlabeled images, saliency proposals, SP pre-training, fine-tuning on labeled "
+                    "fractions from SP and from the same backbone without SP (and Mask R-CNN), evaluation, ONNX "
+                    "export with parity, onnxruntime, and OUT/report.html. Every step skips itself when done; the "
+                    "resolved config of every step is written to OUT/configs/.",
+        epilog="Overrides: KEY=VALUE applies to every step's config that has the key (model.encoder_layers: "
+               "Mask2Former's, not Mask R-CNN's); STEP:KEY=VALUE to one, STEP one of "
+               f"{', '.join(OVERRIDE_SCOPES)} (baseline: Mask R-CNN), e.g. finetune:train.epochs=12.",
+    )
+    rn.add_argument("--annotations", required=True, help="COCO instance json of the labeled images")
+    rn.add_argument("--images", required=True, help="the folder its file_name entries are relative to")
+    rn.add_argument("--val-annotations", default=None,
+                    help="COCO json of a val set (default: a seeded 20%% of the labeled images is held out)")
+    rn.add_argument("--val-images", default=None, help="the val images' folder (default: --images)")
+    rn.add_argument("--unlabeled", nargs="+", default=[], metavar="DIR",
+                    help="folders of unlabeled images (default: the labeled train images without their labels)")
+    labels = rn.add_mutually_exclusive_group()
+    labels.add_argument("--fractions", type=float, nargs="+", default=None,
+                        help="labeled fractions of train to fine-tune on (default 0.05 0.1)")
+    labels.add_argument("--all-labels", action="store_true", help="fine-tune on every labeled train image")
+    rn.add_argument("--model", choices=RUN_FAMILIES, default="knet", help="the query-based model family")
+    rn.add_argument("--baseline", choices=("maskrcnn",), default=None, help="also fine-tune Mask R-CNN")
+    rn.add_argument("--preset", choices=RUN_PRESETS, default="tiny",
+                    help="tiny: the CPU-sized configs of configs/demo/; r50: the paper's ResNet-50 configs "
+                         "(for GPUs)")
+    rn.add_argument("--backbone-weights", default=None, metavar="FILE",
+                    help="a local ResNet state dict of the preset's depth: DenseCL does not run")
+    rn.add_argument("--num-workers", type=int, default=None,
+                    help="Ray Train workers of SP pre-training (and of fine-tuning with --gpu); default 2, 1 with "
+                         "--gpu")
+    rn.add_argument("--gpu", action="store_true", help="train and evaluate on GPUs (one per Ray worker / task)")
+    rn.add_argument("--out", default="runs/run", help="output folder (report.html and report.md inside)")
+    rn.add_argument("overrides", nargs="*", metavar="[STEP:]KEY=VALUE", help="config overrides (see below)")
+
+    demo = command(sub, "demo", help="the whole pipeline on synthetic data (sp-ray run's, tiny preset), on a local "
+                                     "Ray, with a report")
     demo.add_argument("--out", default="runs/demo", help="output folder (report.html and report.md inside)")
-    redo = demo.add_mutually_exclusive_group()
-    redo.add_argument("--force", action="store_true", help="redo every step even if its output exists")
-    redo.add_argument("--redo", nargs="+", default=[], metavar="STEP",
-                      help=f"redo these steps and every later one; steps: {' '.join(DEMO_STEPS)}")
     demo.add_argument("--tiny", action="store_true", help="the test suite's tiny setting (about a minute)")
+    for pipeline in (rn, demo):
+        redo = pipeline.add_mutually_exclusive_group()
+        redo.add_argument("--force", action="store_true", help="redo every step even if its output exists")
+        redo.add_argument("--redo", nargs="+", default=[], metavar="STEP",
+                          help=f"redo these steps and every later one; steps: {' '.join(PIPELINE_STEPS)}")
     return parser
 
 
@@ -676,9 +723,55 @@ def cmd_tune(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from sp_ray.demo import TINY, DemoSettings, run_demo
+    from sp_ray.demo import DEMO, TINY, run_demo
 
-    run_demo(Path(args.out), TINY if args.tiny else DemoSettings(), force=args.force, redo=args.redo)
+    run_demo(Path(args.out), TINY if args.tiny else DEMO, force=args.force, redo=args.redo)
+
+
+def _run_invocation(args: argparse.Namespace) -> tuple[str, ...]:
+    """The ``sp-ray run`` arguments of ``args`` without --out / --force / --redo (the report's commands)."""
+    parts = ["run", "--annotations", args.annotations, "--images", args.images]
+    for flag, value in (("--val-annotations", args.val_annotations), ("--val-images", args.val_images),
+                        ("--backbone-weights", args.backbone_weights)):
+        if value is not None:
+            parts += [flag, value]
+    if args.unlabeled:
+        parts += ["--unlabeled", *args.unlabeled]
+    if args.all_labels:
+        parts.append("--all-labels")
+    elif args.fractions:
+        parts += ["--fractions", *(f"{f:g}" for f in args.fractions)]
+    parts += ["--model", args.model, "--preset", args.preset]
+    if args.baseline:
+        parts += ["--baseline", args.baseline]
+    if args.num_workers is not None:
+        parts += ["--num-workers", str(args.num_workers)]
+    if args.gpu:
+        parts.append("--gpu")
+    return (*parts, *args.overrides)
+
+
+def run_settings_of(args: argparse.Namespace) -> RunSettings:
+    """The `RunSettings` of parsed ``sp-ray run`` arguments."""
+    from sp_ray.run.options import run_settings
+
+    if args.num_workers is not None and args.num_workers < 1:
+        raise UserError(f"--num-workers {args.num_workers}: it must be >= 1 (Ray Train workers)")
+    return run_settings(
+        annotations=args.annotations, images=args.images, val_annotations=args.val_annotations,
+        val_images=args.val_images, unlabeled=args.unlabeled,
+        fractions=(1.0,) if args.all_labels else tuple(args.fractions or (0.05, 0.1)), family=args.model,
+        baseline=args.baseline, preset=args.preset, backbone_weights=args.backbone_weights,
+        num_workers=args.num_workers, gpu=args.gpu, overrides=args.overrides, invocation=_run_invocation(args),
+    )
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    settings = run_settings_of(args)
+    from sp_ray.run import run_pipeline
+
+    run_pipeline(Path(args.out), settings, force=args.force, redo=args.redo)
+    print(f"report: {Path(args.out) / 'report.html'} (and report.md)")
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -707,6 +800,7 @@ COMMANDS = {
     "benchmark": cmd_benchmark,
     "predict": cmd_predict,
     "tune": cmd_tune,
+    "run": cmd_run,
     "demo": cmd_demo,
     "serve": cmd_serve,
 }
@@ -720,6 +814,8 @@ def _resume_hint(argv: list[str], args: argparse.Namespace) -> str:
     """What to run to continue an interrupted command: the same command line with --resume."""
     from sp_ray.checkpoint import is_checkpoint
 
+    if args.command in ("run", "demo"):
+        return f"continue it with the same command ({shlex.join(['sp-ray', *argv])}): finished steps are skipped"
     if args.command not in RESUMABLE:
         return "nothing is resumable; run the command again"
     kept: list[str] = []

@@ -26,6 +26,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("sp_ray.densecl",),
     ("sp_ray.tune", "sp_ray.predict", "sp_ray.serve", "export.exporter"),
     ("sp_ray.benchmark",),
+    ("sp_ray.run",),
     ("sp_ray.demo",),
     ("sp_ray.cli",),
 ]

@@ -17,7 +17,7 @@ from sp_ray.demo.settings import TINY
 
 REPO = Path(__file__).resolve().parents[2]
 # The tiny sizes of `sp-ray demo --tiny`: seconds per run on a CPU.
-TINY_SSL, TINY_KNET = TINY.ssl_overrides, TINY.knet_overrides
+TINY_SSL, TINY_KNET = TINY.ssl_overrides, TINY.finetune_overrides
 
 
 @pytest.mark.slow

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from sp_ray.cli import DEMO_STEPS
-from sp_ray.demo import TINY, DemoLayout, run_demo
-from sp_ray.demo.settings import demo_runs, exported_runs, kernel_checkpoints
+from sp_ray.cli import PIPELINE_STEPS
+from sp_ray.demo import TINY, run_demo
+from sp_ray.run.settings import Layout, exported_runs, fine_tuning_runs, kernel_checkpoints
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -35,17 +35,17 @@ def linked_paths(report: Path) -> list[str]:
 
 def test_first_run_runs_every_step(demo):
     out, records = demo
-    assert [r.name for r in records] == list(DEMO_STEPS)
+    assert [r.name for r in records] == list(PIPELINE_STEPS)
     assert all(r.status == "ran" for r in records)
-    assert list(json.loads((out / "steps.json").read_text())) == list(DEMO_STEPS)
+    assert list(json.loads((out / "steps.json").read_text())) == list(PIPELINE_STEPS)
 
 
 @pytest.mark.parametrize("name", ["report.html", "report.md"])
 def test_report_links_resolve(demo, name):
     out, _ = demo
     links = linked_paths(out / name)
-    # 6 drawn figures and one kernel grid per analysed checkpoint
-    assert len(links) == 6 + len(kernel_checkpoints(DemoLayout(out), TINY))
+    # 6 drawn figures, the main model's 2 precision-recall curves and one kernel grid per analysed checkpoint
+    assert len(links) == 8 + len(kernel_checkpoints(Layout.of(out, TINY), TINY))
     for link in links:
         assert not link.startswith(("/", "http")) and (out / link).is_file(), link
 
@@ -68,15 +68,15 @@ def markdown_table(text: str, header: tuple[str, ...]) -> list[dict[str, str]]:
 
 def test_artefacts_hold_what_the_report_says(demo):
     out, _ = demo
-    layout = DemoLayout(out)
+    layout = Layout.of(out, TINY)
     # The report's AP table is the metrics files, row for row, at the report's two decimals.
     table = markdown_table((out / "report.md").read_text(), AP_TABLE_HEADER)
-    assert len(table) == len(demo_runs(TINY))
+    assert len(table) == len(fine_tuning_runs(TINY))
     titles = {"scratch": "K-Net from scratch", "sp": "K-Net from SP", "maskrcnn": "Mask R-CNN"}
-    for run in demo_runs(TINY):
+    for run in fine_tuning_runs(TINY):
         metrics = json.loads(layout.metrics(run).read_text())
         lines = (layout.run(run) / "metrics.jsonl").read_text().splitlines()
-        images = len(json.loads(layout.split(run.fraction).read_text())["images"])
+        images = len(json.loads(layout.split(run.fraction, TINY.split_seed).read_text())["images"])
         labeled = f"{round(100 * run.fraction)}% ({images} image{'' if images == 1 else 's'})"
         (row,) = [r for r in table if r["labeled"] == labeled and r["model"] == titles[run.variant]]
         assert row == {"labeled": labeled, "model": titles[run.variant],
@@ -106,7 +106,7 @@ def test_artefacts_hold_what_the_report_says(demo):
 
 def test_results_file_copies_the_demos_ap_and_step_tables(demo, tmp_path):
     out, _ = demo
-    layout = DemoLayout(out)
+    layout = Layout.of(out, TINY)
     stem = tmp_path / "demo"
     subprocess.run([sys.executable, str(REPO / "benchmarks" / "demo_results.py"), "--demo", str(out),
                     "--results", str(stem)], check=True, capture_output=True, text=True)
@@ -116,9 +116,9 @@ def test_results_file_copies_the_demos_ap_and_step_tables(demo, tmp_path):
                            ("labeled", "model", "epochs", "segm AP", "AP50", "bbox AP", "training images/s"))
     titles = {"scratch": "K-Net from scratch", "sp": "K-Net from SP", "maskrcnn": "Mask R-CNN"}
     expected = []
-    for run in demo_runs(TINY):
+    for run in fine_tuning_runs(TINY):
         metrics = json.loads(layout.metrics(run).read_text())
-        images = len(json.loads(layout.split(run.fraction).read_text())["images"])
+        images = len(json.loads(layout.split(run.fraction, TINY.split_seed).read_text())["images"])
         curve = [json.loads(line) for line in (layout.run(run) / "metrics.jsonl").read_text().splitlines()]
         rate = statistics.median(row["images_per_second"] for row in curve)
         labeled = f"{round(100 * run.fraction)}% ({images} image{'' if images == 1 else 's'})"
@@ -129,7 +129,7 @@ def test_results_file_copies_the_demos_ap_and_step_tables(demo, tmp_path):
     assert table == expected
     steps = markdown_table(stem.with_suffix(".md").read_text(),
                            ("step", "wall time (s)", "load average when it finished"))
-    assert [row["step"] for row in steps] == list(DEMO_STEPS)
+    assert [row["step"] for row in steps] == list(PIPELINE_STEPS)
 
 
 def test_rerun_skips_every_step_and_redo_reruns_from_a_step(demo):

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sp_ray.demo.report.demo_report import sp_gap_sentences
-from sp_ray.demo.report.document import (
+from sp_ray.drawing.draw import save_png
+from sp_ray.run.report.document import (
     Commands,
     Figure,
     Paragraph,
@@ -19,10 +19,10 @@ from sp_ray.demo.report.document import (
     missing_links,
     split_code_spans,
 )
-from sp_ray.demo.report.html import render_html
-from sp_ray.demo.report.markdown import render_markdown
-from sp_ray.demo.report.write import write_report
-from sp_ray.drawing.draw import save_png
+from sp_ray.run.report.html import render_html
+from sp_ray.run.report.markdown import render_markdown
+from sp_ray.run.report.run_report import sp_gap_sentences
+from sp_ray.run.report.write import write_report
 
 
 def html_links(text: str) -> list[str]:

@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from sp_ray.cli import DEMO_STEPS, build_parser
+from sp_ray.cli import PIPELINE_STEPS, build_parser
 from sp_ray.config import load_config
-from sp_ray.demo.commands import finetune_overrides, reproduce_commands
-from sp_ray.demo.pipeline import LocalRay, build_steps
-from sp_ray.demo.runner import Step, run_steps
-from sp_ray.demo.settings import TINY, DemoLayout, DemoSettings, Run, demo_runs
+from sp_ray.demo.settings import DEMO, TINY
+from sp_ray.run.commands import finetune_overrides, reproduce_commands
+from sp_ray.run.pipeline import LocalRay, build_steps, write_configs
+from sp_ray.run.runner import Step, run_steps
+from sp_ray.run.settings import Layout, Run, fine_tuning_runs
 
 
 def fake_steps(root: Path, calls: list[str]) -> list[Step]:
@@ -81,7 +82,7 @@ def test_redo_reruns_a_step_and_every_later_one(tmp_path):
 
 
 def test_unknown_redo_step(tmp_path):
-    with pytest.raises(ValueError, match=r"unknown demo step\(s\) \['nope'\]; the steps are a, b, c"):
+    with pytest.raises(ValueError, match=r"unknown step\(s\) \['nope'\]; the steps are a, b, c"):
         run_steps(fake_steps(tmp_path, []), redo=["nope"])
 
 
@@ -91,10 +92,10 @@ def test_a_step_that_writes_nothing_is_an_error(tmp_path):
         run_steps([step])
 
 
-@pytest.mark.parametrize("settings", [DemoSettings(), TINY], ids=["default", "tiny"])
+@pytest.mark.parametrize("settings", [DEMO, TINY], ids=["default", "tiny"])
 def test_every_step_cleans_its_outputs_and_cli_lists_them(tmp_path, settings):
-    steps = build_steps(DemoLayout(tmp_path), settings, LocalRay())
-    assert tuple(step.name for step in steps) == DEMO_STEPS
+    steps = build_steps(Layout.of(tmp_path, settings), settings, LocalRay())
+    assert tuple(step.name for step in steps) == PIPELINE_STEPS
     for step in steps:
         assert step.outputs, step.name
         # force removes every output first, so a forced step really runs again
@@ -104,32 +105,34 @@ def test_every_step_cleans_its_outputs_and_cli_lists_them(tmp_path, settings):
 
 
 def test_runs_and_their_overrides(tmp_path):
-    layout = DemoLayout(tmp_path)
-    runs = demo_runs(DemoSettings())
+    layout = Layout.of(tmp_path, DEMO)
+    runs = fine_tuning_runs(DEMO)
     assert [r.name for r in runs] == ["scratch_5pct", "sp_5pct", "maskrcnn_5pct", "scratch_10pct", "sp_10pct",
                                       "maskrcnn_10pct"]
     for run in runs:
-        cfg = load_config(run.config, finetune_overrides(layout, DemoSettings(), run))
-        assert cfg.data.train_annotations == str(layout.split(run.fraction))
+        cfg = load_config(run.config(DEMO), finetune_overrides(layout, DEMO, run))
+        assert cfg.data.train_annotations == str(layout.split(run.fraction, DEMO.split_seed))
         assert cfg.eval.topk == 20
         if run.variant == "maskrcnn":
-            assert cfg.model.name == "maskrcnn" and cfg.train.epochs == DemoSettings().maskrcnn_epochs
+            assert cfg.model.name == "maskrcnn" and cfg.train.epochs == DEMO.maskrcnn_epochs
             assert cfg.data.val_annotations == ""  # evaluated once, by the evaluate step
         else:
             assert cfg.train.epochs == 40 and cfg.train.lr_steps == [30, 36]  # the config's own schedule
             assert cfg.data.val_annotations == str(layout.val_json)
             assert (cfg.model.backbone_weights is not None) == (run.variant == "sp")
     # From SP, only the initialisation differs from scratch: the same config, everything trained.
-    sp, scratch = (load_config(Run(v, 0.1).config, finetune_overrides(layout, DemoSettings(), Run(v, 0.1)))
+    sp, scratch = (load_config(Run(v, 0.1).config(DEMO), finetune_overrides(layout, DEMO, Run(v, 0.1)))
                    for v in ("sp", "scratch"))
     assert sp.model == dataclasses.replace(scratch.model, backbone_weights=sp.model.backbone_weights)
     assert sp.train == scratch.train and sp.model.frozen_stages == -1 and not sp.model.norm_eval
 
 
-@pytest.mark.parametrize("settings", [DemoSettings(), TINY], ids=["default", "tiny"])
+@pytest.mark.parametrize("settings", [DEMO, TINY], ids=["default", "tiny"])
 def test_reproduce_commands_are_valid_sp_ray_invocations(tmp_path, settings):
-    commands = reproduce_commands(DemoLayout(tmp_path / "demo"), settings)
-    assert tuple(commands) == DEMO_STEPS
+    layout = Layout.of(tmp_path / "demo", settings)
+    write_configs(layout, settings)  # the commands name the resolved configs
+    commands = reproduce_commands(layout, settings)
+    assert tuple(commands) == PIPELINE_STEPS
     parser = build_parser()
     for name, lines in commands.items():
         assert lines, name
@@ -139,6 +142,6 @@ def test_reproduce_commands_are_valid_sp_ray_invocations(tmp_path, settings):
             args = parser.parse_args(argv[1:])
             if getattr(args, "config", None) and getattr(args, "overrides", None):
                 load_config(args.config, args.overrides)  # every override names a real key
-    assert len(commands["finetune"]) == len(demo_runs(settings))
+    assert len(commands["finetune"]) == len(fine_tuning_runs(settings))
     pretrain = parser.parse_args(shlex.split(commands["pretrain"][0])[1:])
     assert load_config(pretrain.config, pretrain.overrides).train.num_workers == 2

@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from sp_ray.demo.report.document import Report, missing_links
-from sp_ray.demo.report.html import render_html
-from sp_ray.demo.report.markdown import render_markdown
+from sp_ray.run.report.document import Report, missing_links
+from sp_ray.run.report.html import render_html
+from sp_ray.run.report.markdown import render_markdown
 
 
 def write_report(report: Report, folder: str | Path, *, stem: str = "report") -> dict[str, Path]:

@@ -1,6 +1,6 @@
 """The report as data: sections of paragraphs, tables, figures and command blocks.
 
-One `Report` is rendered by `sp_ray.demo.report.html` and `sp_ray.demo.report.markdown`, so both formats say
+One `Report` is rendered by `sp_ray.run.report.html` and `sp_ray.run.report.markdown`, so both formats say
 the same thing. Figure paths are relative to the folder the report is written to, which keeps the report
 movable (copy the folder, the images follow) and lets `missing_links` check it before it is written.
 """

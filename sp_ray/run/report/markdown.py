@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sp_ray.demo.report.document import Block, Commands, Figure, Paragraph, Report, Table
+from sp_ray.run.report.document import Block, Commands, Figure, Paragraph, Report, Table
 
 
 def _cell(text: str) -> str:

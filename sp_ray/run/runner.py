@@ -71,7 +71,7 @@ def run_steps(
     names = [step.name for step in steps]
     unknown = sorted(set(redo) - set(names))
     if unknown:
-        raise ValueError(f"unknown demo step(s) {unknown}; the steps are {', '.join(names)}")
+        raise ValueError(f"unknown step(s) {unknown}; the steps are {', '.join(names)}")
     first_redo = min((names.index(name) for name in redo), default=len(steps))
     history: dict[str, Any] = json.loads(record.read_text()) if record is not None and record.is_file() else {}
     records = []
@@ -90,7 +90,7 @@ def run_steps(
         seconds = round(time.perf_counter() - start, 1)
         missing = [str(path) for path in step.outputs if not path.exists()]
         if missing:
-            raise RuntimeError(f"demo step {step.name!r} finished without writing {', '.join(missing)}")
+            raise RuntimeError(f"step {step.name!r} finished without writing {', '.join(missing)}")
         log.info("[%s] done in %.1f s", step.name, seconds)
         records.append(StepRecord(step.name, "ran", seconds))
         if record is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from html import escape
 
-from sp_ray.demo.report.document import Block, Commands, Figure, Paragraph, Report, Table, split_code_spans
+from sp_ray.run.report.document import Block, Commands, Figure, Paragraph, Report, Table, split_code_spans
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222;
