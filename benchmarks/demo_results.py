@@ -23,7 +23,7 @@ from results_files import commit, uncommitted_changes, write_results
 
 from sp_ray.demo.settings import DEMO
 from sp_ray.machine import cpu_facts
-from sp_ray.run.settings import Layout, exported_runs, fine_tuning_runs, variant_title
+from sp_ray.run.settings import Layout, RunSettings, exported_runs, fine_tuning_runs, variant_title
 
 
 def _read(path: Path) -> Any:
@@ -32,9 +32,9 @@ def _read(path: Path) -> Any:
     return json.loads(path.read_text())
 
 
-def collect(demo: Path) -> dict[str, Any]:
-    """Everything the README's demo tables show, read from the demo folder ``demo``."""
-    settings = DEMO
+def collect(demo: Path, settings: RunSettings = DEMO) -> dict[str, Any]:
+    """Everything the README's demo tables show, read from the output folder ``demo`` of a run of ``settings``
+    (the demo's by default; ``benchmarks/run_tiny.py`` passes its ``sp-ray run``'s)."""
     layout = Layout.of(demo, settings)
     runs = {}
     for run in fine_tuning_runs(settings):
@@ -59,10 +59,10 @@ def collect(demo: Path) -> dict[str, Any]:
     }
 
 
-def markdown(result: dict[str, Any]) -> str:
+def markdown(result: dict[str, Any], command: str = "make demo") -> str:
     machine = result["machine"]
     dirty = ", with uncommitted changes" if result["uncommitted_changes"] else ""
-    lines = [f"`make demo` output `{result['demo']}`, recorded at commit {result['commit']}{dirty}, on "
+    lines = [f"`{command}` output `{result['demo']}`, recorded at commit {result['commit']}{dirty}, on "
              f"{machine['cpu']} ({machine['cores']} cores; {' '.join(machine['isa'])}).", "",
              "| labeled | model | epochs | segm AP | AP50 | bbox AP | training images/s |",
              "|---|---|---:|---:|---:|---:|---:|"]
