@@ -13,7 +13,6 @@ from sp_ray.data.synthetic import write_synthetic_dataset
 from sp_ray.errors import EvaluationError, NonFiniteLossError, UserError
 from sp_ray.evaluation.coco_eval import METRIC_NAMES, evaluate_checkpoint
 from sp_ray.train.loop import fit
-from sp_ray.train.session import LocalSession
 
 DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo" / "knet_tiny_synthetic.yaml"
 
@@ -71,27 +70,16 @@ def test_num_classes_must_match_the_data(tiny_data, tmp_path):
         fit(tiny_config(tiny_data, "model.num_classes=3", "train.epochs=1"), tmp_path)
 
 
-class StopAtStep(LocalSession):
-    """A process that dies at one global step, as a killed worker or a stopped driver would."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step(self, step: int) -> None:
-        if step == self.step:
-            raise RuntimeError(f"stopped at step {step}")
-
-
 def metrics_epochs(work_dir: Path) -> list[int]:
     return [json.loads(line)["epoch"] for line in (work_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_metrics_hold_each_epoch_once_after_a_stop_and_resume(tiny_data, tmp_path, one_thread):
+def test_metrics_hold_each_epoch_once_after_a_stop_and_resume(tiny_data, tmp_path, one_thread, stop_at_step):
     # 8 train images, batch 4: 2 steps per epoch. Checkpoints every 2 epochs; the stop in epoch 4 comes after
     # epoch 3 was logged but only epoch 2 was checkpointed, so epoch 3 is trained twice.
     cfg = tiny_config(tiny_data, "train.epochs=4", "model.num_stages=1", "train.checkpoint_interval=2")
     with pytest.raises(RuntimeError, match="stopped at step 7"):
-        fit(cfg, tmp_path, session=StopAtStep(7))
+        fit(cfg, tmp_path, session=stop_at_step(7))
     assert metrics_epochs(tmp_path) == [1, 2, 3]
     assert load_checkpoint(tmp_path / "last", with_training_state=True).training_state["epoch"] == 2
     fit(cfg, tmp_path, resume=tmp_path / "last")

@@ -18,7 +18,6 @@ from sp_ray.config import absolute_tracking_uri, load_config
 from sp_ray.data.synthetic import write_synthetic_dataset
 from sp_ray.errors import UserError
 from sp_ray.train.loop import fit
-from sp_ray.train.session import LocalSession
 from sp_ray.train.tracking import OVERLAY_MIN_SCORE, PredictionOverlays
 
 DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo" / "knet_tiny_synthetic.yaml"
@@ -55,17 +54,6 @@ def scalar_series(accumulator: EventAccumulator, tag: str) -> list[tuple[int, fl
     return [(e.step, e.value) for e in accumulator.Scalars(tag)]
 
 
-class StopAtStep(LocalSession):
-    """A process that dies at one global step, as a killed worker or a stopped driver would."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step(self, step: int) -> None:
-        if step == self.step:
-            raise RuntimeError(f"stopped at step {step}")
-
-
 def test_event_files_hold_the_losses_lr_speed_ap_and_overlays(tiny_data, tmp_path, one_thread):
     fit(tiny_config(tiny_data), tmp_path)
     rows = metrics_rows(tmp_path)
@@ -98,10 +86,10 @@ def test_tensorboard_can_be_turned_off(tiny_data, tmp_path, one_thread):
     assert (tmp_path / "final").is_dir() and not (tmp_path / "tensorboard").exists()
 
 
-def test_a_resumed_run_logs_each_step_once_and_a_fresh_one_starts_over(tiny_data, tmp_path, one_thread):
+def test_a_resumed_run_logs_each_step_once_and_a_fresh_one_starts_over(tiny_data, tmp_path, one_thread, stop_at_step):
     cfg = tiny_config(tiny_data, "data.val_annotations=")
     with pytest.raises(RuntimeError, match="stopped at step 4"):
-        fit(cfg, tmp_path, session=StopAtStep(4))  # after step 3 was logged, epoch 1 checkpointed (step 2)
+        fit(cfg, tmp_path, session=stop_at_step(4))  # after step 3 was logged, epoch 1 checkpointed (step 2)
     fit(cfg, tmp_path, resume=tmp_path / "last")
     acc = events(tmp_path)
     assert [s for s, _ in scalar_series(acc, "train/loss")] == [1, 2, 3, 4]
@@ -111,14 +99,14 @@ def test_a_resumed_run_logs_each_step_once_and_a_fresh_one_starts_over(tiny_data
     assert [s for s, _ in scalar_series(events(tmp_path), "train/loss")] == [1, 2]
 
 
-def test_mlflow_run_holds_params_each_epoch_and_the_final_checkpoint(tiny_data, tmp_path, one_thread):
+def test_mlflow_run_holds_params_each_epoch_and_the_final_checkpoint(tiny_data, tmp_path, one_thread, stop_at_step):
     mlflow = pytest.importorskip("mlflow")  # in the dev and tracking extras
     uri = f"file:{tmp_path / 'mlruns'}"
     cfg = tiny_config(tiny_data, f"train.mlflow_tracking_uri={uri}", "train.mlflow_experiment=tiny",
                       "train.lr_steps=[5, 9]")
     work_dir = tmp_path / "run"
     with pytest.raises(RuntimeError, match="stopped at step 4"):
-        fit(cfg, work_dir, session=StopAtStep(4))
+        fit(cfg, work_dir, session=stop_at_step(4))
     fit(cfg, work_dir, resume=work_dir / "last")  # goes on in the same MLflow run
     client = mlflow.tracking.MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name("tiny")
