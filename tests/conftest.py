@@ -86,16 +86,21 @@ def tiny_knet_cli() -> TinyKnetCli:
 
 
 @pytest.fixture(scope="module")
-def local_ray():
+def local_ray(request):
     """A fresh single-machine Ray of 2 CPUs for the module's tests, unless one is running in this process already.
 
     ``address="local"`` starts a new instance: a test never joins a cluster that another process started here.
+    Without a dashboard, unless the module sets ``RAY_DASHBOARD = True``: one whose Ray Train runs are killed
+    mid-run (Tune's ASHA stopping a trial, a stopped sweep) needs it, because Ray Train's PlacementGroupCleaner
+    frees a killed run's worker CPUs through the State API, which the dashboard serves; without it each such
+    run holds its CPUs until Ray stops and later trials wait for them forever.
     """
     import ray  # a pinned dependency: missing, it is an install error, not a skip
 
     started = not ray.is_initialized()
     if started:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=getattr(request.module, "RAY_DASHBOARD", False),
+                 log_to_driver=False)
     yield ray
     if started:
         ray.shutdown()

@@ -170,6 +170,9 @@ def test_worker_failure_resumes_from_last_checkpoint(local_ray, tiny_data, tmp_p
     assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 9))
     assert [e.step for e in events.Scalars("epoch/loss")] == [2, 4, 6, 8]
     # One MLflow run over both attempts: every epoch in its history, epoch 3 logged by each attempt.
+    # MLflow 3 opens a file: store only with this set; sp-ray sets it in the workers that wrote the store, and a
+    # reader sets it too (the README's `mlflow ui` line), whatever ran before in this process.
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     client = MlflowClient(tracking_uri=f"file:{tmp_path / 'mlruns'}")
     [run] = client.search_runs([client.get_experiment_by_name("sp-ray").experiment_id])
     assert run.info.status == "FINISHED" and run.data.params["train.num_workers"] == "2"

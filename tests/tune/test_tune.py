@@ -27,6 +27,8 @@ from sp_ray.tune.spec import ResourcesConfig, SweepDataConfig, load_sweep
 from sp_ray.tune.sweep import max_epochs, run_sweep
 from sp_ray.tune.trial import TrialContext, finetune_config, pretrain_settings
 
+RAY_DASHBOARD = True  # ASHA and the stopped sweep kill trials mid-run (tests/conftest.py: local_ray)
+
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs"
 # The tiny model of tests/train/test_ray_train.py, for both stages (so that the pre-training loads into it).
@@ -319,7 +321,10 @@ def test_two_fractions_by_two_settings(local_ray, tiny_data, cache, tmp_path):
         assert epochs and epochs == list(range(1, len(epochs) + 1))
         events = EventAccumulator(str(outcome.experiment_dir / record.trial_id / "finetune" / "tensorboard"))
         events.Reload()
-        assert len(events.Scalars("val/segm_AP")) == len(epochs)
+        # A trial that ASHA stops may finish an epoch before the stop reaches it: that epoch is in its event
+        # files but never reached Tune (nor its MLflow run). A trial that ran to the end has every epoch in both.
+        evaluated = len(events.Scalars("val/segm_AP"))
+        assert evaluated == len(epochs) if record.status == DONE else evaluated >= len(epochs)
     assert all(r.status in (DONE, STOPPED) and r.best is not None for r in outcome.records)
     assert sorted((r.fraction, r.params["finetune/train.lr"]) for r in outcome.records) == [
         (0.5, 5e-4), (0.5, 1e-3), (1.0, 5e-4), (1.0, 1e-3)]
