@@ -27,7 +27,7 @@ from results_files import write_results
 
 from sp_ray.data.synthetic import write_synthetic_dataset
 from sp_ray.run.options import run_settings
-from sp_ray.run.settings import Layout, fine_tuning_runs
+from sp_ray.run.settings import Layout, main_run
 
 CATEGORY_IDS = {1: (3, "coin"), 2: (7, "tile"), 3: (12, "wedge"), 4: (20, "washer")}  # synthetic id -> (id, name)
 
@@ -75,19 +75,18 @@ def main() -> None:
     settings = run_settings(annotations=str(annotations), images=str(images), preset="tiny")
     result: dict[str, Any] = collect(out, settings)
     layout = Layout.of(out, settings)
-    main_run = next(run for run in fine_tuning_runs(settings) if run.variant == "sp" and run.fraction == max(
-        settings.fractions))
-    per_category = layout.metrics(main_run).with_name("metrics_per_category.md").read_text()
+    detailed = main_run(settings)
+    per_category = layout.metrics(detailed).with_name("metrics_per_category.md").read_text()
     result.update({
         "command": "sp-ray " + " ".join(argv), "wall_seconds": wall,
         "dataset": {"images": args.num_images, "long_side": args.image_size, "aspect_ratios": ["4:3", "3:4"],
                     "category_ids": [new for new, _ in CATEGORY_IDS.values()], "seed": args.seed},
         "data_summary": json.loads((out / "data" / "summary.json").read_text()),
-        "per_category_run": main_run.name, "per_category_md": per_category,
+        "per_category_run": detailed.name, "per_category_md": per_category,
     })
     table = markdown(result, command="sp-ray run --preset tiny")
     table += (f"\nWall time of the whole `sp-ray run` process: {wall / 60:.1f} min.\n\n"
-              f"Per category, {main_run.name} (`{layout.metrics(main_run).relative_to(out)}`):\n\n{per_category}")
+              f"Per category, {detailed.name} (`{layout.metrics(detailed).relative_to(out)}`):\n\n{per_category}")
     print(table, end="")
     write_results([args.results], result, table)
 

@@ -83,10 +83,13 @@ class RaySession:
         not be deleted, so a snapshot of it is reported instead (``snapshot_checkpoint``: hard links, no
         copy). Ray waits for the last upload before the worker ends; a failed upload fails the worker.
         """
+        if checkpoint is None:
+            ray.train.report(metrics)
+            return
         name = f"checkpoint_epoch={metrics['epoch']:04d}"
-        if checkpoint is None or self.cfg.train.checkpoint_upload == "sync":
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint)) if checkpoint
-                             else None, checkpoint_dir_name=name if checkpoint else None)
+        if self.cfg.train.checkpoint_upload == "sync":
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint)),
+                             checkpoint_dir_name=name)
             return
         snapshot = snapshot_checkpoint(checkpoint, self.work_dir / UPLOAD_DIR / name)
         ray.train.report(
